@@ -1,0 +1,157 @@
+"""Scan the inbox and claim ready entries, exactly once.
+
+A claim is two steps in processing/: write `<id>.json` (the claim record:
+entry name, id, start time), then rename `inbox/<name>` to `processing/<id>`.
+The record comes first so a crash between the two leaves only a record whose
+entry is still in the inbox; `pending_claims` drops such a record and the
+entry is simply claimed again under a new id.
+
+Privilege: renaming another user's *directory* to a different parent needs
+write access to that directory itself (the kernel rewrites its `..`), which
+the service user does not have for an ordinary upload (umask 022 or 077).
+Rather than weakening the upload rule, the service runs with
+CAP_DAC_OVERRIDE for that rename and CAP_DAC_READ_SEARCH to read files
+uploaded 0600 (see units/dittohead@.service). The per-study lock is an
+flock on the processing directory, so two overlapping runs never claim one
+entry twice: the second waits, then finds nothing left to do.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import fcntl
+import json
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import StudyConfig
+from .errors import TemporaryError
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One entry taken from the inbox, now at processing/<id>."""
+
+    id: str
+    entry: str  # the name as dropped (may hold any bytes but '/' and NUL)
+    started: str  # ISO 8601 UTC
+
+
+class StudyLock:
+    """Exclusive per-study lock held for a whole run (flock on processing/)."""
+
+    def __init__(self, study: StudyConfig) -> None:
+        self.study = study
+        self.fd = -1
+
+    def __enter__(self) -> StudyLock:
+        try:
+            self.fd = os.open(self.study.processing, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            raise TemporaryError(
+                f"{self.study.processing} does not exist: run `dittohead setup "
+                f"{self.study.name}` (or is {self.study.root} not mounted?)") from None
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)  # releases the flock
+
+
+def now_iso() -> str:
+    """The current time, UTC, second precision, ISO 8601 with Z."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def new_id(study: StudyConfig, entry: str) -> str:
+    """A delivery id unique for ever: UTC time, a slug of the name, random hex."""
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", entry).strip("._-")[:40] or "entry"
+    while True:
+        candidate = f"{stamp}-{slug}-{secrets.token_hex(3)}"
+        if not any(os.path.lexists(d / n) for d in (study.processing, study.done, study.failed)
+                   for n in (candidate, candidate + ".json")):
+            return candidate
+
+
+def ready_entries(study: StudyConfig) -> list[str]:
+    """Names in the inbox that are ready (not starting with '.'), oldest first."""
+    try:
+        with os.scandir(study.inbox) as it:
+            found = []
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                try:
+                    mtime = e.stat(follow_symlinks=False).st_mtime_ns
+                except FileNotFoundError:
+                    continue
+                found.append((mtime, e.name))
+    except FileNotFoundError:
+        raise TemporaryError(f"{study.inbox} does not exist: run `dittohead setup "
+                             f"{study.name}` (or is it not mounted?)") from None
+    return [name for _, name in sorted(found)]
+
+
+def claim(study: StudyConfig, entry: str) -> Claim | None:
+    """Move one ready entry to processing/<id>; None if it vanished meanwhile."""
+    c = Claim(id=new_id(study, entry), entry=entry, started=now_iso())
+    record = study.processing / f"{c.id}.json"
+    _write_record(record, c)
+    try:
+        os.rename(study.inbox / entry, study.processing / c.id)
+    except FileNotFoundError:
+        record.unlink()
+        return None
+    except OSError:
+        record.unlink()
+        raise
+    return c
+
+
+def pending_claims(study: StudyConfig) -> Iterator[Claim]:
+    """Claims a previous run left in processing/ (crash, or retry later)."""
+    for record in sorted(study.processing.glob("*.json")):
+        try:
+            data = json.loads(record.read_text(encoding="utf-8"))
+            c = Claim(id=data["id"], entry=os.fsdecode(bytes.fromhex(data["entry_hex"])),
+                      started=data["started"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a claim record of ours; `check` reports strays
+        if os.path.lexists(study.processing / c.id):
+            yield c
+        else:
+            # Crashed between writing the record and the rename (the entry is
+            # still in the inbox), or after the entry was filed: nothing to redo.
+            record.unlink(missing_ok=True)
+
+
+def release(study: StudyConfig, c: Claim) -> None:
+    """Forget the claim record once the entry has been filed in done/ or failed/."""
+    try:
+        os.unlink(study.processing / f"{c.id}.json")
+    except FileNotFoundError:
+        pass
+
+
+def _write_record(path: Path, c: Claim) -> None:
+    data = {"id": c.id, "entry": os.fsencode(c.entry).decode("utf-8", "backslashreplace"),
+            "entry_hex": os.fsencode(c.entry).hex(), "started": c.started}
+    tmp = path.with_name("." + path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+    try:
+        os.write(fd, json.dumps(data).encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+
+
+def is_enospc(e: OSError) -> bool:
+    """True for the errors that mean 'the filesystem is full'."""
+    return e.errno in (errno.ENOSPC, errno.EDQUOT)

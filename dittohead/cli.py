@@ -1,0 +1,149 @@
+"""The `dittohead` command: argument parsing and exit codes, nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__, config, log
+from .errors import EXIT_UNEXPECTED, EXIT_USAGE, ConfigError, DittoheadError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="dittohead", description="A data dropbox for research studies.")
+    p.add_argument("--version", action="version", version=f"dittohead {__version__}")
+    p.add_argument("--config", metavar="PATH",
+                   help="config file (default: $DITTOHEAD_CONFIG, else "
+                        f"{config.DEFAULT_CONFIG})")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("process", help="drain a study's inbox once (what the service runs)")
+    s.add_argument("study")
+    s.add_argument("--linger", type=float, default=0.0, metavar="SECONDS",
+                   help="keep watching until the inbox has been empty this long (default 0)")
+
+    s = sub.add_parser("check", help="check config, layout, units and free space")
+    s.add_argument("study", nargs="?")
+
+    s = sub.add_parser("setup", help="create or repair a study's layout (root)")
+    s.add_argument("study")
+
+    s = sub.add_parser("status", help="pending, processing and failed entries; disk use")
+    s.add_argument("study", nargs="?")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+
+    s = sub.add_parser("retry", help="put a failed delivery back in the inbox")
+    s.add_argument("study")
+    s.add_argument("id")
+
+    s = sub.add_parser("upload", help="copy files or directories into a study's inbox")
+    s.add_argument("study")
+    s.add_argument("paths", nargs="+", metavar="PATH", type=Path)
+    s.add_argument("--wait", action="store_true", help="wait for the delivery's receipt")
+    s.add_argument("--timeout", type=float, default=3600, metavar="SECONDS",
+                   help="how long --wait waits (default 3600)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return its exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+        return _run(args)
+    except ConfigError as e:
+        log.send(f"configuration error: {e}", priority=3,
+                 message_id=log.MESSAGE_IDS["config-error"], DITTOHEAD_REASON=str(e))
+        return e.exit_code
+    except DittoheadError as e:
+        print(f"dittohead: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except OSError as e:
+        print(f"dittohead: {e}", file=sys.stderr)
+        return EXIT_UNEXPECTED
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "upload":
+        return _upload(args)
+    cfg = config.load(config.config_path(args.config))
+    if args.command == "process":
+        from .process import process
+        if args.linger < 0:
+            raise UsageError("--linger must not be negative")
+        return process(cfg, args.study, linger=args.linger).exit_code
+    if args.command == "setup":
+        from .layout import setup
+        if os.geteuid() != 0:
+            raise UsageError("setup must run as root (it sets owners)")
+        for line in setup(cfg, cfg.study(args.study)) or ["nothing to change"]:
+            print(line)
+        return 0
+    if args.command == "retry":
+        from .health import retry
+        print(retry(cfg.study(args.study), args.id))
+        return 0
+    if args.command == "status":
+        from .health import status, status_text
+        names = [args.study] if args.study else sorted(cfg.studies)
+        data = [status(cfg, cfg.study(n)) for n in names]
+        print(json.dumps(data, indent=2) if args.json else status_text(data))
+        return 0
+    if args.command == "check":
+        from .health import check
+        names = [args.study] if args.study else sorted(cfg.studies)
+        found = check(cfg, [cfg.study(n) for n in names])
+        for line in found:
+            print(line)
+        if not found:
+            print("no problems found")
+        return 1 if found else 0
+    raise UsageError(f"unknown command {args.command}")  # pragma: no cover
+
+
+def _upload(args: argparse.Namespace) -> int:
+    from .upload import upload, wait
+    cfg = config.load(config.config_path(args.config))
+    study = cfg.study(args.study)
+    since = time.time() - 1
+    names = []
+    for p in args.paths:
+        if not os.path.lexists(p):
+            raise UsageError(f"{p}: no such file or directory")
+    for p in args.paths:
+        names.append(upload(study, p))
+        print(f"{p} -> {study.inbox / names[-1]}")
+    if not args.wait:
+        return 0
+    worst = 0
+    for n in names:
+        r = wait(study, n, since, args.timeout)
+        if r is None:
+            print(f"{n}: claimed by the service (receipts are not readable for you)")
+        else:
+            print(f"{n}: {r['outcome']} ({r['id']})" + (f": {r['reason']}" if r.get("reason")
+                                                        else ""))
+            worst = worst or (0 if r["outcome"] == "delivered" else 1)
+    return worst
+
+
+def entry_point() -> None:
+    """console_scripts entry."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
+__all__ = ["main", "EXIT_USAGE"]

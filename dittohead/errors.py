@@ -1,0 +1,62 @@
+"""Exceptions that carry the exit code the command ends with (borg style)."""
+
+from __future__ import annotations
+
+# Exit codes of `dittohead process`, fixed by the contract; sysexits.h values
+# where one fits, so systemd and admins read them the usual way.
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_USAGE = 2
+EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: entries were left for a later run
+EXIT_CONFIG = 78  # EX_CONFIG
+
+
+class DittoheadError(Exception):
+    """Base class: the message is for humans, `exit_code` for the shell."""
+
+    exit_code = EXIT_UNEXPECTED
+
+
+class UsageError(DittoheadError):
+    """The command line itself is wrong."""
+
+    exit_code = EXIT_USAGE
+
+
+class ConfigError(DittoheadError):
+    """config.yaml (or the system state it names) is wrong; every problem in one message."""
+
+    exit_code = EXIT_CONFIG
+
+    def __init__(self, problems: list[str] | str, path: str | None = None) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        head = f"{path}: " if path else ""
+        if len(self.problems) == 1:
+            text = head + self.problems[0]
+        else:
+            text = head + f"{len(self.problems)} problems:\n" + "\n".join(
+                "  " + p for p in self.problems
+            )
+        super().__init__(text)
+
+
+class TemporaryError(DittoheadError):
+    """A problem that a later run may not have (no space, destination not mounted)."""
+
+    exit_code = EXIT_TEMPFAIL
+
+
+class EntryFailed(DittoheadError):
+    """The entry can never be delivered as it is; it goes to failed/ with this reason."""
+
+    def __init__(self, reason: str, outcome: str = "failed") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.outcome = outcome  # "failed" or "rejected"
+
+
+class EntryRejected(EntryFailed):
+    """The uploader may not deliver to this study."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, outcome="rejected")

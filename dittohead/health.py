@@ -1,0 +1,161 @@
+"""Admin commands that look at a study: `check`, `status` and `retry`."""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from . import layout
+from .config import Config, StudyConfig
+from .errors import ConfigError, DittoheadError
+from .upload import rename_noreplace
+
+
+def _systemd_booted() -> bool:
+    return os.path.isdir("/run/systemd/system") and shutil.which("systemctl") is not None
+
+
+def unit_states(study: str) -> dict[str, str]:
+    """`systemctl is-active` of the study's units, or {} without a booted systemd."""
+    if not _systemd_booted():
+        return {}
+    out = {}
+    for kind in ("path", "timer", "service"):
+        unit = f"dittohead@{study}.{kind}"
+        r = subprocess.run(["systemctl", "is-active", unit], capture_output=True, text=True,
+                           check=False)
+        out[unit] = r.stdout.strip() or "unknown"
+    return out
+
+
+def disk_use(path: Path) -> dict[str, Any] | None:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    used = (st.f_blocks - st.f_bfree) * st.f_frsize
+    avail = st.f_bavail * st.f_frsize
+    return {"used_bytes": used, "available_bytes": avail,
+            "percent": round(100.0 * used / (used + avail), 1) if used + avail else 0.0}
+
+
+def _names(path: Path) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def status(cfg: Config, study: StudyConfig) -> dict[str, Any]:
+    """Counts, the last delivery, disk use and unit states of one study."""
+    inbox = _names(study.inbox)
+    processing = [n for n in _names(study.processing)
+                  if not n.startswith(".") and not n.endswith(".json")]
+    failed = [n for n in _names(study.failed) if n.endswith(".json") and ".retried" not in n]
+    last = None
+    done = sorted((n for n in _names(study.done) if n.endswith(".json")), reverse=True)
+    if done:
+        try:
+            last = json.loads((study.done / done[0]).read_text())
+        except (OSError, ValueError):
+            last = None
+    return {
+        "study": study.name,
+        "pending": len([n for n in inbox if not n.startswith(".")]),
+        "uploading": len([n for n in inbox if n.startswith(".")]),
+        "processing": len(processing),
+        "failed": len(failed),
+        "delivered": len(done),
+        "last_delivery": last,
+        "destination": str(study.destination),
+        "disk": disk_use(study.destination),
+        "units": unit_states(study.name),
+    }
+
+
+def status_text(data: list[dict[str, Any]]) -> str:
+    lines = []
+    for s in data:
+        lines.append(f"{s['study']}: {s['pending']} pending, {s['uploading']} uploading, "
+                     f"{s['processing']} processing, {s['failed']} failed, "
+                     f"{s['delivered']} delivered")
+        last = s["last_delivery"]
+        if last:
+            lines.append(f"  last delivery: {last.get('id')} ({last.get('entry')}, "
+                         f"{last.get('files')} files, {last.get('finished')})")
+        disk = s["disk"]
+        lines.append(f"  destination: {s['destination']} "
+                     + (f"{disk['percent']}% used" if disk else "NOT AVAILABLE"))
+        for unit, state in s["units"].items():
+            lines.append(f"  {unit}: {state}")
+    return "\n".join(lines)
+
+
+def check(cfg: Config, studies: list[StudyConfig]) -> list[str]:
+    """Every problem found with the config's users, groups, layout, destination and units."""
+    found: list[str] = []
+    try:
+        svc = pwd.getpwnam(cfg.service_user)
+    except KeyError:
+        return [f"service_user {cfg.service_user!r} does not exist (run systemd-sysusers)"]
+    for study in studies:
+        p = f"{study.name}: "
+        found += [p + x for x in layout.problems(cfg, study)]
+        for g in ([study.group] if study.group else []) + list(study.uploaders or []):
+            try:
+                grp.getgrnam(g)
+            except KeyError:
+                found.append(p + f"group {g!r} does not exist")
+        try:
+            st = os.stat(study.destination)
+        except OSError as e:
+            found.append(p + f"destination {study.destination}: {e.strerror}")
+            continue
+        if st.st_uid != svc.pw_uid or not st.st_mode & 0o200:
+            found.append(p + f"destination {study.destination} is not owned and writable "
+                         f"by {cfg.service_user}: deliveries will fail")
+        disk = disk_use(study.destination)
+        if disk and study.disk_warn_percent and disk["percent"] >= study.disk_warn_percent[0]:
+            found.append(p + f"destination is {disk['percent']}% full")
+        if _systemd_booted():
+            for unit in (f"dittohead@{study.name}.path", f"dittohead@{study.name}.timer"):
+                r = subprocess.run(["systemctl", "is-enabled", unit], capture_output=True,
+                                   text=True, check=False)
+                if r.stdout.strip() != "enabled":
+                    found.append(p + f"{unit} is {r.stdout.strip() or 'not enabled'} "
+                                 f"(systemctl enable --now {unit})")
+                r = subprocess.run(["systemctl", "is-failed", unit], capture_output=True,
+                                   text=True, check=False)
+                if r.stdout.strip() == "failed":
+                    found.append(p + f"{unit} has failed (systemctl reset-failed {unit})")
+    return found
+
+
+def retry(study: StudyConfig, delivery: str) -> str:
+    """Move failed/<id> back into the inbox under its original name."""
+    if "/" in delivery or delivery.startswith("."):
+        raise DittoheadError(f"{delivery}: not a delivery id")
+    receipt = study.failed / f"{delivery}.json"
+    try:
+        data = json.loads(receipt.read_text())
+        entry_hex = data.get("entry_hex")
+        name = os.fsdecode(bytes.fromhex(entry_hex)) if entry_hex else str(data["entry"])
+    except FileNotFoundError:
+        raise DittoheadError(f"no failed delivery {delivery} in {study.failed}") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{receipt}: unreadable receipt ({e})") from None
+    if not os.path.lexists(study.failed / delivery):
+        raise DittoheadError(f"{study.failed / delivery} is gone; nothing to retry")
+    try:
+        rename_noreplace(study.failed / delivery, study.inbox / name)
+    except FileExistsError:
+        raise DittoheadError(f"{study.inbox / name} exists: another upload of that name is "
+                             "waiting; retry after it is delivered") from None
+    os.rename(receipt, study.failed / f"{delivery}.retried.json")
+    return f"{delivery} is back in {study.inbox} as {name}"

@@ -1,0 +1,113 @@
+"""The per-study tree in the dropbox, its owners and modes (`dittohead setup`).
+
+  <dropbox_root>/<study>            0755 root:root
+  <dropbox_root>/<study>/inbox      1733 <service>:<service>
+  <dropbox_root>/<study>/processing 0750 <service>:<service>
+  <dropbox_root>/<study>/done       0750 <service>:<service>
+  <dropbox_root>/<study>/failed     0750 <service>:<service>
+
+The inbox is write-and-search for everyone but listable only by the service:
+users create and rename their own entries (the sticky bit stops them renaming
+or deleting other users' ones) but cannot see what colleagues or other
+studies' users have dropped. Members of the service group (admins) can read
+receipts in done/ and failed/. The destination itself is the study's storage:
+setup creates it when missing but never changes an existing one; `check`
+reports what the service cannot write.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config, StudyConfig
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Want:
+    path: Path
+    mode: int
+    uid: int
+    gid: int
+
+
+def wanted(config: Config, study: StudyConfig) -> list[Want]:
+    """Every directory of the study's tree with the owner and mode it must have."""
+    try:
+        pw = pwd.getpwnam(config.service_user)
+    except KeyError:
+        raise ConfigError(f"service_user: no such user {config.service_user!r} (run "
+                          "systemd-sysusers, or create it)", str(config.path)) from None
+    svc = (pw.pw_uid, pw.pw_gid)
+    return [
+        Want(config.dropbox_root, 0o755, 0, 0),
+        Want(study.root, 0o755, 0, 0),
+        Want(study.inbox, 0o1733, *svc),
+        Want(study.processing, 0o750, *svc),
+        Want(study.done, 0o750, *svc),
+        Want(study.failed, 0o750, *svc),
+    ]
+
+
+def problems(config: Config, study: StudyConfig) -> list[str]:
+    """What differs from the wanted layout (empty when all is right)."""
+    out = []
+    for w in wanted(config, study):
+        try:
+            st = os.lstat(w.path)
+        except FileNotFoundError:
+            out.append(f"{w.path}: missing (run `dittohead setup {study.name}`)")
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            out.append(f"{w.path}: not a directory")
+            continue
+        mode = stat.S_IMODE(st.st_mode)
+        if mode != w.mode or (st.st_uid, st.st_gid) != (w.uid, w.gid):
+            out.append(f"{w.path}: is {mode:04o} {_owner(st.st_uid, st.st_gid)}, should be "
+                       f"{w.mode:04o} {_owner(w.uid, w.gid)}")
+    return out
+
+
+def setup(config: Config, study: StudyConfig) -> list[str]:
+    """Create or repair the study's tree; return what was changed. Idempotent."""
+    changed = []
+    for w in wanted(config, study):
+        if not os.path.lexists(w.path):
+            os.mkdir(w.path, 0o700)
+            changed.append(f"created {w.path}")
+        st = os.lstat(w.path)
+        if not stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"{w.path} exists and is not a directory; move it away first")
+        if (st.st_uid, st.st_gid) != (w.uid, w.gid):
+            os.chown(w.path, w.uid, w.gid, follow_symlinks=False)
+            changed.append(f"owner of {w.path} -> {_owner(w.uid, w.gid)}")
+        if stat.S_IMODE(st.st_mode) != w.mode:
+            os.chmod(w.path, w.mode)
+            changed.append(f"mode of {w.path} -> {w.mode:04o}")
+    if not os.path.lexists(study.destination):
+        pw = pwd.getpwnam(config.service_user)
+        gid = grp.getgrnam(study.group).gr_gid if study.group else pw.pw_gid
+        os.makedirs(study.destination.parent, exist_ok=True)
+        os.mkdir(study.destination, 0o700)
+        os.chown(study.destination, pw.pw_uid, gid)
+        os.chmod(study.destination, study.dir_mode)
+        changed.append(f"created {study.destination} {study.dir_mode:04o} "
+                       f"{_owner(pw.pw_uid, gid)}")
+    return changed
+
+
+def _owner(uid: int, gid: int) -> str:
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    try:
+        group = grp.getgrgid(gid).gr_name
+    except KeyError:
+        group = str(gid)
+    return f"{user}:{group}"

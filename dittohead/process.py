@@ -1,0 +1,192 @@
+"""`dittohead process STUDY`: drain one study's inbox, entry by entry.
+
+For each entry: claim (claim.py) -> check and plan (check.py) -> stage
+(stage.py) -> publish, sync, verify (publish.py) -> file in done/ or failed/
+(record.py) -> journal event (log.py). Claims left by an earlier run (a
+crash, or a temporary problem) are resumed first.
+
+With `--linger N` the run keeps watching the inbox until it has been empty
+for N seconds: a systemd .path unit does not see entries that arrive while
+its service runs, so the service itself picks them up (FIELD-NOTES.md).
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import time
+from dataclasses import dataclass
+
+from . import log
+from .check import Plan, open_destination, plan_entry, user_name
+from .claim import Claim, StudyLock, claim, pending_claims, ready_entries
+from .config import Config, StudyConfig
+from .errors import EXIT_OK, EXIT_TEMPFAIL, ConfigError, EntryFailed, TemporaryError
+from .publish import finish, publish, rollback
+from .record import Outcome, file_entry, write_atomic
+from .stage import Ownership, remove_staging, stage
+
+POLL = 0.2  # seconds between looks at the inbox while lingering
+
+
+@dataclass(frozen=True)
+class RunResult:
+    delivered: int
+    failed: int
+    retry_later: int
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_TEMPFAIL if self.retry_later else EXIT_OK
+
+
+def process(config: Config, study_name: str, linger: float = 0.0) -> RunResult:
+    """Resume pending claims, then claim and deliver every ready entry."""
+    study = config.study(study_name)
+    owner = _ownership(config, study)
+    counts = {"delivered": 0, "failed": 0, "rejected": 0, "retry-later": 0}
+    with StudyLock(study):
+        for c in list(pending_claims(study)):
+            counts[deliver(study, c, owner)] += 1
+        refused: set[str] = set()  # entries we could not claim: don't spin on them
+        quiet_since = time.monotonic()
+        while True:
+            names = [n for n in ready_entries(study) if n not in refused]
+            for name in names:
+                try:
+                    c = claim(study, name)
+                except OSError as e:
+                    refused.add(name)
+                    log.send(f"cannot claim {log.printable(name)} in {study.inbox}: "
+                             f"{e.strerror} (does the service have CAP_DAC_OVERRIDE?)",
+                             priority=3, DITTOHEAD_STUDY=study.name,
+                             DITTOHEAD_ENTRY=log.printable(name))
+                    continue
+                if c is not None:
+                    counts[deliver(study, c, owner)] += 1
+            if names:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= linger:
+                break
+            else:
+                time.sleep(POLL)
+    if refused:
+        raise TemporaryError(f"{len(refused)} entries could not be claimed and are still "
+                             f"in {study.inbox}")
+    return RunResult(delivered=counts["delivered"],
+                     failed=counts["failed"] + counts["rejected"],
+                     retry_later=counts["retry-later"])
+
+
+def _ownership(config: Config, study: StudyConfig) -> Ownership:
+    problems = []
+    try:
+        uid = pwd.getpwnam(config.service_user).pw_uid
+    except KeyError:
+        problems.append(f"service_user: no such user {config.service_user!r} "
+                        "(create it, or run systemd-sysusers)")
+        uid = -1
+    gid = -1
+    if study.group is not None:
+        try:
+            gid = grp.getgrnam(study.group).gr_gid
+        except KeyError:
+            problems.append(f"studies.{study.name}.group: no such group {study.group!r}")
+    if problems:
+        raise ConfigError(problems, str(config.path))
+    if gid < 0:
+        fd = open_destination(study)
+        try:
+            gid = os.fstat(fd).st_gid
+        finally:
+            os.close(fd)
+    return Ownership(uid=uid, gid=gid, file_mode=study.file_mode, dir_mode=study.dir_mode)
+
+
+def deliver(study: StudyConfig, c: Claim, owner: Ownership) -> str:
+    """Deliver one claimed entry; return its outcome (delivered, failed, rejected, retry-later)."""
+    fields = {"study": study.name, "entry": c.entry, "delivery": c.id,
+              "destination": str(study.destination)}
+    uploader = _uploader(study, c)
+    fields["uploader"] = uploader
+    plan: Plan | None = None
+    try:
+        dest_fd = open_destination(study)
+        try:
+            # A crash may have left this delivery's staging directory behind.
+            remove_staging(dest_fd, c.id)
+            plan = plan_entry(study, c.id, c.entry, owner.uid)
+            staging = stage(study, c.id, plan, dest_fd, owner)
+            try:
+                published = publish(plan, staging, owner)
+                try:
+                    finish(plan, staging, published)
+                except BaseException:
+                    rollback(dest_fd, published)
+                    raise
+            finally:
+                os.close(staging.fd)
+                remove_staging(dest_fd, c.id)
+        finally:
+            os.close(dest_fd)
+    except TemporaryError as e:
+        log.event("retry-later", f"{study.name}: {log.printable(c.entry)} kept for a later "
+                  f"run: {e}", reason=str(e), **fields)
+        return "retry-later"
+    except EntryFailed as e:
+        r = file_entry(study, c, plan, e.outcome, uploader, e.reason)
+        _report(study, r, fields)
+        return e.outcome
+    except OSError as e:
+        from .claim import is_enospc
+        if is_enospc(e):
+            reason = f"the destination is full ({e.strerror}); rolled back, will retry"
+            log.event("retry-later", f"{study.name}: {log.printable(c.entry)} kept for a "
+                      f"later run: {reason}", reason=reason, **fields)
+            return "retry-later"
+        raise
+    r = file_entry(study, c, plan, "delivered", uploader)
+    _report(study, r, fields)
+    check_disk(study)
+    return "delivered"
+
+
+def _uploader(study: StudyConfig, c: Claim) -> str:
+    try:
+        return user_name(os.lstat(study.processing / c.id).st_uid)
+    except FileNotFoundError:
+        return "unknown"
+
+
+def _report(study: StudyConfig, r: Outcome, fields: dict[str, str]) -> None:
+    name = log.printable(r.claim.entry)
+    if r.outcome == "delivered":
+        msg = (f"{study.name}: delivered {name} from {r.uploader}: {r.files} files, "
+               f"{r.bytes} bytes into {study.destination}")
+    else:
+        msg = f"{study.name}: {r.outcome} {name} from {r.uploader}: {r.reason}"
+    log.event(r.outcome, msg, files=r.files, bytes=r.bytes, reason=r.reason, **fields)
+
+
+def check_disk(study: StudyConfig) -> None:
+    """Warn once each time the destination's usage crosses a threshold upward."""
+    if not study.disk_warn_percent:
+        return
+    st = os.statvfs(study.destination)
+    used = st.f_blocks - st.f_bfree
+    total = used + st.f_bavail  # what df shows as the whole for ordinary users
+    percent = 100.0 * used / total if total else 0.0
+    state = study.processing / ".disk-usage.json"
+    try:
+        before = float(json.loads(state.read_text())["percent"])
+    except (OSError, ValueError, KeyError, TypeError):
+        before = 0.0
+    crossed = [t for t in study.disk_warn_percent if before < t <= percent]
+    if crossed:
+        log.event("disk-warning", f"{study.name}: {study.destination} is {percent:.0f}% "
+                  f"full (crossed {crossed[-1]}%)", study=study.name,
+                  destination=str(study.destination), reason=f"{percent:.1f}% used")
+    if abs(percent - before) >= 0.05 or crossed:
+        write_atomic(state, json.dumps({"percent": round(percent, 2)}).encode())

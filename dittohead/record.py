@@ -1,0 +1,104 @@
+"""File a finished entry in done/ or failed/ with its receipt and manifest.
+
+Order: manifest and receipt first (each written to a temporary name, fsynced
+and renamed), then the entry itself, then the claim record is dropped. A
+crash anywhere in between leaves the claim in processing/, and the next run
+redoes the delivery, which finds every file already delivered and files the
+entry again under the same id, rewriting the same receipt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .check import Plan, join
+from .claim import Claim, now_iso, release
+from .config import StudyConfig
+from .log import printable
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of one delivery, as the receipt and the journal tell it."""
+
+    outcome: str  # delivered, failed or rejected
+    claim: Claim
+    uploader: str
+    files: int
+    bytes: int
+    skipped: tuple[str, ...]
+    finished: str
+    reason: str | None = None
+
+
+def manifest_line(path: str, digest: str) -> bytes:
+    """One line in `sha256sum` format, escaping names the way coreutils does."""
+    raw = os.fsencode(path)
+    if any(c in raw for c in b"\\\n\r"):
+        raw = raw.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b"\r", b"\\r")
+        return b"\\" + digest.encode() + b"  " + raw + b"\n"
+    return digest.encode() + b"  " + raw + b"\n"
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o640) -> None:
+    """Write, fsync and rename into place: a reader sees the old file or the whole new one."""
+    tmp = path.with_name("." + path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+
+
+def file_entry(study: StudyConfig, claim: Claim, plan: Plan | None, outcome: str,
+               uploader: str, reason: str | None = None) -> Outcome:
+    """Write the receipt (and manifest), move the entry to done/ or failed/, drop the claim."""
+    target = study.done if outcome == "delivered" else study.failed
+    files = plan.files() if plan else []
+    result = Outcome(outcome=outcome, claim=claim, uploader=uploader,
+                     files=len(files), bytes=sum(f.size for _, f in files),
+                     skipped=tuple(plan.skipped) if plan else (), finished=now_iso(),
+                     reason=reason)
+    if outcome == "delivered":
+        assert plan is not None
+        write_atomic(target / f"{claim.id}.sha256",
+                     b"".join(manifest_line(join(d.rel, f.name), f.sha256) for d, f in files))
+    write_atomic(target / f"{claim.id}.json", receipt(study, result))
+    try:
+        os.rename(study.processing / claim.id, target / claim.id)
+    except FileNotFoundError:
+        pass  # a crash after this rename and before the claim was released
+    dfd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    release(study, claim)
+    return result
+
+
+def receipt(study: StudyConfig, r: Outcome) -> bytes:
+    """The <id>.json receipt: what an admin or a script needs to know of the delivery."""
+    data = {
+        "study": study.name,
+        "entry": printable(r.claim.entry),
+        "entry_hex": os.fsencode(r.claim.entry).hex(),  # exact bytes, for retry
+        "id": r.claim.id,
+        "uploader": r.uploader,
+        "outcome": r.outcome,
+        "reason": r.reason,
+        "files": r.files,
+        "bytes": r.bytes,
+        "skipped": [printable(s) for s in r.skipped],
+        "destination": str(study.destination),
+        "started": r.claim.started,
+        "finished": r.finished,
+    }
+    return json.dumps(data, indent=2, ensure_ascii=False).encode() + b"\n"

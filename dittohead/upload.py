@@ -1,0 +1,120 @@
+"""`dittohead upload`: the user's side, done right.
+
+Copies each PATH into the inbox as `.<name>` (a dot name never triggers a
+delivery), makes it readable to its owner, fsyncs every file, then renames
+it to `<name>` without replacing anything already waiting there. Symlinks,
+FIFOs, sockets and devices are refused before anything is copied: the
+service would fail the entry for them anyway.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import shutil
+import stat
+import time
+from pathlib import Path
+
+from .config import StudyConfig
+from .errors import DittoheadError, UsageError
+
+_libc = ctypes.CDLL(None, use_errno=True)
+AT_FDCWD = -100
+RENAME_NOREPLACE = 1
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """rename(2) that fails with EEXIST instead of replacing dst."""
+    if _libc.renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst),
+                       RENAME_NOREPLACE) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), str(dst))
+
+
+def _refuse_special(path: Path) -> None:
+    bad = []
+    st = os.lstat(path)
+    if stat.S_ISDIR(st.st_mode):
+        for top, dirs, files in os.walk(path):
+            for n in dirs + files:
+                m = os.lstat(os.path.join(top, n)).st_mode
+                if not (stat.S_ISDIR(m) or stat.S_ISREG(m)):
+                    bad.append(os.path.join(top, n))
+    elif not stat.S_ISREG(st.st_mode):
+        bad.append(str(path))
+    if bad:
+        raise UsageError(f"{path}: holds symlinks or special files, which are never "
+                         f"delivered: {', '.join(bad[:10])}")
+
+
+def _copy(src: str, dst: str) -> None:
+    shutil.copy2(src, dst, follow_symlinks=False)
+    fd = os.open(dst, os.O_RDONLY)
+    try:
+        os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | stat.S_IRUSR)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def upload(study: StudyConfig, path: Path) -> str:
+    """Copy one file or directory into the inbox and make it ready; return its name."""
+    name = path.resolve().name if path.name in ("", ".", "..") else path.name
+    if name.startswith("."):
+        raise UsageError(f"{path}: names starting with '.' are never delivered; rename it")
+    _refuse_special(path)
+    final = study.inbox / name
+    if os.path.lexists(final):
+        raise DittoheadError(f"{final} already waits in the inbox; try again when it has "
+                             "been delivered")
+    tmp = study.inbox / f".{name}.{os.getpid()}"
+    try:
+        if path.is_dir():
+            shutil.copytree(path, tmp, symlinks=True, copy_function=_copy)
+            for top, dirs, _ in os.walk(tmp):
+                for d in [top, *[os.path.join(top, x) for x in dirs]]:
+                    os.chmod(d, stat.S_IMODE(os.lstat(d).st_mode) | 0o700)
+        else:
+            _copy(str(path), str(tmp))
+        rename_noreplace(tmp, final)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+    return name
+
+
+def wait(study: StudyConfig, name: str, since: float, timeout: float) -> dict[str, object] | None:
+    """Wait until the entry has left the inbox and its receipt can be read; None if unreadable."""
+    deadline = time.monotonic() + timeout
+    while os.path.lexists(study.inbox / name):
+        if time.monotonic() > deadline:
+            raise DittoheadError(f"{name} is still in the inbox after {timeout:.0f}s: is "
+                                 f"dittohead@{study.name}.path running?")
+        time.sleep(0.2)
+    while time.monotonic() < deadline:
+        for d in (study.done, study.failed):
+            if not os.access(d, os.R_OK | os.X_OK):
+                return None  # receipts are for the service group; delivery went on
+            try:
+                receipts = sorted(d.glob("*.json"), key=lambda p: p.stat().st_mtime)
+            except OSError as e:
+                if e.errno in (errno.EACCES, errno.EPERM):
+                    return None
+                raise
+            for r in reversed(receipts):
+                if r.stat().st_mtime < since:
+                    break
+                try:
+                    data = json.loads(r.read_text())
+                except (OSError, ValueError):
+                    continue
+                if isinstance(data, dict) and data.get("entry") == name:
+                    return data
+        time.sleep(0.2)
+    raise DittoheadError(f"no receipt for {name} after {timeout:.0f}s")
