@@ -185,17 +185,17 @@ def _walk(study: StudyConfig, parent_fd: int, src_name: str, rel: str, st: os.st
         subdirs = []
         with os.scandir(fd) as it:
             entries = sorted(it, key=lambda e: e.name)
-        for e in entries:
-            path = join(rel, e.name)
-            if _ignored(study, e.name):
+        for de in entries:
+            path = join(rel, de.name)
+            if _ignored(study, de.name):
                 plan.skipped.append(path)
                 continue
-            est = e.stat(follow_symlinks=False)
+            est = de.stat(follow_symlinks=False)
             if stat.S_ISDIR(est.st_mode):
-                subdirs.append((e.name, path, est))
+                subdirs.append((de.name, path, est))
             elif stat.S_ISREG(est.st_mode):
-                d.files.append(_file_plan(e.name, e.name, est))
-                _check_file(fd, e.name, path, est, plan.uploader_uid, bad)
+                d.files.append(_file_plan(de.name, de.name, est))
+                _check_file(fd, de.name, path, est, plan.uploader_uid, bad)
             else:
                 bad.setdefault(_kind(est.st_mode), []).append(path)
         for name, path, est in subdirs:

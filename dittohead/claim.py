@@ -65,12 +65,12 @@ class StudyLock:
 
 def now_iso() -> str:
     """The current time, UTC, second precision, ISO 8601 with Z."""
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def new_id(study: StudyConfig, entry: str) -> str:
     """A delivery id unique for ever: UTC time, a slug of the name, random hex."""
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", entry).strip("._-")[:40] or "entry"
     while True:
         candidate = f"{stamp}-{slug}-{secrets.token_hex(3)}"

@@ -146,4 +146,4 @@ def entry_point() -> None:
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
-__all__ = ["main", "EXIT_USAGE"]
+__all__ = ["EXIT_USAGE", "main"]

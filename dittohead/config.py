@@ -158,7 +158,8 @@ def parse(data: Any, path: Path = DEFAULT_CONFIG) -> Config:
             v.error(key, "must be a mapping")
             continue
         v.known_keys(key, raw, _STUDY_KEYS)
-        study = _study(v, key, name, {**defaults, **raw}, root)
+        inherited = {k: val for k, val in defaults.items() if k != "destination"}
+        study = _study(v, key, name, {**inherited, **raw}, root)
         if study is not None:
             studies[name] = study
     _check_overlaps(v, root, studies)
@@ -276,7 +277,8 @@ def _notify(v: _Validator, raw: Any) -> NotifyConfig:
     uploader = raw.get("uploader_address")
     if uploader is not None:
         if not isinstance(uploader, str) or "{user}" not in uploader or "@" not in uploader:
-            v.error("notify.uploader_address", 'must be an address pattern like "{user}@example.edu"')
+            v.error("notify.uploader_address",
+                    'must be an address pattern like "{user}@example.edu"')
             uploader = None
         else:
             try:
@@ -334,6 +336,9 @@ def _study_notify(v: _Validator, key: str, raw: Any) -> StudyNotify:
     if not isinstance(raw, dict):
         v.error(key, "must be a mapping")
         return StudyNotify()
+    if True in raw and "on" not in raw:
+        # YAML 1.1 (PyYAML) reads a bare `on:` key as the boolean true.
+        raw = {("on" if k is True else k): val for k, val in raw.items()}
     v.known_keys(key, raw, {"to", "on"})
     to = v.str_list(f"{key}.to", raw.get("to", []),
                     lambda a: None if "@" in a else "not an email address") or ()

@@ -17,13 +17,14 @@ import json
 import os
 import pwd
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import log
 from .check import Plan, open_destination, plan_entry, user_name
 from .claim import Claim, StudyLock, claim, pending_claims, ready_entries
 from .config import Config, StudyConfig
 from .errors import EXIT_OK, EXIT_TEMPFAIL, ConfigError, EntryFailed, TemporaryError
+from .faults import point
 from .publish import finish, publish, rollback
 from .record import Outcome, file_entry, write_atomic
 from .stage import Ownership, remove_staging, stage
@@ -56,7 +57,7 @@ def process(config: Config, study_name: str, linger: float = 0.0) -> RunResult:
             names = [n for n in ready_entries(study) if n not in refused]
             for name in names:
                 try:
-                    c = claim(study, name)
+                    new = claim(study, name)
                 except OSError as e:
                     refused.add(name)
                     log.send(f"cannot claim {log.printable(name)} in {study.inbox}: "
@@ -64,8 +65,8 @@ def process(config: Config, study_name: str, linger: float = 0.0) -> RunResult:
                              priority=3, DITTOHEAD_STUDY=study.name,
                              DITTOHEAD_ENTRY=log.printable(name))
                     continue
-                if c is not None:
-                    counts[deliver(study, c, owner)] += 1
+                if new is not None:
+                    counts[deliver(study, new, owner)] += 1
             if names:
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since >= linger:
@@ -96,12 +97,8 @@ def _ownership(config: Config, study: StudyConfig) -> Ownership:
             problems.append(f"studies.{study.name}.group: no such group {study.group!r}")
     if problems:
         raise ConfigError(problems, str(config.path))
-    if gid < 0:
-        fd = open_destination(study)
-        try:
-            gid = os.fstat(fd).st_gid
-        finally:
-            os.close(fd)
+    # gid -1: the destination's group, looked up per delivery (it may not be
+    # mounted now; entries are claimed all the same and kept for later).
     return Ownership(uid=uid, gid=gid, file_mode=study.file_mode, dir_mode=study.dir_mode)
 
 
@@ -117,18 +114,25 @@ def deliver(study: StudyConfig, c: Claim, owner: Ownership) -> str:
         try:
             # A crash may have left this delivery's staging directory behind.
             remove_staging(dest_fd, c.id)
+            if owner.gid < 0:
+                owner = replace(owner, gid=os.fstat(dest_fd).st_gid)
+            point("claimed")
             plan = plan_entry(study, c.id, c.entry, owner.uid)
+            point("checked")
             staging = stage(study, c.id, plan, dest_fd, owner)
             try:
                 published = publish(plan, staging, owner)
                 try:
                     finish(plan, staging, published)
+                    point("verified")
                 except BaseException:
                     rollback(dest_fd, published)
                     raise
             finally:
                 os.close(staging.fd)
                 remove_staging(dest_fd, c.id)
+            if owner.gid < 0:
+                owner = replace(owner, gid=os.fstat(dest_fd).st_gid)
         finally:
             os.close(dest_fd)
     except TemporaryError as e:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from .check import DIR_FLAGS, FILE_FLAGS, Plan, hash_fd, join
 from .claim import is_enospc
 from .errors import EntryFailed, TemporaryError
+from .faults import point
 from .log import printable
 from .stage import Ownership, Staging
 
@@ -46,6 +47,7 @@ class Published:
 def publish(plan: Plan, staging: Staging, owner: Ownership) -> Published:
     """Make the staged files visible under their final names (all or nothing)."""
     syncfs(staging.fd)
+    point("synced")
     done = Published()
     try:
         _make_dirs(plan, staging.dest_fd, owner, done)
@@ -64,6 +66,7 @@ def publish(plan: Plan, staging: Staging, owner: Ownership) -> Published:
                     "the delivery (never overwritten); nothing of this entry was "
                     "delivered.") from None
             done.links.append((d.rel, f.name, ino))
+            point(f"published:{len(done.links)}")
         if current is not None:
             os.close(current[1])
         _set_dir_times(plan, staging.dest_fd, done)
@@ -165,7 +168,8 @@ def _make_dirs(plan: Plan, dest_fd: int, owner: Ownership, done: Published) -> N
         pfd = _open_dir(dest_fd, parent)
         try:
             try:
-                os.mkdir(name, 0o700, dir_fd=pfd)
+                # The final permission bits right away (a setgid parent adds S_ISGID).
+                os.mkdir(name, owner.dir_mode & 0o777, dir_fd=pfd)
             except FileExistsError:
                 # Made by someone else since the check; fine if it is a real directory.
                 os.close(os.open(name, DIR_FLAGS, dir_fd=pfd))
@@ -173,9 +177,7 @@ def _make_dirs(plan: Plan, dest_fd: int, owner: Ownership, done: Published) -> N
             done.created_dirs.append(d.rel)
             fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
             try:
-                if (owner.uid, owner.gid) != (os.geteuid(), os.getegid()):
-                    os.fchown(fd, owner.uid, owner.gid)
-                os.fchmod(fd, owner.dir_mode)
+                owner.apply(fd, owner.dir_mode)
             finally:
                 os.close(fd)
         finally:

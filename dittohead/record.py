@@ -17,6 +17,7 @@ from pathlib import Path
 from .check import Plan, join
 from .claim import Claim, now_iso, release
 from .config import StudyConfig
+from .faults import point
 from .log import printable
 
 
@@ -71,6 +72,7 @@ def file_entry(study: StudyConfig, claim: Claim, plan: Plan | None, outcome: str
         write_atomic(target / f"{claim.id}.sha256",
                      b"".join(manifest_line(join(d.rel, f.name), f.sha256) for d, f in files))
     write_atomic(target / f"{claim.id}.json", receipt(study, result))
+    point("receipt")
     try:
         os.rename(study.processing / claim.id, target / claim.id)
     except FileNotFoundError:
@@ -80,6 +82,7 @@ def file_entry(study: StudyConfig, claim: Claim, plan: Plan | None, outcome: str
         os.fsync(dfd)
     finally:
         os.close(dfd)
+    point("filed")
     release(study, claim)
     return result
 

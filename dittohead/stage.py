@@ -20,6 +20,7 @@ from hashlib import sha256
 from .check import FILE_FLAGS, DirPlan, FilePlan, Plan, Source
 from .config import StudyConfig
 from .errors import EntryFailed
+from .faults import point
 from .log import printable
 
 STAGING_PREFIX = ".incoming-"
@@ -38,6 +39,23 @@ class Ownership:
     gid: int
     file_mode: int
     dir_mode: int
+
+    def apply(self, fd: int, mode: int) -> None:
+        """Give a new inode its owner, group and mode, changing only what differs.
+
+        In a destination whose directories are setgid and of the study's group
+        (what `setup` makes) new inodes inherit the group and the setgid bit,
+        so neither chown (CAP_CHOWN) nor a chmod with S_ISGID (refused under
+        RestrictSUIDSGID=) is needed; they are only used where they must be.
+        """
+        st = os.fstat(fd)
+        if (st.st_uid, st.st_gid) != (self.uid, self.gid):
+            # chown first: it clears set-id bits that the chmod below then sets.
+            os.fchown(fd, self.uid if st.st_uid != self.uid else -1,
+                      self.gid if st.st_gid != self.gid else -1)
+            st = os.fstat(fd)
+        if stat.S_IMODE(st.st_mode) != mode:
+            os.fchmod(fd, mode)
 
     def mode_for(self, f: FilePlan) -> int:
         if f.executable:
@@ -94,6 +112,7 @@ def stage(study: StudyConfig, claim_id: str, plan: Plan, dest_fd: int,
             staged = str(n)
             ino = _copy_one(src.dir_fd(d), f, fd, staged, owner, hasher, d.rel)
             staging.staged.append((d, f, staged, ino))
+            point(f"staged:{n}")
     return staging
 
 
@@ -117,11 +136,7 @@ def _copy_one(src_dir: int, f: FilePlan, staging_fd: int, staged: str, owner: Ow
                 raise EntryFailed(f"{printable(_join(rel, f.name))} changed size while it "
                                   "was being delivered; upload it again. Nothing of this "
                                   "entry was delivered.")
-            # chown before chmod: chown clears set-id bits, and the mode we set
-            # never has them anyway.
-            if (owner.uid, owner.gid) != (os.geteuid(), os.getegid()):
-                os.fchown(dst, owner.uid, owner.gid)
-            os.fchmod(dst, owner.mode_for(f))
+            owner.apply(dst, owner.mode_for(f))
             os.utime(dst, ns=(f.atime_ns, f.mtime_ns))
             return os.fstat(dst).st_ino
         finally:

@@ -1,0 +1,57 @@
+# dittohead: `make demo` shows a delivery, `make test` runs every check.
+# Both install what they need first (Debian packages, then a venv in .venv).
+
+PY ?= python3
+VENV := .venv
+APT_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev rsync \
+	python3-yaml python3-systemd
+
+.PHONY: all deps venv test lint typecheck pytest demo bench clean
+all: test
+
+# Debian packages: build deps of systemd-python (libsystemd-dev, pkg-config,
+# gcc, headers), rsync for tests and benchmarks, and the runtime packages
+# that `make install` uses for the system's python3.
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(VENV)/.stamp: pyproject.toml | deps
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+venv: deps $(VENV)/.stamp
+
+lint: venv
+	$(VENV)/bin/ruff check dittohead tests bench
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+# Root and systemd tests run too: as root they use throwaway users and a
+# throwaway systemd on an overlay root; without root they are skipped with
+# the reason printed (see the -ra summary).
+pytest: venv
+	$(VENV)/bin/pytest -v
+
+test: lint typecheck pytest
+
+demo: venv
+	$(VENV)/bin/python demo/demo.py
+
+bench: venv
+	$(VENV)/bin/python bench/bench_delivery.py
+
+clean:
+	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache *.egg-info
+
+-include packaging/install.mk

@@ -1,0 +1,29 @@
+"""Fault injection for the crash-safety tests: a no-op unless DITTOHEAD_TEST_FAULT is set.
+
+`DITTOHEAD_TEST_FAULT=<point>` SIGKILLs the process when it reaches that
+point; `<point>=wait:<file>` instead waits until <file> exists (so a test can
+fill a disk at a chosen moment). Points are named where `point()` is called:
+claimed, checked, staged:N, synced, published:N, verified, receipt, filed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+
+def point(name: str) -> None:
+    """Crash or wait here if the test environment asks for it."""
+    want = os.environ.get("DITTOHEAD_TEST_FAULT")
+    if not want:
+        return
+    where, _, action = want.partition("=")
+    if where != name:
+        return
+    if action.startswith("wait:"):
+        path = action[len("wait:"):]
+        while not os.path.exists(path):
+            time.sleep(0.02)
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
