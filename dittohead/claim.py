@@ -115,7 +115,12 @@ def claim(study: StudyConfig, entry: str) -> Claim | None:
 
 
 def pending_claims(study: StudyConfig) -> Iterator[Claim]:
-    """Claims a previous run left in processing/ (crash, or retry later)."""
+    """Claim records a previous run left in processing/ (a crash, or retry later).
+
+    The caller decides by where the entry is: still in processing/ (deliver
+    again), already in done/ or failed/ (a crash while filing: report it),
+    or nowhere (a crash before the rename: the entry is still in the inbox).
+    """
     for record in sorted(study.processing.glob("*.json")):
         try:
             data = json.loads(record.read_text(encoding="utf-8"))
@@ -123,12 +128,7 @@ def pending_claims(study: StudyConfig) -> Iterator[Claim]:
                       started=data["started"])
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not a claim record of ours; `check` reports strays
-        if os.path.lexists(study.processing / c.id):
-            yield c
-        else:
-            # Crashed between writing the record and the rename (the entry is
-            # still in the inbox), or after the entry was filed: nothing to redo.
-            record.unlink(missing_ok=True)
+        yield c
 
 
 def release(study: StudyConfig, c: Claim) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 from . import log
 from .check import Plan, open_destination, plan_entry, user_name
-from .claim import Claim, StudyLock, claim, pending_claims, ready_entries
+from .claim import Claim, StudyLock, claim, pending_claims, ready_entries, release
 from .config import Config, StudyConfig
 from .errors import EXIT_OK, EXIT_TEMPFAIL, ConfigError, EntryFailed, TemporaryError
 from .faults import point
@@ -50,7 +50,10 @@ def process(config: Config, study_name: str, linger: float = 0.0) -> RunResult:
     counts = {"delivered": 0, "failed": 0, "rejected": 0, "retry-later": 0}
     with StudyLock(study):
         for c in list(pending_claims(study)):
-            counts[deliver(study, c, owner)] += 1
+            if os.path.lexists(study.processing / c.id):
+                counts[deliver(study, c, owner)] += 1
+            else:
+                _report_filed(study, c)
         refused: set[str] = set()  # entries we could not claim: don't spin on them
         quiet_since = time.monotonic()
         while True:
@@ -155,6 +158,25 @@ def deliver(study: StudyConfig, c: Claim, owner: Ownership) -> str:
     _report(study, r, fields)
     check_disk(study)
     return "delivered"
+
+
+def _report_filed(study: StudyConfig, c: Claim) -> None:
+    """A crash came after the entry was filed but before its journal event: log it now."""
+    for d in (study.done, study.failed):
+        try:
+            data = json.loads((d / f"{c.id}.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if os.path.lexists(d / c.id) and isinstance(data, dict):
+            r = Outcome(outcome=data["outcome"], claim=c, uploader=data["uploader"],
+                        files=data["files"], bytes=data["bytes"],
+                        skipped=tuple(data["skipped"]), finished=data["finished"],
+                        reason=data["reason"])
+            _report(study, r, {"study": study.name, "entry": c.entry, "delivery": c.id,
+                               "destination": str(study.destination),
+                               "uploader": r.uploader})
+            break
+    release(study, c)
 
 
 def _uploader(study: StudyConfig, c: Claim) -> str:

@@ -103,16 +103,23 @@ def stage(study: StudyConfig, claim_id: str, plan: Plan, dest_fd: int,
     os.mkdir(name, 0o700, dir_fd=dest_fd)
     fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dest_fd)
     staging = Staging(dest_fd=dest_fd, name=name, fd=fd)
-    with Source(study, claim_id, plan) as src, ThreadPoolExecutor(1) as hasher:
-        n = 0
-        for d, f in plan.files():
-            if f.present:
-                continue
-            n += 1
-            staged = str(n)
-            ino = _copy_one(src.dir_fd(d), f, fd, staged, owner, hasher, d.rel)
-            staging.staged.append((d, f, staged, ino))
-            point(f"staged:{n}")
+    try:
+        with Source(study, claim_id, plan) as src, ThreadPoolExecutor(1) as hasher:
+            n = 0
+            for d, f in plan.files():
+                if f.present:
+                    continue
+                n += 1
+                staged = str(n)
+                ino = _copy_one(src.dir_fd(d), f, fd, staged, owner, hasher, d.rel)
+                staging.staged.append((d, f, staged, ino))
+                point(f"staged:{n}")
+    except BaseException:
+        # ENOSPC, a vanished destination, a changed file: nothing was published
+        # yet, so dropping the staging directory undoes everything.
+        os.close(fd)
+        remove_staging(dest_fd, claim_id)
+        raise
     return staging
 
 

@@ -129,7 +129,7 @@ def env(shared_base: Path) -> Env:
 
 
 @dataclass
-class TestUser:
+class ThrowawayUser:
     name: str
     uid: int
     gid: int
@@ -151,7 +151,7 @@ def add_group(name: str) -> int:
     return grp.getgrnam(name).gr_gid
 
 
-def add_user(name: str, groups: tuple[str, ...] = ()) -> TestUser:
+def add_user(name: str, groups: tuple[str, ...] = ()) -> ThrowawayUser:
     """A throwaway system user (removed at the end of the session)."""
     try:
         pw = pwd.getpwnam(name)
@@ -163,7 +163,7 @@ def add_user(name: str, groups: tuple[str, ...] = ()) -> TestUser:
     for g in groups:
         add_group(g)
         subprocess.run(["usermod", "-a", "-G", g, name], check=True)
-    return TestUser(name, pw.pw_uid, pw.pw_gid)
+    return ThrowawayUser(name, pw.pw_uid, pw.pw_gid)
 
 
 @pytest.fixture(scope="session", autouse=True)

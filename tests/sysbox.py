@@ -411,7 +411,7 @@ class Sysbox:
         self,
         *argv: str,
         check: bool = True,
-        input: bytes | None = None,  # noqa: A002 (subprocess's name)
+        input: bytes | None = None,
         user: str | None = None,
         timeout: float = 120,
     ) -> subprocess.CompletedProcess[str]:

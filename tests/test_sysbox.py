@@ -6,15 +6,12 @@ import hashlib
 import os
 import pathlib
 import secrets
-import sys
 import time
 from collections.abc import Iterator
 
 import pytest
 
-# tests/ is not a package: make `import sysbox` work whatever pytest's import mode.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import sysbox  # noqa: E402
+from . import sysbox
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 REASON = sysbox.available()

@@ -1,0 +1,82 @@
+"""SIGKILL at any moment, then run again: delivered exactly once, nothing lost or left over."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import Env, make_env
+from .test_engine import manifest_verifies, no_leftovers, tree
+
+POINTS = ["claimed", "checked", "staged:1", "staged:12", "synced", "published:1",
+          "published:20", "verified", "receipt", "filed"]
+
+
+def entry_files() -> dict[str, bytes]:
+    rnd = random.Random(7)
+    files = {f"run{d}/trial{i:02d}.txt": rnd.randbytes(rnd.randint(0, 5000))
+             for d in range(3) for i in range(10)}
+    files["physio/big.acq"] = rnd.randbytes(9 << 20)  # large enough for the overlapped copy
+    return files
+
+
+def assert_delivered_once(env: Env, files: dict[str, bytes], existing: dict[str, bytes]) -> None:
+    assert tree(env.study.destination) == {**existing, **files}
+    [rc] = env.done_receipts()
+    assert json.loads(rc.read_text())["files"] == len(files)
+    assert env.failed_receipts() == []
+    manifest_verifies(env, rc)
+    no_leftovers(env)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", POINTS)
+def test_sigkill_at_each_point_then_resume_delivers_once(shared_base: Path, point: str) -> None:
+    env = make_env(shared_base)
+    existing = {"run0/trial00.txt": entry_files()["run0/trial00.txt"], "keep.txt": b"mine"}
+    for rel, data in existing.items():
+        (env.study.destination / rel).parent.mkdir(parents=True, exist_ok=True)
+        (env.study.destination / rel).write_bytes(data)
+    files = entry_files()
+    env.drop("session-1", files)
+    r = env.process(env={"DITTOHEAD_TEST_FAULT": point})
+    assert r.returncode == -signal.SIGKILL, (point, r.returncode, r.stderr)
+    assert not (env.study.inbox / "session-1").exists()
+    r = env.process()
+    assert r.returncode == 0, r.stderr
+    assert_delivered_once(env, files, existing)
+    if point == "filed":
+        assert "delivered session-1" in r.stderr  # the event the crash swallowed
+
+
+@pytest.mark.slow
+def test_sigkill_from_outside_at_random_moments(shared_base: Path) -> None:
+    env = make_env(shared_base)
+    rnd = random.Random(11)
+    files = {f"d{i % 7}/f{i:03d}": rnd.randbytes(rnd.randint(1, 300_000)) for i in range(120)}
+    files["big"] = rnd.randbytes(48 << 20)
+    env.drop("e", files)
+    kills = 0
+    for delay in (0.05, 0.15, 0.3, 0.5, 0.8, 1.2):
+        p = subprocess.Popen([sys.executable, "-m", "dittohead", "--config",
+                              str(env.config_path), "process", "s1"],
+                             env={**os.environ, "DITTOHEAD_LOG": "stderr"},
+                             stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        if p.wait() == -signal.SIGKILL:
+            kills += 1
+        if env.done_receipts():
+            break
+    assert kills >= 1
+    r = env.process()
+    assert r.returncode == 0, r.stderr
+    assert_delivered_once(env, files, {})

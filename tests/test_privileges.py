@@ -1,0 +1,244 @@
+"""Real users and modes: uploads by non-root users, the service's capabilities, uploaders.
+
+These need root (throwaway users, setpriv, tmpfs); they are skipped, saying
+so, otherwise. The service side runs as a throwaway unprivileged user with
+exactly the ambient capabilities its unit grants, through Debian's
+/usr/bin/python3 (what `make install` uses), since pytest's own interpreter
+may live under root's home.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, Env, ThrowawayUser, add_group, add_user, make_env, needs_root
+from .test_engine import manifest_verifies, no_leftovers, tree
+
+pytestmark = needs_root
+SERVICE_CAPS = "+dac_override,+dac_read_search"
+
+
+def as_service(env: Env, svc: ThrowawayUser, *args: str, caps: str | None = SERVICE_CAPS,
+               extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `dittohead ARGS` as the service user with the unit's capabilities."""
+    cmd = ["setpriv", f"--reuid={svc.uid}", f"--regid={svc.gid}", "--init-groups"]
+    if caps:
+        cmd += [f"--inh-caps={caps}", f"--ambient-caps={caps}"]
+    cmd += ["env", f"PYTHONPATH={REPO}", "DITTOHEAD_LOG=stderr",
+            *[f"{k}={v}" for k, v in (extra_env or {}).items()],
+            "/usr/bin/python3", "-m", "dittohead", "--config", str(env.config_path), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd="/")
+
+
+@pytest.fixture
+def svc() -> ThrowawayUser:
+    return add_user("dh-test-svc")
+
+
+@pytest.fixture
+def ra() -> ThrowawayUser:
+    return add_user("dh-test-ra", groups=("dh-test-uploaders",))
+
+
+@pytest.fixture
+def service_env(shared_base: Path, svc: ThrowawayUser) -> Env:
+    return make_env(shared_base, service_user=svc.name)
+
+
+def upload_as(user: ThrowawayUser, env: Env, src: Path, name: str, tool: list[str],
+              umask: str) -> None:
+    """The user's upload: copy to .name with `tool`, then rename (as the user)."""
+    tmp = env.study.inbox / f".{name}"
+    # rsync copies a directory's contents with a trailing slash; cp copies it whole.
+    source = f"{src}/" if tool[0] == "rsync" else str(src)
+    subprocess.run([*user.prefix(umask), *tool, source, str(tmp)], check=True)
+    subprocess.run([*user.prefix(umask), "mv", str(tmp), str(env.study.inbox / name)],
+                   check=True)
+
+
+def make_source(user: ThrowawayUser, base: Path, umask: str) -> Path:
+    src = base / f"src-{umask}"
+    src.mkdir()
+    os.chown(src, user.uid, user.gid)
+    script = (f"mkdir -p {src}/eprime {src}/biopac && echo s01 > {src}/eprime/s01.txt && "
+              f"head -c 300000 /dev/urandom > {src}/biopac/s01.acq && "
+              f"printf '#!/bin/sh\\n' > {src}/run.sh && chmod +x {src}/run.sh")
+    subprocess.run([*user.prefix(umask), "sh", "-c", script], check=True)
+    return src
+
+
+@pytest.mark.parametrize("umask", ["022", "077"])
+@pytest.mark.parametrize("tool", [["cp", "-r"], ["cp", "-a"], ["rsync", "-a"]],
+                         ids=["cp-r", "cp-a", "rsync-a"])
+def test_ordinary_uploads_are_claimed_and_delivered(service_env: Env, svc: ThrowawayUser,
+                                                    ra: ThrowawayUser, shared_base: Path,
+                                                    umask: str, tool: list[str]) -> None:
+    env = service_env
+    src = make_source(ra, shared_base, umask)
+    upload_as(ra, env, src, "up", tool, umask)
+    r = as_service(env, svc, "process", "s1")
+    assert r.returncode == 0, r.stderr
+    dest = env.study.destination
+    assert tree(dest) == tree(src)
+    for p in dest.rglob("*"):
+        st = os.lstat(p)
+        assert st.st_uid == svc.uid, p
+        assert not st.st_mode & (stat.S_ISUID | stat.S_ISVTX)
+    assert stat.S_IMODE(os.stat(dest / "run.sh").st_mode) == 0o750
+    [rc] = env.done_receipts()
+    data = json.loads(rc.read_text())
+    assert data["uploader"] == ra.name
+    assert f"DITTOHEAD_UPLOADER={ra.name}" in r.stderr
+    manifest_verifies(env, rc)
+    no_leftovers(env)
+
+
+def test_without_capabilities_the_claim_fails_clearly_and_loses_nothing(
+        service_env: Env, svc: ThrowawayUser, ra: ThrowawayUser, shared_base: Path) -> None:
+    env = service_env
+    src = make_source(ra, shared_base, "077")
+    upload_as(ra, env, src, "up", ["cp", "-a"], "077")
+    r = as_service(env, svc, "process", "s1", caps=None)
+    assert r.returncode == 75, r.stderr
+    assert "cannot claim up" in r.stderr and "CAP_DAC_OVERRIDE" in r.stderr
+    assert tree(env.study.inbox / "up") == tree(src)
+    assert tree(env.study.destination) == {}
+
+
+def test_uploader_outside_uploaders_groups_is_rejected(shared_base: Path, svc: ThrowawayUser,
+                                                      ra: ThrowawayUser) -> None:
+    add_group("dh-test-other")
+    env = make_env(shared_base, {"uploaders": ["dh-test-other"]}, service_user=svc.name)
+    env.drop("e", {"a": b"1"}, uid=ra.uid)
+    env.drop("anon", {"b": b"2"}, uid=54321)  # a uid with no user name
+    r = as_service(env, svc, "process", "s1")
+    assert r.returncode == 0, r.stderr
+    reasons = sorted(str(json.loads(p.read_text())["reason"]) for p in env.failed_receipts())
+    assert "dh-test-ra is not in any of the uploaders groups" in reasons[0]
+    assert "uid 54321 has no user name" in reasons[1]
+    assert all(json.loads(p.read_text())["outcome"] == "rejected"
+               for p in env.failed_receipts())
+    assert "DITTOHEAD_UPLOADER=54321" in r.stderr
+    assert tree(env.study.destination) == {}
+
+
+def test_uploader_in_uploaders_group_is_delivered(shared_base: Path, svc: ThrowawayUser,
+                                                  ra: ThrowawayUser) -> None:
+    env = make_env(shared_base, {"uploaders": ["dh-test-uploaders"]}, service_user=svc.name)
+    env.drop("e", {"a": b"1"}, uid=ra.uid)
+    r = as_service(env, svc, "process", "s1")
+    assert r.returncode == 0, r.stderr
+    assert tree(env.study.destination) == {"a": b"1"}
+
+
+def test_file_of_another_user_inside_an_entry_fails(service_env: Env, svc: ThrowawayUser,
+                                                    ra: ThrowawayUser) -> None:
+    env = service_env
+    entry = env.drop("e", {"mine": b"1", "theirs": b"secret"}, uid=ra.uid)
+    os.lchown(entry / "theirs", 0, 0)
+    os.chmod(entry / "theirs", 0o600)
+    r = as_service(env, svc, "process", "s1")
+    assert r.returncode == 0, r.stderr
+    reason = json.loads(env.failed_receipts()[0].read_text())["reason"]
+    assert "owned by another user than the uploader not delivered: theirs" in reason
+    assert tree(env.study.destination) == {}
+
+
+def test_overlapping_runs_claim_each_entry_once(service_env: Env, svc: ThrowawayUser) -> None:
+    env = service_env
+    for i in range(40):
+        env.drop(f"e{i:02d}", {f"f{i:02d}.txt": os.urandom(2000)})
+    procs = [subprocess.Popen(
+        ["setpriv", f"--reuid={svc.uid}", f"--regid={svc.gid}", "--init-groups",
+         f"--inh-caps={SERVICE_CAPS}", f"--ambient-caps={SERVICE_CAPS}",
+         "env", f"PYTHONPATH={REPO}", "DITTOHEAD_LOG=stderr", "/usr/bin/python3", "-m",
+         "dittohead", "--config", str(env.config_path), "process", "s1"],
+        stderr=subprocess.PIPE, text=True, cwd="/") for _ in range(3)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    assert len(env.done_receipts()) == 40
+    assert env.failed_receipts() == []
+    assert len(tree(env.study.destination)) == 40
+    no_leftovers(env)
+
+
+@pytest.fixture
+def tiny_dest(shared_base: Path) -> Env:
+    env = make_env(shared_base)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "dittohead-test",
+                    str(env.study.destination)], check=True)
+    return env
+
+
+def test_entry_larger_than_free_space_waits_exit_75(tiny_dest: Env) -> None:
+    env = tiny_dest
+    env.drop("big", {"a.bin": os.urandom(10 << 20)})
+    r = env.process()
+    assert r.returncode == 75, r.stderr
+    assert "not enough space" in r.stderr
+    assert os.listdir(env.study.destination) == []
+    assert os.listdir(env.study.inbox) == []
+    claimed = [n for n in os.listdir(env.study.processing) if not n.endswith(".json")]
+    assert len(claimed) == 1  # kept, claimed, for a later run
+
+
+def test_enospc_mid_copy_rolls_back_and_loses_nothing(tiny_dest: Env) -> None:
+    env = tiny_dest
+    (env.study.destination / "already").write_bytes(b"there")
+    files = {f"f{i}.bin": os.urandom(1 << 20) for i in range(5)}
+    env.drop("e", files)
+    go = env.base / "go"
+    p = subprocess.Popen([sys.executable, "-m", "dittohead", "--config", str(env.config_path),
+                          "process", "s1"], stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "DITTOHEAD_LOG": "stderr",
+                              "DITTOHEAD_TEST_FAULT": f"staged:2=wait:{go}"})
+    assert _wait_for_staging(env.study.destination)
+    # Someone else fills the disk between the space check and the copy.
+    hog = env.study.destination / "hog"
+    subprocess.run(["dd", "if=/dev/zero", f"of={hog}", "bs=1M", "count=100"],
+                   capture_output=True)
+    go.touch()
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 75, err
+    assert "filled up" in err or "full" in err
+    assert sorted(os.listdir(env.study.destination)) == ["already", "hog"]
+    hog.unlink()
+    r = env.process()
+    assert r.returncode == 0, r.stderr
+    assert tree(env.study.destination) == {"already": b"there", **files}
+    manifest_verifies(env, env.done_receipts()[0])
+    no_leftovers(env)
+
+
+def _wait_for_staging(dest: Path) -> list[str]:
+    import time
+    for _ in range(500):
+        names = [n for n in os.listdir(dest) if n.startswith(".incoming-")]
+        if names and len(os.listdir(dest / names[0])) >= 2:
+            return names
+        time.sleep(0.02)
+    return []
+
+
+def test_killed_service_user_run_resumes(service_env: Env, svc: ThrowawayUser, ra: ThrowawayUser,
+                                         shared_base: Path) -> None:
+    env = service_env
+    src = make_source(ra, shared_base, "077")
+    upload_as(ra, env, src, "up", ["cp", "-a"], "077")
+    r = as_service(env, svc, "process", "s1", extra_env={"DITTOHEAD_TEST_FAULT": "published:1"})
+    assert r.returncode == -signal.SIGKILL
+    r = as_service(env, svc, "process", "s1")
+    assert r.returncode == 0, r.stderr
+    assert tree(env.study.destination) == tree(src)
+    no_leftovers(env)
+    shutil.rmtree(src)
