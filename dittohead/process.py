@@ -23,7 +23,14 @@ from . import log
 from .check import Plan, open_destination, plan_entry, user_name
 from .claim import Claim, StudyLock, claim, pending_claims, ready_entries, release
 from .config import Config, StudyConfig
-from .errors import EXIT_OK, EXIT_TEMPFAIL, ConfigError, EntryFailed, TemporaryError
+from .errors import (
+    EXIT_OK,
+    EXIT_TEMPFAIL,
+    EXIT_UNEXPECTED,
+    ConfigError,
+    EntryFailed,
+    TemporaryError,
+)
 from .faults import point
 from .publish import finish, publish, rollback
 from .record import Outcome, file_entry, write_atomic
@@ -37,9 +44,12 @@ class RunResult:
     delivered: int
     failed: int
     retry_later: int
+    errors: int = 0
 
     @property
     def exit_code(self) -> int:
+        if self.errors:
+            return EXIT_UNEXPECTED
         return EXIT_TEMPFAIL if self.retry_later else EXIT_OK
 
 
@@ -47,11 +57,11 @@ def process(config: Config, study_name: str, linger: float = 0.0) -> RunResult:
     """Resume pending claims, then claim and deliver every ready entry."""
     study = config.study(study_name)
     owner = _ownership(config, study)
-    counts = {"delivered": 0, "failed": 0, "rejected": 0, "retry-later": 0}
+    counts = {"delivered": 0, "failed": 0, "rejected": 0, "retry-later": 0, "error": 0}
     with StudyLock(study):
         for c in list(pending_claims(study)):
             if os.path.lexists(study.processing / c.id):
-                counts[deliver(study, c, owner)] += 1
+                counts[_deliver_guarded(study, c, owner)] += 1
             else:
                 _report_filed(study, c)
         refused: set[str] = set()  # entries we could not claim: don't spin on them
@@ -69,7 +79,7 @@ def process(config: Config, study_name: str, linger: float = 0.0) -> RunResult:
                              DITTOHEAD_ENTRY=log.printable(name))
                     continue
                 if new is not None:
-                    counts[deliver(study, new, owner)] += 1
+                    counts[_deliver_guarded(study, new, owner)] += 1
             if names:
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since >= linger:
@@ -81,7 +91,24 @@ def process(config: Config, study_name: str, linger: float = 0.0) -> RunResult:
                              f"in {study.inbox}")
     return RunResult(delivered=counts["delivered"],
                      failed=counts["failed"] + counts["rejected"],
-                     retry_later=counts["retry-later"])
+                     retry_later=counts["retry-later"], errors=counts["error"])
+
+
+def _deliver_guarded(study: StudyConfig, c: Claim, owner: Ownership) -> str:
+    """deliver(), but an unexpected error (EIO, a bug) keeps only this entry back.
+
+    The entry stays claimed in processing/ for the next run; the others are
+    still drained, so no ready entry is left to re-trigger the path unit.
+    """
+    try:
+        return deliver(study, c, owner)
+    except (ConfigError, TemporaryError):
+        raise
+    except Exception as e:  # reported; the run exits 1
+        reason = f"unexpected error, kept in processing/ for the next run: {e!r}"
+        log.event("retry-later", f"{study.name}: {log.printable(c.entry)}: {reason}",
+                  study=study.name, entry=c.entry, delivery=c.id, reason=reason)
+        return "error"
 
 
 def _ownership(config: Config, study: StudyConfig) -> Ownership:

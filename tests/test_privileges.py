@@ -242,3 +242,19 @@ def test_killed_service_user_run_resumes(service_env: Env, svc: ThrowawayUser, r
     assert tree(env.study.destination) == tree(src)
     no_leftovers(env)
     shutil.rmtree(src)
+
+
+def test_disk_warning_once_each_time_a_threshold_is_crossed_upward(tiny_dest: Env) -> None:
+    env = tiny_dest  # 8 MiB
+    env.reload(disk_warn_percent=[50, 75])
+    warnings = []
+    for name, size in (("a", 3 << 20), ("b", 1536 << 10), ("c", 2 << 20), ("d", 4096)):
+        env.drop(name, {f"{name}.bin": os.urandom(size)})
+        r = env.process()
+        assert r.returncode == 0, r.stderr
+        warnings.append([line for line in r.stderr.splitlines() if "% full" in line])
+    assert warnings[0] == []
+    assert len(warnings[1]) == 1 and "(crossed 50%)" in warnings[1][0]
+    assert len(warnings[2]) == 1 and "(crossed 75%)" in warnings[2][0]
+    assert warnings[3] == []
+    assert "MESSAGE_ID=6640f08ae1aa4f18906e215400188441" in warnings[1][0]
