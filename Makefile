@@ -4,7 +4,7 @@
 PY ?= python3
 VENV := .venv
 APT_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev rsync \
-	python3-yaml python3-systemd
+	python3-yaml python3-systemd dbus
 
 .PHONY: all deps venv test lint typecheck pytest demo bench clean
 all: test

@@ -228,21 +228,40 @@ def available() -> str | None:
     return None
 
 
-def _start_time(pid: int) -> str | None:
-    """A process's start time, so a recycled PID is never mistaken for ours."""
+def _stat(pid: int | str, field: int) -> str | None:
+    """A field of /proc/PID/stat, counted from 3 (state) as in proc(5)."""
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
+            return f.read().rsplit(")", 1)[1].split()[field - 3]
     except (OSError, IndexError):
         return None
+
+
+def _start_time(pid: int) -> str | None:
+    """A process's start time, so a recycled PID is never mistaken for ours."""
+    return _stat(pid, 22)
 
 
 def _children(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children", encoding="utf-8") as f:
             return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
+    except OSError:  # a kernel without CONFIG_PROC_CHILDREN: scan
+        pass
+    return [int(d) for d in os.listdir("/proc") if d.isdigit() and _stat(d, 4) == str(pid)]
+
+
+def _remove_stale_cgroups(cg_root: pathlib.Path) -> None:
+    """Remove empty cgroups of boxes whose Python died without poweroff (SIGKILL)."""
+    for cg in cg_root.glob("sysbox-*-*"):
+        creator = cg.name.split("-")[1]
+        with contextlib.suppress(OSError):
+            if (
+                creator.isdigit()
+                and not pathlib.Path(f"/proc/{creator}").exists()
+                and "populated 0" in (cg / "cgroup.events").read_text()
+            ):
+                Sysbox._remove_cgroup(cg)
 
 
 def _pump(master: int, log: BinaryIO) -> None:
@@ -312,9 +331,15 @@ class Sysbox:
         created = not workdir.exists()
         workdir.mkdir(parents=True, exist_ok=True)
         box = cls(workdir, created)
-        # mkdir (not exist_ok): two boxes sharing a workdir would mount over each other.
-        (workdir / "root").mkdir()
-        (workdir / "state").mkdir()
+        try:
+            # Not exist_ok: two boxes sharing a workdir would mount over each other.
+            (workdir / "root").mkdir()
+            (workdir / "state").mkdir()
+        except FileExistsError:
+            raise SysboxError(
+                f"{workdir} is in use by a box, or left by one whose Python was killed: "
+                "if no box runs there, rmdir its root/ and state/ (empty on the host)"
+            ) from None
         try:
             box._start(bind_paths, host_network)
             box._wait_running(time.monotonic() + timeout)
@@ -329,6 +354,7 @@ class Sysbox:
     def _start(self, binds: list[pathlib.Path], host_network: bool) -> None:
         cg_root = _cgroup2_root()
         assert cg_root is not None
+        _remove_stale_cgroups(cg_root)
         self._cgroup = cg_root / f"sysbox-{os.getpid()}-{secrets.token_hex(4)}"
         self._cgroup.mkdir()
         self._script.write_text(
