@@ -8,7 +8,8 @@ other content fails the whole entry) and free space.
 
 The entry is walked with directory file descriptors opened O_NOFOLLOW, so a
 symlink swapped in by the uploader after the walk still cannot be followed.
-Names are Python `str` with surrogate escapes: exact bytes round-trip.
+Names are Python `str` with surrogate escapes: exact bytes round-trip. The
+plan is spooled to disk (plan.py), so memory does not grow with the entry.
 """
 
 from __future__ import annotations
@@ -20,56 +21,17 @@ import hashlib
 import os
 import pwd
 import stat
-from dataclasses import dataclass, field
 
 from .config import StudyConfig
 from .errors import EntryFailed, EntryRejected, TemporaryError
 from .log import printable
+from .plan import EXISTS, PRESENT, DirPlan, FilePlan, Plan, State
 
 CHUNK = 1 << 20
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
 # How many names a failure reason lists before it says "and N more".
 LIST_MAX = 20
-
-
-@dataclass
-class FilePlan:
-    name: str  # name in the destination directory
-    src_name: str  # name in the source directory (differs for a plain-file entry)
-    size: int
-    atime_ns: int
-    mtime_ns: int
-    executable: bool
-    present: bool = False  # already in the destination with the same content
-    sha256: str = ""  # filled by the check (present) or the copy
-
-
-@dataclass
-class DirPlan:
-    rel: str  # relative to the destination and to the entry's top, "" for the top
-    atime_ns: int
-    mtime_ns: int
-    exists: bool = False  # already a directory in the destination
-    files: list[FilePlan] = field(default_factory=list)
-
-
-@dataclass
-class Plan:
-    """What a delivery will do: directories parents first, each with its files."""
-
-    uploader_uid: int
-    uploader: str
-    dirs: list[DirPlan]
-    skipped: list[str]
-    plain_file: bool = False  # the entry is one file, its source directly in processing/
-
-    def files(self) -> list[tuple[DirPlan, FilePlan]]:
-        return [(d, f) for d in self.dirs for f in d.files]
-
-    @property
-    def bytes(self) -> int:
-        return sum(f.size for _, f in self.files())
 
 
 def user_name(uid: int) -> str:
@@ -84,34 +46,63 @@ def join(rel: str, name: str) -> str:
     return f"{rel}/{name}" if rel else name
 
 
-def plan_entry(study: StudyConfig, claim_id: str, entry: str, service_uid: int) -> Plan:
-    """Walk processing/<id>, run every check, and return the plan (or raise)."""
+class Findings:
+    """Problems by kind, each with a count and the first few names."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[str, tuple[int, list[str]]] = {}
+
+    def add(self, kind: str, name: str) -> None:
+        count, names = self.kinds.get(kind, (0, []))
+        if len(names) < LIST_MAX:
+            names.append(name)
+        self.kinds[kind] = (count + 1, names)
+
+    def text(self, kind: str) -> str:
+        count, names = self.kinds[kind]
+        more = f" and {count - len(names)} more" if count > len(names) else ""
+        return ", ".join(printable(n) for n in names) + more
+
+    def __bool__(self) -> bool:
+        return bool(self.kinds)
+
+
+def new_plan(study: StudyConfig, claim_id: str) -> Plan:
+    """An empty plan for processing/<id>, owned by the entry's uploader."""
+    uid = os.lstat(study.processing / claim_id).st_uid
+    return Plan(claim_id=claim_id, uploader_uid=uid, uploader=user_name(uid),
+                path=study.processing / f".{claim_id}.plan")
+
+
+def plan_entry(study: StudyConfig, plan: Plan, entry: str, service_uid: int) -> None:
+    """Walk processing/<id> into `plan`, run every check, or raise why not."""
+    _authorize(study, plan.uploader_uid, service_uid)
+    bad = Findings()
     proc_fd = os.open(study.processing, DIR_FLAGS)
+    plan.open_for_writing()
     try:
-        st = os.stat(claim_id, dir_fd=proc_fd, follow_symlinks=False)
-        uid = st.st_uid
-        plan = Plan(uploader_uid=uid, uploader=user_name(uid), dirs=[], skipped=[])
-        _authorize(study, uid, service_uid)
-        bad: dict[str, list[str]] = {}
+        st = os.stat(plan.claim_id, dir_fd=proc_fd, follow_symlinks=False)
         if stat.S_ISDIR(st.st_mode):
-            _walk(study, proc_fd, claim_id, "", st, plan, bad)
-        elif stat.S_ISREG(st.st_mode) and _ignored(study, entry):
-            plan.dirs.append(DirPlan("", 0, 0))
-            plan.skipped.append(entry)
-            plan.plain_file = True
+            _walk(study, proc_fd, plan.claim_id, "", st, plan, bad)
         elif stat.S_ISREG(st.st_mode):
-            top = DirPlan("", 0, 0)
             plan.plain_file = True
-            top.files.append(_file_plan(entry, claim_id, st))
-            plan.dirs.append(top)
-            _check_file(proc_fd, claim_id, entry, st, uid, bad)
+            plan.add_dir("", 0, 0)
+            if _ignored(study, entry):
+                plan.add_skipped(entry)
+            else:
+                plan.add_file(entry, st.st_size, st.st_atime_ns, st.st_mtime_ns,
+                              bool(st.st_mode & stat.S_IXUSR))
+                _check_file(proc_fd, plan.claim_id, entry, st, plan.uploader_uid, bad)
         else:
-            bad.setdefault(_kind(st.st_mode), []).append(entry)
-        _raise_bad(bad)
+            bad.add(_kind(st.st_mode), entry)
     finally:
+        plan.close_writing()
         os.close(proc_fd)
-    check_destination(study, claim_id, plan)
-    return plan
+    if bad:
+        raise EntryFailed("; ".join(f"{kind} not delivered: {bad.text(kind)}"
+                                    for kind in sorted(bad.kinds))
+                          + ". The entry was not delivered at all.")
+    check_destination(study, plan)
 
 
 def _authorize(study: StudyConfig, uid: int, service_uid: int) -> None:
@@ -151,87 +142,61 @@ def _kind(mode: int) -> str:
     return "files of unknown type"
 
 
-def _file_plan(name: str, src_name: str, st: os.stat_result) -> FilePlan:
-    return FilePlan(name=name, src_name=src_name, size=st.st_size, atime_ns=st.st_atime_ns,
-                    mtime_ns=st.st_mtime_ns, executable=bool(st.st_mode & stat.S_IXUSR))
-
-
 def _check_file(dir_fd: int, src_name: str, rel: str, st: os.stat_result, uid: int,
-                bad: dict[str, list[str]]) -> None:
+                bad: Findings) -> None:
     if uid != 0 and st.st_uid != uid:
         # The service can read any file; without this rule an uploader could
         # deliver another user's file that they could not read themselves.
-        bad.setdefault("files owned by another user than the uploader", []).append(rel)
+        bad.add("files owned by another user than the uploader", rel)
         return
-    try:
-        os.close(os.open(src_name, FILE_FLAGS, dir_fd=dir_fd))
-    except OSError as e:
-        bad.setdefault(f"unreadable files ({e.strerror})", []).append(rel)
+    # faccessat(AT_EACCESS) honours the service's capabilities like open()
+    # would, at a fraction of the cost.
+    if not os.access(src_name, os.R_OK, dir_fd=dir_fd, effective_ids=True,
+                     follow_symlinks=False):
+        bad.add("unreadable files", rel)
 
 
 def _walk(study: StudyConfig, parent_fd: int, src_name: str, rel: str, st: os.stat_result,
-          plan: Plan, bad: dict[str, list[str]]) -> None:
+          plan: Plan, bad: Findings) -> None:
     if plan.uploader_uid != 0 and st.st_uid != plan.uploader_uid:
-        bad.setdefault("files owned by another user than the uploader", []).append(rel + "/")
+        bad.add("files owned by another user than the uploader", rel + "/")
         return
     try:
         fd = os.open(src_name, DIR_FLAGS, dir_fd=parent_fd)
     except OSError as e:
-        bad.setdefault(f"unreadable directories ({e.strerror})", []).append(rel + "/")
+        bad.add(f"unreadable directories ({e.strerror})", rel + "/")
         return
     try:
-        d = DirPlan(rel=rel, atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns)
-        plan.dirs.append(d)
+        plan.add_dir(rel, st.st_atime_ns, st.st_mtime_ns)
         subdirs = []
         with os.scandir(fd) as it:
-            entries = sorted(it, key=lambda e: e.name)
-        for de in entries:
-            path = join(rel, de.name)
-            if _ignored(study, de.name):
-                plan.skipped.append(path)
+            names = sorted(de.name for de in it)
+        for name in names:
+            path = join(rel, name)
+            if _ignored(study, name):
+                plan.add_skipped(path)
                 continue
-            est = de.stat(follow_symlinks=False)
+            try:
+                est = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                bad.add("files that vanished during the check", path)
+                continue
             if stat.S_ISDIR(est.st_mode):
-                subdirs.append((de.name, path, est))
+                subdirs.append(name)
             elif stat.S_ISREG(est.st_mode):
-                d.files.append(_file_plan(de.name, de.name, est))
-                _check_file(fd, de.name, path, est, plan.uploader_uid, bad)
+                plan.add_file(name, est.st_size, est.st_atime_ns, est.st_mtime_ns,
+                              bool(est.st_mode & stat.S_IXUSR))
+                _check_file(fd, name, path, est, plan.uploader_uid, bad)
             else:
-                bad.setdefault(_kind(est.st_mode), []).append(path)
-        for name, path, est in subdirs:
-            _walk(study, fd, name, path, est, plan, bad)
+                bad.add(_kind(est.st_mode), path)
+        for name in subdirs:
+            est = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            _walk(study, fd, name, join(rel, name), est, plan, bad)
     finally:
         os.close(fd)
 
 
-def _raise_bad(bad: dict[str, list[str]]) -> None:
-    if not bad:
-        return
-    parts = []
-    for what, names in sorted(bad.items()):
-        shown = ", ".join(printable(n) for n in names[:LIST_MAX])
-        more = f" and {len(names) - LIST_MAX} more" if len(names) > LIST_MAX else ""
-        parts.append(f"{what} not delivered: {shown}{more}")
-    raise EntryFailed("; ".join(parts) + ". The entry was not delivered at all.")
-
-
 # --- the destination side ---------------------------------------------------
-
-def open_dest_dir(dest_fd: int, rel: str) -> int:
-    """Open a directory below the destination, refusing symlinks on the way."""
-    fd = os.dup(dest_fd)
-    if not rel:
-        return fd
-    try:
-        for part in rel.split("/"):
-            nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
 
 def open_destination(study: StudyConfig) -> int:
     """An fd on the destination; a missing one is a temporary problem (not mounted?)."""
@@ -242,52 +207,52 @@ def open_destination(study: StudyConfig) -> int:
                              f"({e.strerror}); is it mounted?") from None
 
 
-def hash_fd(fd: int) -> str:
+def hash_fd(fd: int, size_hint: int = CHUNK) -> bytes:
+    """sha256 of everything readable from fd."""
     h = hashlib.sha256()
-    buf = bytearray(CHUNK)
+    buf = bytearray(min(size_hint + 4096, CHUNK))
     view = memoryview(buf)
     while n := os.readv(fd, [buf]):
         h.update(view[:n])
-    return h.hexdigest()
+    return h.digest()
 
 
-def hash_at(dir_fd: int, name: str) -> str:
+def hash_at(dir_fd: int, name: str, size_hint: int = CHUNK) -> bytes:
     fd = os.open(name, FILE_FLAGS, dir_fd=dir_fd)
     try:
-        return hash_fd(fd)
+        return hash_fd(fd, size_hint)
     finally:
         os.close(fd)
 
 
-class Source:
-    """Opens the entry's directories by walking from its top with O_NOFOLLOW.
+class DirCache:
+    """Opens directories below a root by walking with O_NOFOLLOW; keeps the last one open.
 
-    Keeps one directory open at a time: plans are walked parents first, so a
-    cache of one avoids re-opening while never risking the fd limit.
+    Passes stream the plan parents first, so a cache of one avoids re-opening
+    while never risking the fd limit.
     """
 
-    def __init__(self, study: StudyConfig, claim_id: str, plan: Plan) -> None:
-        self.study = study
-        self.claim_id = claim_id
-        # A plain-file entry has its one file directly in processing/.
-        self.plain_file = plan.plain_file
+    def __init__(self, root_fd: int, top: str | None = None) -> None:
+        self.root_fd = root_fd
+        self.top = top  # a first component below root (the claim id), if any
         self.rel: str | None = None
         self.fd = -1
 
-    def dir_fd(self, d: DirPlan) -> int:
-        if self.rel == d.rel:
+    def dir_fd(self, rel: str) -> int:
+        if self.rel == rel:
             return self.fd
         self.close()
-        fd = os.open(self.study.processing, DIR_FLAGS)
+        fd = os.dup(self.root_fd)
         try:
-            if not self.plain_file:
-                fd = _descend(fd, self.claim_id)
-                for part in d.rel.split("/") if d.rel else ():
-                    fd = _descend(fd, part)
+            parts = ([self.top] if self.top else []) + (rel.split("/") if rel else [])
+            for part in parts:
+                nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
         except BaseException:
             os.close(fd)
             raise
-        self.rel, self.fd = d.rel, fd
+        self.rel, self.fd = rel, fd
         return fd
 
     def close(self) -> None:
@@ -295,63 +260,72 @@ class Source:
             os.close(self.fd)
         self.rel, self.fd = None, -1
 
-    def __enter__(self) -> Source:
+    def __enter__(self) -> DirCache:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def _descend(fd: int, name: str) -> int:
-    try:
-        return os.open(name, DIR_FLAGS, dir_fd=fd)
-    finally:
-        os.close(fd)
+class Source(DirCache):
+    """The entry's directories (a plain-file entry's one file sits in processing/)."""
+
+    def __init__(self, study: StudyConfig, plan: Plan) -> None:
+        self.proc_fd = os.open(study.processing, DIR_FLAGS)
+        super().__init__(self.proc_fd, None if plan.plain_file else plan.claim_id)
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+        if self.proc_fd >= 0:
+            os.close(self.proc_fd)
+            self.proc_fd = -1
 
 
-def check_destination(study: StudyConfig, claim_id: str, plan: Plan) -> None:
+def check_destination(study: StudyConfig, plan: Plan) -> None:
     """Mark files already delivered; fail on conflicts; retry later if space is short."""
     dest_fd = open_destination(study)
-    conflicts: list[str] = []
+    conflicts = Findings()
     need = 0
     new_inodes = 0
     try:
-        with Source(study, claim_id, plan) as src:
-            for d in plan.dirs:
-                try:
-                    dfd = open_dest_dir(dest_fd, d.rel)
-                except FileNotFoundError:
-                    dfd = -1
-                    new_inodes += 1
-                except OSError as e:
-                    if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                        conflicts.append(d.rel + "/ (not a directory in the destination)")
-                        continue
-                    raise
-                d.exists = dfd >= 0
-                try:
-                    for f in d.files:
-                        conflict = _compare(src, d, f, dfd) if dfd >= 0 else None
-                        if conflict is not None:
-                            conflicts.append(join(d.rel, f.name) + conflict)
-                        elif not f.present:
-                            need += f.size
-                            new_inodes += 1
-                finally:
-                    if dfd >= 0:
-                        os.close(dfd)
+        with plan.state() as state, Source(study, plan) as src, DirCache(dest_fd) as dest:
+            d: DirPlan | None = None
+            dfd = -1  # the destination directory of d; -1: it does not exist yet
+            for r in plan.records():
+                if isinstance(r, DirPlan):
+                    d = r
+                    try:
+                        dfd = dest.dir_fd(r.rel)
+                        state.set(r.index, EXISTS)
+                    except FileNotFoundError:
+                        dfd = -1
+                        new_inodes += 1
+                    except OSError as e:
+                        if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                            raise
+                        conflicts.add("c", r.rel + "/ (not a directory in the destination)")
+                        d = None  # its files are covered by that conflict
+                elif isinstance(r, FilePlan) and d is not None:
+                    conflict = _compare(plan, src, state, d, r, dfd) if dfd >= 0 else None
+                    if conflict is not None:
+                        conflicts.add("c", join(d.rel, r.name) + conflict)
+                    elif not state.flags(r.index) & PRESENT:
+                        need += r.size
+                        new_inodes += 1
         if conflicts:
-            shown = ", ".join(printable(c) for c in conflicts[:LIST_MAX])
-            more = f" and {len(conflicts) - LIST_MAX} more" if len(conflicts) > LIST_MAX else ""
             raise EntryFailed(f"conflicts with files already in {study.destination} "
-                              f"(different content, never overwritten): {shown}{more}. "
-                              "Nothing of this entry was delivered.")
+                              f"(different content, never overwritten): {conflicts.text('c')}."
+                              " Nothing of this entry was delivered.")
         _check_space(study, dest_fd, need, new_inodes)
     finally:
         os.close(dest_fd)
 
 
-def _compare(src: Source, d: DirPlan, f: FilePlan, dfd: int) -> str | None:
+def _compare(plan: Plan, src: Source, state: State, d: DirPlan, f: FilePlan,
+             dfd: int) -> str | None:
     """None if the name is free or holds the same content; else why it conflicts."""
     try:
         st = os.stat(f.name, dir_fd=dfd, follow_symlinks=False)
@@ -364,13 +338,13 @@ def _compare(src: Source, d: DirPlan, f: FilePlan, dfd: int) -> str | None:
     if st.st_size != f.size:
         return ""
     try:
-        existing = hash_at(dfd, f.name)
+        existing = hash_at(dfd, f.name, f.size)
     except OSError as e:
         return f" (cannot read the destination copy: {e.strerror})"
-    f.sha256 = hash_at(src.dir_fd(d), f.src_name)
-    if existing != f.sha256:
+    digest = hash_at(src.dir_fd(d.rel), f.src_name(plan), f.size)
+    if existing != digest:
         return ""
-    f.present = True
+    state.set(f.index, PRESENT, digest)
     return None
 
 

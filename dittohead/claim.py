@@ -133,10 +133,11 @@ def pending_claims(study: StudyConfig) -> Iterator[Claim]:
 
 def release(study: StudyConfig, c: Claim) -> None:
     """Forget the claim record once the entry has been filed in done/ or failed/."""
-    try:
-        os.unlink(study.processing / f"{c.id}.json")
-    except FileNotFoundError:
-        pass
+    for name in (f"{c.id}.json", f".{c.id}.plan", f".{c.id}.state"):
+        try:
+            os.unlink(study.processing / name)
+        except FileNotFoundError:
+            pass
 
 
 def _write_record(path: Path, c: Claim) -> None:

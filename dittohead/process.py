@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, replace
 
 from . import log
-from .check import Plan, open_destination, plan_entry, user_name
+from .check import new_plan, open_destination, plan_entry, user_name
 from .claim import Claim, StudyLock, claim, pending_claims, ready_entries, release
 from .config import Config, StudyConfig
 from .errors import (
@@ -32,6 +32,7 @@ from .errors import (
     TemporaryError,
 )
 from .faults import point
+from .plan import Plan
 from .publish import finish, publish, rollback
 from .record import Outcome, file_entry, write_atomic
 from .stage import Ownership, remove_staging, stage
@@ -134,6 +135,18 @@ def _ownership(config: Config, study: StudyConfig) -> Ownership:
 
 def deliver(study: StudyConfig, c: Claim, owner: Ownership) -> str:
     """Deliver one claimed entry; return its outcome (delivered, failed, rejected, retry-later)."""
+    try:
+        return _deliver(study, c, owner)
+    finally:
+        # The spooled plan is rebuilt by every attempt; filing removed it already.
+        for suffix in (".plan", ".state"):
+            try:
+                os.unlink(study.processing / f".{c.id}{suffix}")
+            except FileNotFoundError:
+                pass
+
+
+def _deliver(study: StudyConfig, c: Claim, owner: Ownership) -> str:
     fields = {"study": study.name, "entry": c.entry, "delivery": c.id,
               "destination": str(study.destination)}
     uploader = _uploader(study, c)
@@ -147,22 +160,21 @@ def deliver(study: StudyConfig, c: Claim, owner: Ownership) -> str:
             if owner.gid < 0:
                 owner = replace(owner, gid=os.fstat(dest_fd).st_gid)
             point("claimed")
-            plan = plan_entry(study, c.id, c.entry, owner.uid)
+            plan = new_plan(study, c.id)
+            plan_entry(study, plan, c.entry, owner.uid)
             point("checked")
-            staging = stage(study, c.id, plan, dest_fd, owner)
+            staging = stage(study, plan, dest_fd, owner)
             try:
-                published = publish(plan, staging, owner)
+                publish(plan, staging, owner)
                 try:
-                    finish(plan, staging, published)
+                    finish(plan, staging)
                     point("verified")
                 except BaseException:
-                    rollback(dest_fd, published)
+                    rollback(plan, staging)
                     raise
             finally:
                 os.close(staging.fd)
                 remove_staging(dest_fd, c.id)
-            if owner.gid < 0:
-                owner = replace(owner, gid=os.fstat(dest_fd).st_gid)
         finally:
             os.close(dest_fd)
     except TemporaryError as e:

@@ -17,13 +17,13 @@ import ctypes
 import errno
 import os
 import threading
-from dataclasses import dataclass, field
 
-from .check import DIR_FLAGS, FILE_FLAGS, Plan, hash_fd, join
+from .check import DIR_FLAGS, LIST_MAX, DirCache, hash_at, join
 from .claim import is_enospc
 from .errors import EntryFailed, TemporaryError
 from .faults import point
 from .log import printable
+from .plan import COPIED, CREATED, EXISTS, Plan, State
 from .stage import Ownership, Staging
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -36,51 +36,43 @@ def syncfs(fd: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
-@dataclass
-class Published:
-    """What one delivery added to the destination, so it can be rolled back."""
-
-    created_dirs: list[str] = field(default_factory=list)  # parents first
-    links: list[tuple[str, str, int]] = field(default_factory=list)  # (dir rel, name, ino)
-
-
-def publish(plan: Plan, staging: Staging, owner: Ownership) -> Published:
+def publish(plan: Plan, staging: Staging, owner: Ownership) -> None:
     """Make the staged files visible under their final names (all or nothing)."""
     syncfs(staging.fd)
     point("synced")
-    done = Published()
     try:
-        _make_dirs(plan, staging.dest_fd, owner, done)
-        current: tuple[str, int] | None = None
-        for d, f, staged, ino in staging.staged:
-            if current is None or current[0] != d.rel:
-                if current is not None:
-                    os.close(current[1])
-                current = (d.rel, _open_dir(staging.dest_fd, d.rel))
-            try:
-                os.link(staged, f.name, src_dir_fd=staging.fd, dst_dir_fd=current[1],
-                        follow_symlinks=False)
-            except FileExistsError:
-                raise EntryFailed(
-                    f"{printable(join(d.rel, f.name))} appeared in the destination during "
-                    "the delivery (never overwritten); nothing of this entry was "
-                    "delivered.") from None
-            done.links.append((d.rel, f.name, ino))
-            point(f"published:{len(done.links)}")
-        if current is not None:
-            os.close(current[1])
-        _set_dir_times(plan, staging.dest_fd, done)
+        with plan.state() as state:
+            _make_dirs(plan, state, staging.dest_fd, owner)
+            linked = 0
+            with DirCache(staging.dest_fd) as dest:
+                for d, f in plan.iter_files():
+                    if not state.flags(f.index) & COPIED:
+                        continue
+                    try:
+                        os.link(str(f.index), f.name, src_dir_fd=staging.fd,
+                                dst_dir_fd=dest.dir_fd(d.rel), follow_symlinks=False)
+                    except FileExistsError:
+                        raise EntryFailed(
+                            f"{printable(join(d.rel, f.name))} appeared in the destination "
+                            "during the delivery (never overwritten); nothing of this entry "
+                            "was delivered.") from None
+                    linked += 1
+                    point(f"published:{linked}")
+                # Linking changed the directories' mtimes: set them now. A child's
+                # utime does not touch its parent, so walk order is fine.
+                for dp in plan.iter_dirs():
+                    if state.flags(dp.index) & CREATED:
+                        os.utime(dest.dir_fd(dp.rel), ns=(dp.atime_ns, dp.mtime_ns))
     except BaseException as e:
-        rollback(staging.dest_fd, done)
+        rollback(plan, staging)
         if isinstance(e, OSError):
             raise _classify(e, "publishing") from e
         raise
-    return done
 
 
-def finish(plan: Plan, staging: Staging, done: Published) -> None:
+def finish(plan: Plan, staging: Staging) -> None:
     """Sync the new names and verify every copied file; roll back on a mismatch."""
-    errors: list[BaseException] = []
+    errors: list[OSError] = []
 
     def sync() -> None:
         try:
@@ -95,105 +87,69 @@ def finish(plan: Plan, staging: Staging, done: Published) -> None:
     finally:
         syncer.join()
     if errors or bad:
-        rollback(staging.dest_fd, done)
+        rollback(plan, staging)
         if errors:
-            assert isinstance(errors[0], OSError)
             raise _classify(errors[0], "syncing")
-        raise EntryFailed("the published copy of " + ", ".join(printable(b) for b in bad[:20])
+        raise EntryFailed("the published copy of " + ", ".join(printable(b) for b in bad)
                           + " did not match the manifest (changed while it was being "
                           "delivered?); nothing of this entry was delivered.")
 
 
 def verify(plan: Plan, staging: Staging) -> list[str]:
     """Re-read each file this delivery copied, by its final name; list mismatches."""
-    bad = []
-    current: tuple[str, int] | None = None
-    try:
-        for d, f, _staged, _ino in staging.staged:
-            if current is None or current[0] != d.rel:
-                if current is not None:
-                    os.close(current[1])
-                current = (d.rel, _open_dir(staging.dest_fd, d.rel))
-            fd = os.open(f.name, FILE_FLAGS, dir_fd=current[1])
-            try:
-                if hash_fd(fd) != f.sha256:
-                    bad.append(join(d.rel, f.name))
-            finally:
-                os.close(fd)
-    finally:
-        if current is not None:
-            os.close(current[1])
+    bad: list[str] = []
+    with plan.state() as state, DirCache(staging.dest_fd) as dest:
+        for d, f in plan.iter_files():
+            if not state.flags(f.index) & COPIED:
+                continue
+            if hash_at(dest.dir_fd(d.rel), f.name, f.size) != state.digest(f.index) \
+                    and len(bad) < LIST_MAX:
+                bad.append(join(d.rel, f.name))
     return bad
 
 
-def rollback(dest_fd: int, done: Published) -> None:
-    """Remove what this delivery published: only names still pointing at our inodes."""
-    for rel, name, ino in reversed(done.links):
+def rollback(plan: Plan, staging: Staging) -> None:
+    """Remove what this delivery published: only names still linked to our staged inodes."""
+    with plan.state() as state, DirCache(staging.dest_fd) as dest:
+        for d, f in plan.iter_files():
+            if not state.flags(f.index) & COPIED:
+                continue
+            try:
+                ours = os.stat(str(f.index), dir_fd=staging.fd, follow_symlinks=False)
+                dfd = dest.dir_fd(d.rel)
+                there = os.stat(f.name, dir_fd=dfd, follow_symlinks=False)
+                if (there.st_ino, there.st_dev) == (ours.st_ino, ours.st_dev):
+                    os.unlink(f.name, dir_fd=dfd)
+            except OSError:
+                pass  # not published, or its directory is gone
+        created = [dp.rel for dp in plan.iter_dirs() if state.flags(dp.index) & CREATED]
+    for rel in reversed(created):  # children first
         try:
-            dfd = _open_dir(dest_fd, rel)
-        except OSError:
-            continue
-        try:
-            if os.stat(name, dir_fd=dfd, follow_symlinks=False).st_ino == ino:
-                os.unlink(name, dir_fd=dfd)
-        except OSError:
-            pass
-        finally:
-            os.close(dfd)
-    for rel in reversed(done.created_dirs):
-        try:
-            os.rmdir(rel, dir_fd=dest_fd)
+            os.rmdir(rel, dir_fd=staging.dest_fd)
         except OSError:
             pass  # not empty: someone else put something there; it stays
-    done.links.clear()
-    done.created_dirs.clear()
 
 
-def _open_dir(dest_fd: int, rel: str) -> int:
-    fd = os.dup(dest_fd)
-    for part in rel.split("/") if rel else ():
-        try:
-            nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
-        finally:
-            os.close(fd)
-        fd = nfd
-    return fd
-
-
-def _make_dirs(plan: Plan, dest_fd: int, owner: Ownership, done: Published) -> None:
-    for d in plan.dirs:
-        if d.exists or not d.rel:
-            continue
-        parent, _, name = d.rel.rpartition("/")
-        pfd = _open_dir(dest_fd, parent)
-        try:
+def _make_dirs(plan: Plan, state: State, dest_fd: int, owner: Ownership) -> None:
+    with DirCache(dest_fd) as dest:
+        for d in plan.iter_dirs():
+            if not d.rel or state.flags(d.index) & EXISTS:
+                continue
+            parent, _, name = d.rel.rpartition("/")
+            pfd = dest.dir_fd(parent)
             try:
-                # The final permission bits right away (a setgid parent adds S_ISGID).
+                # The final permission bits at once (a setgid parent adds S_ISGID).
                 os.mkdir(name, owner.dir_mode & 0o777, dir_fd=pfd)
             except FileExistsError:
                 # Made by someone else since the check; fine if it is a real directory.
                 os.close(os.open(name, DIR_FLAGS, dir_fd=pfd))
                 continue
-            done.created_dirs.append(d.rel)
+            state.add_flag(d.index, CREATED)
             fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
             try:
                 owner.apply(fd, owner.dir_mode)
             finally:
                 os.close(fd)
-        finally:
-            os.close(pfd)
-
-
-def _set_dir_times(plan: Plan, dest_fd: int, done: Published) -> None:
-    created = set(done.created_dirs)
-    # Deepest first: setting a child's times does not touch its parent's mtime,
-    # but linking into it did, so this runs after every link.
-    for d in sorted((d for d in plan.dirs if d.rel in created), key=lambda d: -d.rel.count("/")):
-        fd = _open_dir(dest_fd, d.rel)
-        try:
-            os.utime(fd, ns=(d.atime_ns, d.mtime_ns))
-        finally:
-            os.close(fd)
 
 
 def _classify(e: OSError, doing: str) -> Exception:

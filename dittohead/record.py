@@ -14,11 +14,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .check import Plan, join
+from .check import join
 from .claim import Claim, now_iso, release
 from .config import StudyConfig
 from .faults import point
 from .log import printable
+from .plan import COPIED, PRESENT, Plan
 
 
 @dataclass(frozen=True)
@@ -58,19 +59,32 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o640) -> None:
     os.rename(tmp, path)
 
 
+def write_manifest(path: Path, plan: Plan) -> None:
+    """Stream `<id>.sha256`: every file of the entry, delivered now or before."""
+    tmp = path.with_name("." + path.name + ".tmp")
+    with plan.state() as state, open(tmp, "wb") as out:
+        for d, f in plan.iter_files():
+            if state.flags(f.index) & (PRESENT | COPIED):
+                out.write(manifest_line(join(d.rel, f.name), state.digest(f.index).hex()))
+        out.flush()
+        os.fsync(out.fileno())
+    os.chmod(tmp, 0o640)
+    os.rename(tmp, path)
+
+
 def file_entry(study: StudyConfig, claim: Claim, plan: Plan | None, outcome: str,
                uploader: str, reason: str | None = None) -> Outcome:
     """Write the receipt (and manifest), move the entry to done/ or failed/, drop the claim."""
     target = study.done if outcome == "delivered" else study.failed
-    files = plan.files() if plan else []
+    skipped: tuple[str, ...] = ()
+    if plan is not None and plan.path.exists():
+        skipped = tuple(plan.iter_skipped())
     result = Outcome(outcome=outcome, claim=claim, uploader=uploader,
-                     files=len(files), bytes=sum(f.size for _, f in files),
-                     skipped=tuple(plan.skipped) if plan else (), finished=now_iso(),
-                     reason=reason)
+                     files=plan.files if plan else 0, bytes=plan.nbytes if plan else 0,
+                     skipped=skipped, finished=now_iso(), reason=reason)
     if outcome == "delivered":
         assert plan is not None
-        write_atomic(target / f"{claim.id}.sha256",
-                     b"".join(manifest_line(join(d.rel, f.name), f.sha256) for d, f in files))
+        write_manifest(target / f"{claim.id}.sha256", plan)
     write_atomic(target / f"{claim.id}.json", receipt(study, result))
     point("receipt")
     try:

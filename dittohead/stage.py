@@ -14,14 +14,15 @@ from __future__ import annotations
 import os
 import stat
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from hashlib import sha256
 
-from .check import FILE_FLAGS, DirPlan, FilePlan, Plan, Source
+from .check import FILE_FLAGS, Source
 from .config import StudyConfig
 from .errors import EntryFailed
 from .faults import point
 from .log import printable
+from .plan import COPIED, PRESENT, FilePlan, Plan
 
 STAGING_PREFIX = ".incoming-"
 CHUNK = 1 << 20
@@ -66,13 +67,12 @@ class Ownership:
 
 @dataclass
 class Staging:
-    """The staging directory of one delivery and what it holds."""
+    """The staging directory of one delivery: staged file names are plan record numbers."""
 
     dest_fd: int
     name: str
     fd: int
-    staged: list[tuple[DirPlan, FilePlan, str, int]] = field(default_factory=list)
-    # (plan dir, plan file, staged name, staged inode number)
+    copied: int = 0
 
 
 def staging_name(claim_id: str) -> str:
@@ -87,45 +87,45 @@ def remove_staging(dest_fd: int, claim_id: str) -> bool:
     except FileNotFoundError:
         return False
     try:
-        for n in os.listdir(fd):
-            os.unlink(n, dir_fd=fd)
+        with os.scandir(fd) as it:
+            for e in it:
+                os.unlink(e.name, dir_fd=fd)
     finally:
         os.close(fd)
     os.rmdir(name, dir_fd=dest_fd)
     return True
 
 
-def stage(study: StudyConfig, claim_id: str, plan: Plan, dest_fd: int,
-          owner: Ownership) -> Staging:
+def stage(study: StudyConfig, plan: Plan, dest_fd: int, owner: Ownership) -> Staging:
     """Copy and hash every file not yet in the destination; return the staging."""
-    remove_staging(dest_fd, claim_id)
-    name = staging_name(claim_id)
+    remove_staging(dest_fd, plan.claim_id)
+    name = staging_name(plan.claim_id)
     os.mkdir(name, 0o700, dir_fd=dest_fd)
     fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dest_fd)
     staging = Staging(dest_fd=dest_fd, name=name, fd=fd)
     try:
-        with Source(study, claim_id, plan) as src, ThreadPoolExecutor(1) as hasher:
-            n = 0
-            for d, f in plan.files():
-                if f.present:
+        with plan.state() as state, Source(study, plan) as src, \
+                ThreadPoolExecutor(1) as hasher:
+            for d, f in plan.iter_files():
+                if state.flags(f.index) & PRESENT:
                     continue
-                n += 1
-                staged = str(n)
-                ino = _copy_one(src.dir_fd(d), f, fd, staged, owner, hasher, d.rel)
-                staging.staged.append((d, f, staged, ino))
-                point(f"staged:{n}")
+                digest = _copy_one(src.dir_fd(d.rel), f, f.src_name(plan), fd, str(f.index),
+                                   owner, hasher, d.rel)
+                state.set(f.index, COPIED, digest)
+                staging.copied += 1
+                point(f"staged:{staging.copied}")
     except BaseException:
         # ENOSPC, a vanished destination, a changed file: nothing was published
         # yet, so dropping the staging directory undoes everything.
         os.close(fd)
-        remove_staging(dest_fd, claim_id)
+        remove_staging(dest_fd, plan.claim_id)
         raise
     return staging
 
 
-def _copy_one(src_dir: int, f: FilePlan, staging_fd: int, staged: str, owner: Ownership,
-              hasher: ThreadPoolExecutor, rel: str) -> int:
-    src = os.open(f.src_name, FILE_FLAGS, dir_fd=src_dir)
+def _copy_one(src_dir: int, f: FilePlan, src_name: str, staging_fd: int, staged: str,
+              owner: Ownership, hasher: ThreadPoolExecutor, rel: str) -> bytes:
+    src = os.open(src_name, FILE_FLAGS, dir_fd=src_dir)
     try:
         st = os.fstat(src)
         if not stat.S_ISREG(st.st_mode) or st.st_size != f.size \
@@ -134,25 +134,26 @@ def _copy_one(src_dir: int, f: FilePlan, staging_fd: int, staged: str, owner: Ow
                               "delivered; upload it again. Nothing of this entry was "
                               "delivered.")
         os.set_blocking(src, True)
-        os.posix_fadvise(src, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        if f.size >= OVERLAP_MIN:
+            os.posix_fadvise(src, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         dst = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
                       dir_fd=staging_fd)
         try:
-            f.sha256, copied = _copy_data(src, dst, f.size, hasher)
+            digest, copied = _copy_data(src, dst, f.size, hasher)
             if copied != f.size:
                 raise EntryFailed(f"{printable(_join(rel, f.name))} changed size while it "
                                   "was being delivered; upload it again. Nothing of this "
                                   "entry was delivered.")
             owner.apply(dst, owner.mode_for(f))
             os.utime(dst, ns=(f.atime_ns, f.mtime_ns))
-            return os.fstat(dst).st_ino
+            return digest
         finally:
             os.close(dst)
     finally:
         os.close(src)
 
 
-def _copy_data(src: int, dst: int, size: int, hasher: ThreadPoolExecutor) -> tuple[str, int]:
+def _copy_data(src: int, dst: int, size: int, hasher: ThreadPoolExecutor) -> tuple[bytes, int]:
     h = sha256()
     total = 0
     if size < OVERLAP_MIN:
@@ -162,7 +163,7 @@ def _copy_data(src: int, dst: int, size: int, hasher: ThreadPoolExecutor) -> tup
             h.update(view[:n])
             _write_all(dst, view[:n])
             total += n
-        return h.hexdigest(), total
+        return h.digest(), total
     # Two buffers: the hasher thread digests one while the next is read and written.
     bufs = [bytearray(CHUNK), bytearray(CHUNK)]
     pending = None
@@ -179,7 +180,7 @@ def _copy_data(src: int, dst: int, size: int, hasher: ThreadPoolExecutor) -> tup
         _write_all(dst, view)
         total += n
         i ^= 1
-    return h.hexdigest(), total
+    return h.digest(), total
 
 
 def _write_all(fd: int, data: memoryview) -> None:

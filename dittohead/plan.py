@@ -1,0 +1,197 @@
+"""The delivery plan, spooled to disk so memory stays flat whatever the file count.
+
+The walk of an entry appends one record per directory (parents first) and
+per file to `processing/.<id>.plan`; each later pass (destination check,
+stage, publish, verify, manifest) streams it back. What the passes learn
+about each record (already in the destination? its sha256; directory
+created by us?) goes into a fixed-size slot of `processing/.<id>.state`,
+written in place, so nothing grows with the entry but these two files.
+Both belong to the claim and are removed when the entry is filed; a resumed
+claim walks the entry again and writes them anew.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_DIR = struct.Struct("<cHqq")  # kind, name length, atime_ns, mtime_ns
+_FILE = struct.Struct("<cHQqq?")  # kind, name length, size, atime_ns, mtime_ns, executable
+_SKIP = struct.Struct("<cH")
+SLOT = 33  # one flag byte and a sha256 digest per record
+
+# Flags in a record's state slot.
+PRESENT = 1  # a file already in the destination with the same content
+COPIED = 2  # a file staged by this delivery (its digest is the source's)
+EXISTS = 4  # a directory already in the destination
+CREATED = 8  # a directory this delivery created
+
+
+@dataclass(slots=True)
+class DirPlan:
+    index: int  # record number (its state slot)
+    rel: str  # relative to the destination and to the entry's top; "" for the top
+    atime_ns: int
+    mtime_ns: int
+
+
+@dataclass(slots=True)
+class FilePlan:
+    index: int
+    name: str  # in the destination directory
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    executable: bool
+
+    def src_name(self, plan: Plan) -> str:
+        """Its name in the source directory (a plain-file entry sits in processing/<id>)."""
+        return plan.claim_id if plan.plain_file else self.name
+
+
+@dataclass
+class Plan:
+    """The spooled plan of one claimed entry, and its running totals."""
+
+    claim_id: str
+    uploader_uid: int
+    uploader: str
+    path: Path  # processing/.<id>.plan
+    plain_file: bool = False
+    files: int = 0
+    nbytes: int = 0
+    dirs: int = 0
+    skipped: int = 0
+    skipped_sample: list[str] = field(default_factory=list)
+    _out: object = None
+    _records: int = 0
+
+    # --- writing (the walk) -------------------------------------------------
+
+    def open_for_writing(self) -> None:
+        self._out = open(self.path, "wb")  # noqa: SIM115 - closed by close_writing()
+
+    def close_writing(self) -> None:
+        out = self._out
+        assert out is not None and hasattr(out, "close")
+        out.close()
+        self._out = None
+        with open(self.state_path, "wb") as f:
+            f.truncate(self._records * SLOT)
+
+    def _write(self, data: bytes) -> None:
+        out = self._out
+        assert out is not None and hasattr(out, "write")
+        out.write(data)
+        self._records += 1
+
+    def add_dir(self, rel: str, atime_ns: int, mtime_ns: int) -> None:
+        raw = os.fsencode(rel)
+        self._write(_DIR.pack(b"D", len(raw), atime_ns, mtime_ns) + raw)
+        self.dirs += 1
+
+    def add_file(self, name: str, size: int, atime_ns: int, mtime_ns: int,
+                 executable: bool) -> None:
+        raw = os.fsencode(name)
+        self._write(_FILE.pack(b"F", len(raw), size, atime_ns, mtime_ns, executable) + raw)
+        self.files += 1
+        self.nbytes += size
+
+    def add_skipped(self, rel: str) -> None:
+        raw = os.fsencode(rel)
+        self._write(_SKIP.pack(b"S", len(raw)) + raw)
+        self.skipped += 1
+        if len(self.skipped_sample) < 20:
+            self.skipped_sample.append(rel)
+
+    # --- reading (every later pass) -----------------------------------------
+
+    @property
+    def state_path(self) -> Path:
+        return self.path.with_suffix(".state")
+
+    def records(self) -> Iterator[DirPlan | FilePlan | str]:
+        """Every record in walk order: directories, their files, skipped paths (str)."""
+        with open(self.path, "rb", buffering=1 << 20) as f:
+            index = 0
+            while kind := f.read(1):
+                if kind == b"D":
+                    n, atime, mtime = struct.unpack("<Hqq", f.read(_DIR.size - 1))
+                    yield DirPlan(index, os.fsdecode(f.read(n)), atime, mtime)
+                elif kind == b"F":
+                    n, size, atime, mtime, ex = struct.unpack("<HQqq?", f.read(_FILE.size - 1))
+                    yield FilePlan(index, os.fsdecode(f.read(n)), size, atime, mtime, ex)
+                elif kind == b"S":
+                    (n,) = struct.unpack("<H", f.read(_SKIP.size - 1))
+                    yield os.fsdecode(f.read(n))
+                else:
+                    raise ValueError(f"{self.path}: corrupt plan record {kind!r}")
+                index += 1
+
+    def iter_dirs(self) -> Iterator[DirPlan]:
+        for r in self.records():
+            if isinstance(r, DirPlan):
+                yield r
+
+    def iter_files(self) -> Iterator[tuple[DirPlan, FilePlan]]:
+        """Each file with its directory (the DirPlan object is shared by its files)."""
+        d: DirPlan | None = None
+        for r in self.records():
+            if isinstance(r, DirPlan):
+                d = r
+            elif isinstance(r, FilePlan):
+                assert d is not None
+                yield d, r
+
+    def iter_skipped(self) -> Iterator[str]:
+        for r in self.records():
+            if isinstance(r, str):
+                yield r
+
+    def state(self) -> State:
+        return State(self.state_path)
+
+    def remove(self) -> None:
+        for p in (self.path, self.state_path):
+            p.unlink(missing_ok=True)
+
+
+class State:
+    """Random access to the per-record slots (flags and a sha256 digest), mmapped."""
+
+    def __init__(self, path: Path) -> None:
+        with open(path, "r+b") as f:
+            size = os.fstat(f.fileno()).st_size
+            # mmap refuses an empty file; a plan with no records has no slots.
+            self.map = mmap.mmap(f.fileno(), size) if size else None
+
+    def flags(self, index: int) -> int:
+        assert self.map is not None
+        return self.map[index * SLOT]
+
+    def digest(self, index: int) -> bytes:
+        assert self.map is not None
+        return self.map[index * SLOT + 1:(index + 1) * SLOT]
+
+    def set(self, index: int, flags: int, digest: bytes | None = None) -> None:
+        assert self.map is not None
+        self.map[index * SLOT] = flags
+        if digest is not None:
+            self.map[index * SLOT + 1:(index + 1) * SLOT] = digest
+
+    def add_flag(self, index: int, flag: int) -> None:
+        self.set(index, self.flags(index) | flag)
+
+    def close(self) -> None:
+        if self.map is not None:
+            self.map.close()
+
+    def __enter__(self) -> State:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
