@@ -24,7 +24,7 @@ from .errors import EntryFailed, TemporaryError
 from .faults import point
 from .log import printable
 from .plan import COPIED, CREATED, EXISTS, Plan, State
-from .stage import Ownership, Staging
+from .stage import Ownership, Staging, bucket
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -44,12 +44,12 @@ def publish(plan: Plan, staging: Staging, owner: Ownership) -> None:
         with plan.state() as state:
             _make_dirs(plan, state, staging.dest_fd, owner)
             linked = 0
-            with DirCache(staging.dest_fd) as dest:
+            with DirCache(staging.dest_fd) as dest, DirCache(staging.fd) as buckets:
                 for d, f in plan.iter_files():
                     if not state.flags(f.index) & COPIED:
                         continue
                     try:
-                        os.link(str(f.index), f.name, src_dir_fd=staging.fd,
+                        os.link(str(f.index), f.name, src_dir_fd=buckets.dir_fd(bucket(d)),
                                 dst_dir_fd=dest.dir_fd(d.rel), follow_symlinks=False)
                     except FileExistsError:
                         raise EntryFailed(
@@ -110,12 +110,14 @@ def verify(plan: Plan, staging: Staging) -> list[str]:
 
 def rollback(plan: Plan, staging: Staging) -> None:
     """Remove what this delivery published: only names still linked to our staged inodes."""
-    with plan.state() as state, DirCache(staging.dest_fd) as dest:
+    with plan.state() as state, DirCache(staging.dest_fd) as dest, \
+            DirCache(staging.fd) as buckets:
         for d, f in plan.iter_files():
             if not state.flags(f.index) & COPIED:
                 continue
             try:
-                ours = os.stat(str(f.index), dir_fd=staging.fd, follow_symlinks=False)
+                ours = os.stat(str(f.index), dir_fd=buckets.dir_fd(bucket(d)),
+                               follow_symlinks=False)
                 dfd = dest.dir_fd(d.rel)
                 there = os.stat(f.name, dir_fd=dfd, follow_symlinks=False)
                 if (there.st_ino, there.st_dev) == (ours.st_ino, ours.st_dev):

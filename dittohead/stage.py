@@ -1,7 +1,9 @@
 """Copy an entry's files into a staging directory on the destination's filesystem.
 
 Staging lives in `<destination>/.incoming-<id>` (hidden, and never named
-after dittohead, as the destination's admins asked), one file per number, so
+after dittohead, as the destination's admins asked): `<dir>/<file>`, both
+plan record numbers, one staging directory per entry directory (a single
+flat one made 20,000 creates five times slower on ext4), so
 that publishing is a link() per file: no partial file ever appears under a
 final name, and a crash leaves only this directory, which the next run
 removes before it resumes the same claim. Each file is hashed in the same
@@ -17,12 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from hashlib import sha256
 
-from .check import FILE_FLAGS, Source
+from .check import FILE_FLAGS, DirCache, Source
 from .config import StudyConfig
 from .errors import EntryFailed
 from .faults import point
 from .log import printable
-from .plan import COPIED, PRESENT, FilePlan, Plan
+from .plan import COPIED, PRESENT, DirPlan, FilePlan, Plan
 
 STAGING_PREFIX = ".incoming-"
 CHUNK = 1 << 20
@@ -88,12 +90,25 @@ def remove_staging(dest_fd: int, claim_id: str) -> bool:
         return False
     try:
         with os.scandir(fd) as it:
-            for e in it:
-                os.unlink(e.name, dir_fd=fd)
+            for bucket in it:
+                bfd = os.open(bucket.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                              dir_fd=fd)
+                try:
+                    with os.scandir(bfd) as files:
+                        for f in files:
+                            os.unlink(f.name, dir_fd=bfd)
+                finally:
+                    os.close(bfd)
+                os.rmdir(bucket.name, dir_fd=fd)
     finally:
         os.close(fd)
     os.rmdir(name, dir_fd=dest_fd)
     return True
+
+
+def bucket(d: DirPlan) -> str:
+    """The staging sub-directory of the files of one entry directory."""
+    return str(d.index)
 
 
 def stage(study: StudyConfig, plan: Plan, dest_fd: int, owner: Ownership) -> Staging:
@@ -105,12 +120,15 @@ def stage(study: StudyConfig, plan: Plan, dest_fd: int, owner: Ownership) -> Sta
     staging = Staging(dest_fd=dest_fd, name=name, fd=fd)
     try:
         with plan.state() as state, Source(study, plan) as src, \
-                ThreadPoolExecutor(1) as hasher:
+                DirCache(fd) as buckets, ThreadPoolExecutor(1) as hasher:
             for d, f in plan.iter_files():
                 if state.flags(f.index) & PRESENT:
                     continue
-                digest = _copy_one(src.dir_fd(d.rel), f, f.src_name(plan), fd, str(f.index),
-                                   owner, hasher, d.rel)
+                if buckets.rel != bucket(d):
+                    os.mkdir(bucket(d), 0o700, dir_fd=fd)
+                digest = _copy_one(src.dir_fd(d.rel), f, f.src_name(plan),
+                                   buckets.dir_fd(bucket(d)), str(f.index), owner, hasher,
+                                   d.rel)
                 state.set(f.index, COPIED, digest)
                 staging.copied += 1
                 point(f"staged:{staging.copied}")
