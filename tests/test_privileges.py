@@ -224,7 +224,7 @@ def _wait_for_staging(dest: Path) -> list[str]:
     import time
     for _ in range(500):
         names = [n for n in os.listdir(dest) if n.startswith(".incoming-")]
-        if names and len(os.listdir(dest / names[0])) >= 2:
+        if names and sum(1 for p in (dest / names[0]).rglob("*") if p.is_file()) >= 2:
             return names
         time.sleep(0.02)
     return []
