@@ -22,7 +22,9 @@ from pathlib import Path
 _DIR = struct.Struct("<cHqq")  # kind, name length, atime_ns, mtime_ns
 _FILE = struct.Struct("<cHQqq?")  # kind, name length, size, atime_ns, mtime_ns, executable
 _SKIP = struct.Struct("<cH")
+_MAX_RECORD = _FILE.size + 65536  # the longest record: a header and a u16-long name
 SLOT = 33  # one flag byte and a sha256 digest per record
+CACHE_MAX = 100_000  # records kept parsed in memory (about 20 MB at most)
 
 # Flags in a record's state slot.
 PRESENT = 1  # a file already in the destination with the same content
@@ -69,10 +71,13 @@ class Plan:
     skipped_sample: list[str] = field(default_factory=list)
     _out: object = None
     _records: int = 0
+    _cache: list[DirPlan | FilePlan | str] | None = None
 
     # --- writing (the walk) -------------------------------------------------
 
     def open_for_writing(self) -> None:
+        self._cache = None
+        self._records = 0
         self._out = open(self.path, "wb")  # noqa: SIM115 - closed by close_writing()
 
     def close_writing(self) -> None:
@@ -116,20 +121,47 @@ class Plan:
 
     def records(self) -> Iterator[DirPlan | FilePlan | str]:
         """Every record in walk order: directories, their files, skipped paths (str)."""
-        with open(self.path, "rb", buffering=1 << 20) as f:
+        if self._cache is None and self._records <= CACHE_MAX:
+            # Small plans are parsed once and kept: a bounded cost in memory
+            # that saves re-reading the file in each of the passes.
+            self._cache = list(self._parse())
+        if self._cache is not None:
+            yield from self._cache
+        else:
+            yield from self._parse()
+
+    def _parse(self) -> Iterator[DirPlan | FilePlan | str]:
+        unpack_dir, unpack_file, unpack_skip = _DIR.unpack_from, _FILE.unpack_from, \
+            _SKIP.unpack_from
+        fsdecode = os.fsdecode
+        with open(self.path, "rb") as f:
+            buf = b""
+            pos = 0
             index = 0
-            while kind := f.read(1):
+            while True:
+                # Parse from an in-memory window; refill when a record may straddle it.
+                if len(buf) - pos < _MAX_RECORD:
+                    more = f.read(1 << 20)
+                    buf = buf[pos:] + more
+                    pos = 0
+                    if not buf:
+                        return
+                kind = buf[pos:pos + 1]
                 if kind == b"D":
-                    n, atime, mtime = struct.unpack("<Hqq", f.read(_DIR.size - 1))
-                    yield DirPlan(index, os.fsdecode(f.read(n)), atime, mtime)
+                    _, n, atime, mtime = unpack_dir(buf, pos)
+                    pos += _DIR.size
+                    yield DirPlan(index, fsdecode(buf[pos:pos + n]), atime, mtime)
                 elif kind == b"F":
-                    n, size, atime, mtime, ex = struct.unpack("<HQqq?", f.read(_FILE.size - 1))
-                    yield FilePlan(index, os.fsdecode(f.read(n)), size, atime, mtime, ex)
+                    _, n, size, atime, mtime, ex = unpack_file(buf, pos)
+                    pos += _FILE.size
+                    yield FilePlan(index, fsdecode(buf[pos:pos + n]), size, atime, mtime, ex)
                 elif kind == b"S":
-                    (n,) = struct.unpack("<H", f.read(_SKIP.size - 1))
-                    yield os.fsdecode(f.read(n))
+                    _, n = unpack_skip(buf, pos)
+                    pos += _SKIP.size
+                    yield fsdecode(buf[pos:pos + n])
                 else:
                     raise ValueError(f"{self.path}: corrupt plan record {kind!r}")
+                pos += n
                 index += 1
 
     def iter_dirs(self) -> Iterator[DirPlan]:
