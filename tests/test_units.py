@@ -1,0 +1,596 @@
+"""The systemd units on a real systemd (issue 3), and the checks that need none.
+
+Offline (any user, no booted systemd): `systemd-analyze verify` and
+`systemd-analyze security --offline` on the shipped units rendered as `make
+install` renders them, with the generator's drop-ins for a sample study; the
+catalog, sysusers.d and a staged `make install`.
+
+Booted (root: tests/sysbox.py boots a throwaway systemd on an overlay root):
+`make install` from this checkout inside it, two studies, a non-root
+uploader, `systemctl enable --now dittohead@s1.path dittohead@s1.timer`, then
+issue 3's list: uploads with umask 022 and 077 and their journal fields, an
+entry arriving during a busy run, bursts, backup-looking names, a SIGKILL in
+the middle of a delivery, the sandbox seen from inside the service, the
+capabilities each proven needed, and `systemd-analyze verify`/`security`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dittohead import generator
+from dittohead.config import parse
+from dittohead.log import MESSAGE_IDS
+
+from . import sysbox
+
+REPO = Path(__file__).resolve().parent.parent
+UNITS = ("dittohead@.path", "dittohead@.service", "dittohead@.timer",
+         "dittohead-notify@.service")
+NOTIFY_ID = "d49d0a088dd54a0286ba26b8f857ba0b"  # units/dittohead-notify-failure
+DELIVERED = MESSAGE_IDS["delivered"]
+EXPOSURE_MAX = 1.5
+EXPOSURE_RE = re.compile(r"Overall exposure level for \S+: ([0-9.]+)")
+
+HAVE_ANALYZE = shutil.which("systemd-analyze") is not None
+needs_analyze = pytest.mark.skipif(not HAVE_ANALYZE, reason="SKIPPED: no systemd-analyze here")
+REASON = sysbox.available()
+booted = [
+    pytest.mark.systemd,
+    pytest.mark.skipif(REASON is not None,
+                       reason=f"SKIPPED LOUDLY: no throwaway systemd here: {REASON}"),
+]
+
+SAMPLE = {
+    "dropbox_root": "/data-dropbox",
+    "studies": {"s1": {"destination": "/study/s1/raw"},
+                "s2": {"destination": "/study/s2/raw"}},
+}
+
+
+# --- offline -----------------------------------------------------------------
+
+def render(target: Path, bindir: str, libdir: str) -> None:
+    """The units as `make install` writes them."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in UNITS:
+        text = (REPO / "units" / name).read_text()
+        (target / name).write_text(text.replace("@BINDIR@", bindir).replace("@LIBDIR@", libdir))
+
+
+@pytest.fixture
+def unit_dir(tmp_path: Path) -> Path:
+    """Rendered units plus the generator's drop-ins for SAMPLE, and stand-in binaries."""
+    bindir, libdir, units = tmp_path / "bin", tmp_path / "lib", tmp_path / "units"
+    for d in (bindir, libdir):
+        d.mkdir()
+    (bindir / "dittohead").write_text("#!/bin/sh\n")
+    (bindir / "dittohead").chmod(0o755)
+    shutil.copy(REPO / "units" / "dittohead-notify-failure", libdir / "notify-failure")
+    render(units, str(bindir), str(libdir))
+    generator.write(units, generator.expected_dropins(parse(SAMPLE)))
+    return units
+
+
+def analyze(unit_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "SYSTEMD_UNIT_PATH": f"{unit_dir}:", "SYSTEMD_LOG_COLOR": "0"}
+    return subprocess.run(["systemd-analyze", *args], capture_output=True, text=True,
+                          env=env, cwd=unit_dir, check=False, timeout=60)
+
+
+@needs_analyze
+def test_verify_offline(unit_dir: Path) -> None:
+    r = analyze(unit_dir, "verify", "dittohead@s1.path", "dittohead@s1.service",
+                "dittohead@s1.timer", "dittohead-notify@dittohead@s1.service.service")
+    assert (r.returncode, r.stdout + r.stderr) == (0, "")
+
+
+@needs_analyze
+def test_path_unit_refuses_without_generated_settings(unit_dir: Path) -> None:
+    r = analyze(unit_dir, "verify", "dittohead@unknown.path")
+    assert r.returncode != 0
+    assert "lacks path setting" in r.stderr
+
+
+@needs_analyze
+def test_security_offline(unit_dir: Path) -> None:
+    r = analyze(unit_dir, "security", "--offline=yes", "--no-pager", "dittohead@s1.service")
+    m = EXPOSURE_RE.search(r.stdout)
+    assert m, r.stdout + r.stderr
+    print(f"\nsystemd-analyze security --offline dittohead@s1.service: {m.group(1)}")
+    assert float(m.group(1)) <= EXPOSURE_MAX
+    r = analyze(unit_dir, "security", "--offline=yes", "--no-pager",
+                "dittohead-notify@dittohead@s1.service.service")
+    m = EXPOSURE_RE.search(r.stdout)
+    assert m and float(m.group(1)) <= 1.0, r.stdout
+
+
+def test_service_capabilities_are_exactly_two() -> None:
+    text = (REPO / "units" / "dittohead@.service").read_text()
+    for key in ("AmbientCapabilities", "CapabilityBoundingSet"):
+        values = re.findall(rf"^{key}=(.*)$", text, re.M)
+        assert values == ["CAP_DAC_OVERRIDE CAP_CHOWN"], (key, values)
+
+
+def test_catalog_explains_every_message_id(tmp_path: Path) -> None:
+    text = (REPO / "units" / "dittohead.catalog").read_text()
+    ids = re.findall(r"^-- ([0-9a-f]{32})$", text, re.M)
+    assert sorted(ids) == sorted({*MESSAGE_IDS.values(), NOTIFY_ID})
+    assert NOTIFY_ID in (REPO / "units" / "dittohead-notify-failure").read_text()
+    if shutil.which("journalctl") is None:
+        return
+    cat = tmp_path / "usr/lib/systemd/catalog"
+    cat.mkdir(parents=True)
+    shutil.copy(REPO / "units" / "dittohead.catalog", cat)
+    subprocess.run(["journalctl", f"--root={tmp_path}", "--update-catalog"], check=True)
+    listed = subprocess.run(["journalctl", f"--root={tmp_path}", "--list-catalog"],
+                            capture_output=True, text=True, check=True).stdout
+    assert {line.split()[0] for line in listed.splitlines()} == set(ids)
+
+
+@pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="no systemd-sysusers")
+def test_sysusers_makes_the_service_user(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    r = subprocess.run(["systemd-sysusers", f"--root={tmp_path}", "--dry-run",
+                        str(REPO / "units" / "dittohead.sysusers")],
+                       capture_output=True, text=True, check=True)
+    assert "Creating user 'dittohead'" in r.stdout + r.stderr
+
+
+def test_install_files_runs_from_its_prefix(tmp_path: Path) -> None:
+    """`make install-files` into a private prefix: the launcher runs, units are rendered."""
+    prefix = tmp_path / "usr"
+    r = subprocess.run(["make", "-s", "-f", "packaging/install.mk", "install-files",
+                        f"PREFIX={prefix}", f"SYSCONFDIR={tmp_path}/etc",
+                        f"CATALOGDIR={tmp_path}/catalog"],
+                       cwd=REPO, capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    if not Path("/usr/bin/python3").exists():
+        pytest.skip("no /usr/bin/python3 to run the launcher")
+    out = subprocess.run([str(prefix / "bin/dittohead"), "--version"], capture_output=True,
+                         text=True, check=False)
+    if "No module named 'yaml'" in out.stderr:
+        pytest.skip("python3-yaml is not installed for /usr/bin/python3")
+    assert out.returncode == 0 and out.stdout.startswith("dittohead "), out.stderr
+    service = (prefix / "lib/systemd/system/dittohead@.service").read_text()
+    assert f"ExecStart={prefix}/bin/dittohead process %i --linger 3" in service
+    for name in UNITS:
+        assert "@BINDIR@" not in (prefix / "lib/systemd/system" / name).read_text()
+        assert "@LIBDIR@" not in (prefix / "lib/systemd/system" / name).read_text()
+    gen = prefix / "lib/systemd/system-generators/dittohead-generator"
+    assert os.access(gen, os.X_OK)
+    assert (tmp_path / "etc/dittohead/config.yaml").exists()
+    assert (prefix / "lib/sysusers.d/dittohead.conf").exists()
+    assert (tmp_path / "catalog/dittohead.catalog").exists()
+    # An existing config is never replaced.
+    (tmp_path / "etc/dittohead/config.yaml").write_text("# mine\n")
+    subprocess.run(["make", "-s", "-f", "packaging/install.mk", "install-files",
+                    f"PREFIX={prefix}", f"SYSCONFDIR={tmp_path}/etc",
+                    f"CATALOGDIR={tmp_path}/catalog"], cwd=REPO, check=True,
+                   capture_output=True)
+    assert (tmp_path / "etc/dittohead/config.yaml").read_text() == "# mine\n"
+
+
+# --- booted: a throwaway systemd with dittohead installed ---------------------
+
+UPLOADER = "sbxup"
+ROOT = "/srv/dh"  # a tmpfs of its own inside the box: room for large entries
+CONFIG = f"""\
+dropbox_root: {ROOT}/dropbox
+studies:
+  s1:
+    destination: {ROOT}/study/s1
+    group: sbxs1
+  s2:
+    destination: {ROOT}/study/s2
+  s3:
+    # group differs from the destination's: needs CAP_CHOWN
+    destination: {ROOT}/study/s3
+    group: sbxs1
+"""
+
+# Runs inside the box as the uploader: build .NAME in the inbox, then rename.
+UPLOAD_PY = r"""
+import json, os, sys
+spec = json.load(sys.stdin)
+os.umask(spec["umask"])
+inbox = spec["inbox"]
+for name, files in spec["entries"]:
+    tmp = os.path.join(inbox, "." + name)
+    if files is None:
+        with open(tmp, "wb") as f:
+            f.write(name.encode() + b"\n")
+    else:
+        os.mkdir(tmp)
+        for rel, size in files.items():
+            p = os.path.join(tmp, rel)
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+            with open(p, "wb") as f:
+                left = size
+                while left > 0:
+                    n = min(left, 1 << 20)
+                    f.write(os.urandom(n))
+                    left -= n
+for name, _ in spec["entries"]:
+    os.rename(os.path.join(inbox, "." + name), os.path.join(inbox, name))
+    if spec.get("interval"):
+        import time
+        time.sleep(spec["interval"])
+"""
+
+# Runs inside the box as root: the receipts of a study's done/ and failed/.
+RECEIPTS_PY = r"""
+import json, os, sys
+out = {}
+for kind in ("done", "failed"):
+    d = os.path.join(sys.argv[1], kind)
+    out[kind] = [json.load(open(os.path.join(d, n))) for n in sorted(os.listdir(d))
+                 if n.endswith(".json") and not n.startswith(".")]
+print(json.dumps(out))
+"""
+
+
+class Box:
+    """A booted sysbox with dittohead installed and studies s1..s3 set up."""
+
+    def __init__(self, box: sysbox.Sysbox) -> None:
+        self.box = box
+
+    def sh(self, script: str, *args: str, check: bool = True,
+           timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return self.box.run("/bin/sh", "-c", script, "sh", *args, check=check, timeout=timeout)
+
+    def upload(self, study: str, entries: list[tuple[str, dict[str, int] | None]],
+               umask: int = 0o022, interval: float = 0.0, timeout: float = 120) -> None:
+        spec = {"inbox": f"{ROOT}/dropbox/{study}/inbox", "entries": entries,
+                "umask": umask, "interval": interval}
+        self.box.run("/usr/bin/python3", "-c", UPLOAD_PY, user=UPLOADER,
+                     input=json.dumps(spec).encode(), timeout=timeout)
+
+    def receipts(self, study: str) -> dict[str, list[dict[str, Any]]]:
+        r = self.box.run("/usr/bin/python3", "-c", RECEIPTS_PY, f"{ROOT}/dropbox/{study}")
+        data: dict[str, list[dict[str, Any]]] = json.loads(r.stdout)
+        return data
+
+    def delivered(self, study: str) -> dict[str, int]:
+        """How many times each entry name was delivered."""
+        counts: dict[str, int] = {}
+        for r in self.receipts(study)["done"]:
+            counts[r["entry"]] = counts.get(r["entry"], 0) + 1
+        return counts
+
+    def wait_delivered(self, study: str, names: list[str], timeout: float = 60) -> dict[str, int]:
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.delivered(study)
+            if all(n in got for n in names) or time.monotonic() > deadline:
+                return got
+            time.sleep(0.25)
+
+    def now(self) -> str:
+        """The box's clock, for journalctl --since=@..."""
+        return self.box.run("date", "+%s.%N").stdout.strip()
+
+    def prop(self, unit: str, name: str) -> str:
+        return self.box.run("systemctl", "show", "-p", name, "--value", unit).stdout.strip()
+
+    def wait_inactive(self, unit: str, timeout: float = 60) -> None:
+        wait_for(lambda: self.prop(unit, "ActiveState") in ("inactive", "failed"), timeout,
+                 f"{unit} to stop")
+
+    def journal(self, *matches: str) -> list[dict[str, Any]]:
+        r = self.box.run("journalctl", "--no-pager", "-o", "json", *matches, check=False)
+        return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+
+    def dropin(self, unit: str, name: str, text: str | None) -> None:
+        """Add (or with None remove) a runtime drop-in for unit, then daemon-reload."""
+        path = f"/run/systemd/system/{unit}.d/{name}.conf"
+        if text is None:
+            self.box.run("rm", "-f", path)
+        else:
+            self.box.write_file(path, text)
+        self.box.run("systemctl", "daemon-reload")
+
+    def debug(self, study: str) -> str:
+        """What an admin would look at first, for an assertion message."""
+        return self.sh(f"ls -lA {ROOT}/dropbox/{study}/*; systemctl status --no-pager "
+                       f"'dittohead@{study}.*'; journalctl -n 40 --no-pager -o short-precise",
+                       check=False, timeout=30).stdout
+
+    def wait_path_waiting(self, study: str, timeout: float = 60) -> None:
+        unit = f"dittohead@{study}.path"
+        wait_for(lambda: self.prop(unit, "SubState") == "waiting", timeout,
+                 f"{unit} to be waiting")
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def boot_installed(workdir: Path) -> Box:
+    """Boot a sysbox, `make install` this checkout in it, set up the studies."""
+    b = Box(sysbox.Sysbox.boot(workdir, binds=[REPO]))
+    try:
+        r = b.sh('cd "$1" && make install', str(REPO), check=False, timeout=300)
+        assert r.returncode == 0, f"make install failed:\n{r.stdout}\n{r.stderr}"
+        b.box.write_file("/etc/dittohead/config.yaml", CONFIG)
+        b.sh(f"""set -e
+mkdir -p {ROOT} && mount -t tmpfs -o size=3g,mode=0755 dittohead-test {ROOT}
+mkdir -p {ROOT}/study
+groupadd sbxs1
+useradd --no-create-home --shell /bin/sh {UPLOADER}
+for s in s1 s2 s3; do dittohead setup $s >/dev/null; done
+# s3: a destination whose group is not the study's and that is not setgid
+chgrp dittohead {ROOT}/study/s3 && chmod 0750 {ROOT}/study/s3 && chmod g-s {ROOT}/study/s3
+systemctl daemon-reload
+systemctl enable --now dittohead@s1.path dittohead@s1.timer
+""")
+    except BaseException:
+        b.box.poweroff()
+        raise
+    return b
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
+    b = boot_installed(tmp_path_factory.mktemp("units-box", numbered=True))
+    try:
+        yield b
+    finally:
+        b.box.poweroff()
+
+
+GO = "/run/dittohead-test-go"  # a fault hook waits for this file (dittohead/faults.py)
+PROBE_PATHS = {
+    # path: may the service write it?
+    f"{ROOT}/study/s1/.probe": True,
+    f"{ROOT}/dropbox/s1/processing/.probe": True,
+    f"{ROOT}/study/s2/.probe": False,  # another study's destination
+    f"{ROOT}/dropbox/s2/inbox/.probe": False,  # another study's inbox
+    f"{ROOT}/.probe": False,
+    "/etc/.probe": False,
+    "/home/.probe": False,
+    "/root/.probe": False,
+    "/usr/.probe": False,
+    "/var/lib/.probe": False,
+    "/run/.probe": False,
+}
+
+
+def caps_dropin(caps: str) -> str:
+    return (f"[Service]\nAmbientCapabilities=\nAmbientCapabilities={caps}\n"
+            f"CapabilityBoundingSet=\nCapabilityBoundingSet={caps}\n")
+
+
+class TestOnSystemd:
+    """Issue 3's list, on a booted throwaway systemd with `make install` done in it."""
+
+    pytestmark = booted
+
+    @pytest.mark.parametrize("umask", [0o022, 0o077])
+    def test_upload_is_delivered_with_journal_fields(self, box: Box, umask: int) -> None:
+        name = f"visit-{umask:03o}"
+        box.upload("s1", [(name, {f"eprime-{umask:o}/s01.txt": 1000,
+                                  f"eprime-{umask:o}/deep/s02.txt": 10})], umask=umask)
+        got = box.wait_delivered("s1", [name])
+        assert got.get(name) == 1, got
+        events = box.journal("DITTOHEAD_STUDY=s1", f"MESSAGE_ID={DELIVERED}",
+                             f"DITTOHEAD_ENTRY={name}")
+        assert len(events) == 1, events
+        e = events[0]
+        assert e["SYSLOG_IDENTIFIER"] == "dittohead"
+        assert e["_SYSTEMD_UNIT"] == "dittohead@s1.service"
+        assert e["DITTOHEAD_UPLOADER"] == UPLOADER
+        assert (e["DITTOHEAD_FILES"], e["DITTOHEAD_BYTES"]) == ("2", "1010")
+        assert e["DITTOHEAD_DESTINATION"] == f"{ROOT}/study/s1"
+        assert e["MESSAGE"].startswith("s1: delivered")
+        manifest = f"{ROOT}/dropbox/s1/done/{e['DITTOHEAD_DELIVERY']}.sha256"
+        box.sh(f'cd {ROOT}/study/s1 && sha256sum --quiet -c "$1"', manifest)
+        owner = box.sh(f"stat -c '%U %G %a' {ROOT}/study/s1/eprime-{umask:o}/deep/s02.txt")
+        assert owner.stdout.split() == ["dittohead", "sbxs1", "640"]
+
+    def test_entry_renamed_during_a_busy_run_is_delivered(self, box: Box) -> None:
+        # The run holds (a fault hook) after staging the large entry's first file.
+        box.dropin("dittohead@s1.service", "90-hold",
+                   f"[Service]\nEnvironment=DITTOHEAD_TEST_FAULT=staged:1=wait:{GO}\n")
+        try:
+            box.wait_inactive("dittohead@s1.service")
+            box.wait_path_waiting("s1")
+            box.upload("s1", [("large", {"large/data.bin": 64 << 20})])
+            wait_for(lambda: box.prop("dittohead@s1.service", "ActiveState") == "activating"
+                     and "large" not in box.sh(f"ls {ROOT}/dropbox/s1/inbox").stdout,
+                     30, "the service to claim the large entry")
+            box.upload("s1", [("late", None)])
+            time.sleep(1)
+            assert "late" in box.sh(f"ls {ROOT}/dropbox/s1/inbox").stdout  # the run is busy
+            box.box.run("touch", GO)
+            got = box.wait_delivered("s1", ["large", "late"], timeout=60)
+            assert (got.get("large"), got.get("late")) == (1, 1), got
+            runs = {e["_SYSTEMD_INVOCATION_ID"] for n in ("large", "late")
+                    for e in box.journal(f"MESSAGE_ID={DELIVERED}", f"DITTOHEAD_ENTRY={n}")}
+            assert len(runs) == 1, "both were delivered by the same run, with no new event"
+        finally:
+            # The lingering run keeps the hook in its environment: let it end first.
+            box.box.run("touch", GO)
+            box.wait_inactive("dittohead@s1.service")
+            box.dropin("dittohead@s1.service", "90-hold", None)
+            box.box.run("rm", "-f", GO)
+
+    def test_backup_looking_names_are_delivered(self, box: Box) -> None:
+        names = ["x.bak", "y~", "z.old", "a.new", "b.swp", "c.dpkg-new"]
+        box.upload("s1", [(n, None) for n in names])
+        got = box.wait_delivered("s1", names)
+        assert {n: got.get(n) for n in names} == dict.fromkeys(names, 1), box.debug("s1")
+
+    @pytest.mark.slow
+    def test_bursts_are_delivered_and_the_path_unit_never_fails(self, box: Box) -> None:
+        since = box.now()
+        at_once = [f"burst-{i:03d}" for i in range(200)]
+        box.upload("s1", [(n, None) for n in at_once])
+        got = box.wait_delivered("s1", at_once, timeout=180)
+        assert [n for n in at_once if got.get(n) != 1] == []
+        steady = [f"steady-{i:02d}" for i in range(30)]
+        box.upload("s1", [(n, None) for n in steady], interval=1.0, timeout=120)
+        got = box.wait_delivered("s1", steady, timeout=60)
+        assert [n for n in steady if got.get(n) != 1] == []
+        box.wait_inactive("dittohead@s1.service")
+        box.wait_path_waiting("s1")
+        assert box.prop("dittohead@s1.path", "Result") == "success"
+        assert box.sh(f"ls -A {ROOT}/dropbox/s1/inbox").stdout == ""
+        path_log = box.sh(f"journalctl -u dittohead@s1.path --since @{since} -o cat").stdout
+        assert "limit" not in path_log and "Failed" not in path_log, path_log
+        runs = {e["_SYSTEMD_INVOCATION_ID"]
+                for e in box.journal(f"MESSAGE_ID={DELIVERED}", "DITTOHEAD_STUDY=s1",
+                                     f"--since=@{since}")}
+        print(f"\n230 entries (200 at once, then 1/s for 30 s): {len(runs)} service run(s)")
+
+    def test_kill_in_the_middle_of_a_delivery_then_finished_exactly_once(self,
+                                                                         box: Box) -> None:
+        box.dropin("dittohead@s1.service", "90-hold",
+                   f"[Service]\nEnvironment=DITTOHEAD_TEST_FAULT=published:1=wait:{GO}\n")
+        try:
+            box.wait_inactive("dittohead@s1.service")
+            files = {f"killed/part{i}.bin": 4 << 20 for i in range(4)}
+            box.upload("s1", [("killme", files)])
+            wait_for(lambda: box.sh(f"ls {ROOT}/study/s1/killed 2>/dev/null | wc -l")
+                     .stdout.strip() == "1", 30, "the first file to be published")
+            box.box.run("systemctl", "kill", "-s", "KILL", "dittohead@s1.service")
+            box.wait_inactive("dittohead@s1.service")
+            assert box.prop("dittohead@s1.service", "Result") == "signal"
+            assert "killme" not in box.delivered("s1")
+            assert box.sh(f"ls -A {ROOT}/study/s1 | grep -c '^.incoming-'",
+                          check=False).stdout.strip() == "1"  # the killed run's staging
+        finally:
+            box.box.run("systemctl", "kill", "-s", "KILL", "dittohead@s1.service", check=False)
+            box.wait_inactive("dittohead@s1.service")
+            box.dropin("dittohead@s1.service", "90-hold", None)
+        # The next run, started by the next upload (or the timer's sweep), resumes it.
+        box.upload("s1", [("after-kill", None)])
+        got = box.wait_delivered("s1", ["killme", "after-kill"])
+        assert (got.get("killme"), got.get("after-kill")) == (1, 1), got
+        (r,) = [r for r in box.receipts("s1")["done"] if r["entry"] == "killme"]
+        assert r["files"] == 4
+        box.sh(f'cd {ROOT}/study/s1 && sha256sum --quiet -c "$1"',
+               f"{ROOT}/dropbox/s1/done/{r['id']}.sha256")
+        box.wait_inactive("dittohead@s1.service")
+        assert box.sh(f"ls -A {ROOT}/study/s1 | grep -c '^.incoming-'",
+                      check=False).stdout.strip() == "0"
+        assert box.sh(f"ls -A {ROOT}/dropbox/s1/processing | grep -v '^[.]'",
+                      check=False).stdout == ""
+        wait_for(lambda: bool(box.journal(f"MESSAGE_ID={NOTIFY_ID}",
+                                          "DITTOHEAD_UNIT=dittohead@s1.service",
+                                          "DITTOHEAD_REASON=signal")),
+                 30, "dittohead-notify@ to report the kill")
+
+    def test_the_service_cannot_write_outside_its_study(self, box: Box) -> None:
+        box.wait_inactive("dittohead@s1.service")
+        box.sh(f"touch {ROOT}/study/s2/.probe-target && rm {ROOT}/study/s2/.probe-target")
+        probe = ("for p in \"$$@\"; do if touch \"$$p\" 2>/dev/null; then "
+                 "echo \"PROBE writable $$p\"; rm -f \"$$p\"; else echo \"PROBE denied $$p\"; "
+                 "fi; done")
+        box.dropin("dittohead@s1.service", "90-probe",
+                   f"[Service]\nExecStart=\nExecStart=/bin/sh -c '{probe}' sh "
+                   + " ".join(PROBE_PATHS) + "\n")
+        try:
+            since = box.now()
+            box.box.run("systemctl", "start", "dittohead@s1.service")
+            lines = [e["MESSAGE"] for e in box.journal("-u", "dittohead@s1.service",
+                                                       f"--since=@{since}")
+                     if str(e.get("MESSAGE", "")).startswith("PROBE ")]
+        finally:
+            box.dropin("dittohead@s1.service", "90-probe", None)
+        seen = {line.split(" ", 2)[2]: line.split(" ", 2)[1] == "writable" for line in lines}
+        assert seen == PROBE_PATHS
+        r = box.box.run("systemd-analyze", "security", "--no-pager", "dittohead@s1.service")
+        m = EXPOSURE_RE.search(r.stdout)
+        assert m, r.stdout
+        print(f"\nsystemd-analyze security dittohead@s1.service: {m.group(1)}")
+        assert float(m.group(1)) <= EXPOSURE_MAX
+
+    def test_cap_dac_override_is_needed_to_claim_a_directory(self, box: Box) -> None:
+        box.dropin("dittohead@s1.service", "90-caps", caps_dropin("CAP_CHOWN"))
+        try:
+            box.box.run("systemctl", "stop", "dittohead@s1.path")
+            box.wait_inactive("dittohead@s1.service")
+            box.upload("s1", [("needs-override", {"d/f.txt": 10})], umask=0o022)
+            since = box.now()
+            box.box.run("systemctl", "start", "dittohead@s1.service", check=False)
+            # (OnSuccess= restarts the path unit, which starts the next run at once.)
+            msgs = " ".join(str(e.get("MESSAGE")) for e in
+                            box.journal("-u", "dittohead@s1.service", f"--since=@{since}"))
+            assert "cannot claim needs-override" in msgs and "Permission denied" in msgs
+            assert "needs-override" in box.sh(f"ls {ROOT}/dropbox/s1/inbox").stdout
+        finally:
+            box.dropin("dittohead@s1.service", "90-caps", None)
+            box.box.run("systemctl", "start", "dittohead@s1.path")
+        assert box.wait_delivered("s1", ["needs-override"]).get("needs-override") == 1
+
+    def test_cap_chown_is_needed_for_a_study_group_the_destination_lacks(self,
+                                                                        box: Box) -> None:
+        box.dropin("dittohead@s3.service", "90-caps", caps_dropin("CAP_DAC_OVERRIDE"))
+        try:
+            box.upload("s3", [("needs-chown", {"c/f.txt": 10})])
+            box.box.run("systemctl", "start", "dittohead@s3.service", check=False)
+            assert "needs-chown" not in box.delivered("s3")
+            assert box.sh(f"ls {ROOT}/study/s3").stdout == ""
+        finally:
+            box.dropin("dittohead@s3.service", "90-caps", None)
+        box.box.run("systemctl", "reset-failed", "dittohead@s3.service")
+        box.box.run("systemctl", "start", "dittohead@s3.service")
+        assert box.delivered("s3").get("needs-chown") == 1
+        owner = box.sh(f"stat -c '%U %G' {ROOT}/study/s3/c/f.txt").stdout.split()
+        assert owner == ["dittohead", "sbxs1"]
+
+    def test_verify_and_timer_on_the_booted_system(self, box: Box) -> None:
+        # --generators=yes: verify's own manager runs the generators (ours too).
+        r = box.box.run("systemd-analyze", "verify", "--generators=yes", "dittohead@s1.path",
+                        "dittohead@s1.service", "dittohead@s1.timer",
+                        "dittohead-notify@dittohead@s1.service.service", check=False)
+        assert (r.returncode, r.stdout + r.stderr) == (0, "")
+        assert box.prop("dittohead@s1.timer", "ActiveState") == "active"
+        assert box.prop("dittohead@s1.timer", "UnitFileState") == "enabled"
+        assert box.prop("dittohead@s1.path", "UnitFileState") == "enabled"
+        listed = box.box.run("systemctl", "list-timers", "--all", "--no-pager").stdout
+        assert "dittohead@s1.timer" in listed
+        gen = box.sh("cat /run/systemd/generator/dittohead@s1.path.d/50-paths.conf").stdout
+        assert f"PathExistsGlob={ROOT}/dropbox/s1/inbox/*" in gen
+
+    def test_config_error_loop_stops_then_recovers_on_the_next_good_run(self,
+                                                                       box: Box) -> None:
+        box.wait_inactive("dittohead@s1.service")
+        box.box.write_file("/etc/dittohead/config.yaml", CONFIG + "  bad: [\n")
+        try:
+            box.upload("s1", [("during-config-error", None)])
+            # Each run exits 78 at once and the entry still waits: the start limit
+            # stops the loop, and the path unit says why.
+            wait_for(lambda: box.prop("dittohead@s1.path", "Result") == "unit-start-limit-hit",
+                     60, "the path unit to stop on the service's start limit")
+            assert box.prop("dittohead@s1.service", "ExecMainStatus") == "78"
+            assert box.journal(f"MESSAGE_ID={MESSAGE_IDS['config-error']}")
+            wait_for(lambda: bool(box.journal(f"MESSAGE_ID={NOTIFY_ID}",
+                                              "DITTOHEAD_UNIT=dittohead@s1.path")),
+                     30, "dittohead-notify@ to report the path unit")
+        finally:
+            box.box.write_file("/etc/dittohead/config.yaml", CONFIG)
+        # What the timer's next sweep does (its start limit has passed by then).
+        box.box.run("systemctl", "reset-failed", "dittohead@s1.service")
+        box.box.run("systemctl", "start", "dittohead@s1.service")
+        assert box.delivered("s1").get("during-config-error") == 1
+        # OnSuccess= restarted the failed path unit.
+        box.wait_path_waiting("s1", timeout=30)
+        box.upload("s1", [("after-recovery", None)])
+        assert box.wait_delivered("s1", ["after-recovery"]).get("after-recovery") == 1
