@@ -10,8 +10,10 @@ Privilege: renaming another user's *directory* to a different parent needs
 write access to that directory itself (the kernel rewrites its `..`), which
 the service user does not have for an ordinary upload (umask 022 or 077).
 Rather than weakening the upload rule, the service runs with
-CAP_DAC_OVERRIDE for that rename and CAP_DAC_READ_SEARCH to read files
-uploaded 0600 (see units/dittohead@.service). The per-study lock is an
+CAP_DAC_OVERRIDE, which allows that rename and also reading files uploaded
+0600 (CAP_DAC_READ_SEARCH on top was measured to add nothing; see
+units/dittohead@.service). Without it the claim fails with EACCES and the
+run says so, leaving the entry untouched in the inbox. The per-study lock is an
 flock on the processing directory, so two overlapping runs never claim one
 entry twice: the second waits, then finds nothing left to do.
 """

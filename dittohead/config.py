@@ -25,6 +25,10 @@ STUDY_RE = re.compile(r"^[a-z0-9][a-z0-9_]{0,63}$")
 # Debian's adduser default NAME_REGEX, plus what groups and sysusers accept.
 UNIX_NAME_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$")
 NOTIFY_EVENTS = ("delivered", "failed", "rejected", "disk")
+# Paths go into generated unit files unquoted (dittohead/generator.py), so
+# refuse what would need escaping there: whitespace, quotes, backslashes, "%"
+# specifiers, glob characters (PathExistsGlob=) and non-ASCII.
+SAFE_PATH_RE = re.compile(r"^/[A-Za-z0-9._/+,:=@~-]*$")
 DEFAULT_IGNORE = (".DS_Store", "Thumbs.db", "desktop.ini", "._*")
 
 
@@ -200,6 +204,10 @@ class _Validator:
             return None
         if any(part in (".", "..") for part in value.split("/")) or "\n" in value:
             self.error(key, "must be a normalized path (no '.', '..' or newlines)")
+            return None
+        if not SAFE_PATH_RE.match(value):
+            self.error(key, "may hold only letters, digits and . _ / + , : = @ ~ - (it is "
+                       "written into systemd unit files)")
             return None
         if p == Path("/"):
             self.error(key, "must not be /")

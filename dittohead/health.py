@@ -7,6 +7,7 @@ import json
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,10 @@ def check(cfg: Config, studies: list[StudyConfig]) -> list[str]:
         except OSError as e:
             found.append(p + f"destination {study.destination}: {e.strerror}")
             continue
+        if study.dir_mode & stat.S_ISGID and not st.st_mode & stat.S_ISGID:
+            found.append(p + f"destination {study.destination} is not setgid: directories "
+                         "the service creates may lose dir_mode's setgid bit and need "
+                         f"CAP_CHOWN for the study's group (chmod g+s {study.destination})")
         if st.st_uid != svc.pw_uid or not st.st_mode & 0o200:
             found.append(p + f"destination {study.destination} is not owned and writable "
                          f"by {cfg.service_user}: deliveries will fail")
@@ -134,6 +139,9 @@ def check(cfg: Config, studies: list[StudyConfig]) -> list[str]:
                                    text=True, check=False)
                 if r.stdout.strip() == "failed":
                     found.append(p + f"{unit} has failed (systemctl reset-failed {unit})")
+    if _systemd_booted():
+        from . import generator
+        found += generator.problems(cfg) + generator.drift(cfg)
     return found
 
 

@@ -24,6 +24,8 @@ MESSAGE_IDS: Mapping[str, str] = {
     "retry-later": "d7cda46d17c84f998c2c01c983331d91",
     "disk-warning": "6640f08ae1aa4f18906e215400188441",
     "config-error": "741b67835ddc4eb580bfc74611985daa",
+    # Sent by units/dittohead-notify-failure (OnFailure= of the units).
+    "unit-failed": "d49d0a088dd54a0286ba26b8f857ba0b",
 }
 
 _PRIORITY = {
@@ -33,6 +35,7 @@ _PRIORITY = {
     "retry-later": syslog.LOG_WARNING,
     "disk-warning": syslog.LOG_WARNING,
     "config-error": syslog.LOG_ERR,
+    "unit-failed": syslog.LOG_ERR,
 }
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"

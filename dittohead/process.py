@@ -28,6 +28,7 @@ from .errors import (
     EXIT_TEMPFAIL,
     EXIT_UNEXPECTED,
     ConfigError,
+    DittoheadError,
     EntryFailed,
     TemporaryError,
 )
@@ -88,8 +89,10 @@ def process(config: Config, study_name: str, linger: float = 0.0) -> RunResult:
             else:
                 time.sleep(POLL)
     if refused:
-        raise TemporaryError(f"{len(refused)} entries could not be claimed and are still "
-                             f"in {study.inbox}")
+        # Not a temporary problem (75 would let the path unit re-trigger for
+        # ever): the service lacks a privilege. Fail, so the admin is told.
+        raise DittoheadError(f"{len(refused)} entries could not be claimed and are still "
+                             f"in {study.inbox}: see the messages above")
     return RunResult(delivered=counts["delivered"],
                      failed=counts["failed"] + counts["rejected"],
                      retry_later=counts["retry-later"], errors=counts["error"])

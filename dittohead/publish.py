@@ -165,7 +165,4 @@ def _classify(e: OSError, doing: str) -> Exception:
         return EntryFailed(f"the destination's filesystem refused a name ({e.strerror}: "
                            f"{printable(str(e.filename or ''))}); nothing of this entry was "
                            "delivered.")
-    if e.errno == errno.EPERM:
-        return TemporaryError(f"not permitted while {doing} ({e.strerror}); does the "
-                              "service have CAP_CHOWN for the study group?")
     return e

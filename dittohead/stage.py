@@ -21,7 +21,7 @@ from hashlib import sha256
 
 from .check import FILE_FLAGS, DirCache, Source
 from .config import StudyConfig
-from .errors import EntryFailed
+from .errors import ConfigError, EntryFailed
 from .faults import point
 from .log import printable
 from .plan import COPIED, PRESENT, DirPlan, FilePlan, Plan
@@ -54,8 +54,15 @@ class Ownership:
         st = os.fstat(fd)
         if (st.st_uid, st.st_gid) != (self.uid, self.gid):
             # chown first: it clears set-id bits that the chmod below then sets.
-            os.fchown(fd, self.uid if st.st_uid != self.uid else -1,
-                      self.gid if st.st_gid != self.gid else -1)
+            try:
+                os.fchown(fd, self.uid if st.st_uid != self.uid else -1,
+                          self.gid if st.st_gid != self.gid else -1)
+            except PermissionError:
+                raise ConfigError(
+                    f"cannot give delivered files owner {self.uid} and group {self.gid}: the "
+                    "service has no CAP_CHOWN. Make the destination setgid and of the "
+                    "study's group (chmod g+s; `dittohead setup` does it for a new one), "
+                    "or grant CAP_CHOWN. The entry stays claimed.") from None
             st = os.fstat(fd)
         if stat.S_IMODE(st.st_mode) != mode:
             os.fchmod(fd, mode)

@@ -110,3 +110,12 @@ def test_config_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert config.config_path("/a.yaml") == Path("/a.yaml")
     monkeypatch.delenv("DITTOHEAD_CONFIG")
     assert config.config_path(None) == Path("/etc/dittohead/config.yaml")
+
+
+def test_paths_that_unit_files_would_need_escaped_are_refused() -> None:
+    with pytest.raises(ConfigError) as e:
+        config.parse({"dropbox_root": "/data dropbox",
+                      "studies": {"a": {"destination": "/study/50%"},
+                                  "b": {"destination": "/study/caf\u00e9"}}})
+    for key in ("dropbox_root", "studies.a.destination", "studies.b.destination"):
+        assert f"{key}: may hold only letters" in str(e.value)
