@@ -288,3 +288,61 @@ def test_group_from_config_and_setgid_dirs(shared_base: Path) -> None:
     assert st.st_gid == gid and stat.S_IMODE(st.st_mode) == 0o640
     dst = os.stat(e.study.destination / "sub")
     assert dst.st_gid == gid and stat.S_IMODE(dst.st_mode) == 0o2750
+
+
+def test_upload_copies_as_dot_name_then_renames_and_is_delivered(env: Env,
+                                                                  tmp_path: Path) -> None:
+    src = tmp_path / "s01-session1"
+    (src / "eprime").mkdir(parents=True)
+    (src / "eprime" / "s01.txt").write_bytes(b"trial data")
+    os.chmod(src / "eprime" / "s01.txt", 0o200)  # not even readable by its owner
+    single = tmp_path / "notes.txt"
+    single.write_bytes(b"notes")
+    r = env.run("upload", "s1", str(src), str(single))
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(env.study.inbox)) == ["notes.txt", "s01-session1"]
+    assert os.stat(env.study.inbox / "s01-session1" / "eprime" / "s01.txt").st_mode & 0o400
+    r = env.process()
+    assert r.returncode == 0, r.stderr
+    assert tree(env.study.destination) == {"eprime/s01.txt": b"trial data",
+                                           "notes.txt": b"notes"}
+
+
+def test_upload_refuses_what_would_never_be_delivered(env: Env, tmp_path: Path) -> None:
+    src = tmp_path / "with-link"
+    src.mkdir()
+    (src / "link").symlink_to("/etc/passwd")
+    r = env.run("upload", "s1", str(src))
+    assert r.returncode == 2 and "symlinks or special files" in r.stderr
+    dot = tmp_path / ".hidden"
+    dot.write_bytes(b"x")
+    r = env.run("upload", "s1", str(dot))
+    assert r.returncode == 2 and "starting with '.'" in r.stderr
+    r = env.run("upload", "s1", str(tmp_path / "missing"))
+    assert r.returncode == 2
+    assert os.listdir(env.study.inbox) == []
+
+
+def test_upload_never_replaces_an_entry_waiting_in_the_inbox(env: Env, tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_bytes(b"first")
+    assert env.run("upload", "s1", str(tmp_path / "a.txt")).returncode == 0
+    (tmp_path / "a.txt").write_bytes(b"second")
+    r = env.run("upload", "s1", str(tmp_path / "a.txt"))
+    assert r.returncode == 1 and "already waits" in r.stderr
+    assert (env.study.inbox / "a.txt").read_bytes() == b"first"
+    assert [n for n in os.listdir(env.study.inbox) if n.startswith(".")] == []
+
+
+def test_upload_wait_reports_the_outcome(env: Env, tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_bytes(b"data")
+    up = subprocess.Popen([sys.executable, "-m", "dittohead", "--config", str(env.config_path),
+                           "upload", "--wait", "--timeout", "30", "s1",
+                           str(tmp_path / "a.txt")], stdout=subprocess.PIPE, text=True)
+    for _ in range(100):
+        if (env.study.inbox / "a.txt").exists():
+            break
+        time.sleep(0.05)
+    assert env.process().returncode == 0
+    out, _ = up.communicate(timeout=30)
+    assert up.returncode == 0
+    assert "a.txt: delivered" in out
