@@ -86,13 +86,35 @@ def finish(plan: Plan, staging: Staging) -> None:
         bad = verify(plan, staging)
     finally:
         syncer.join()
-    if errors or bad:
+    moved = _destination_moved(staging)
+    if errors or bad or moved:
         rollback(plan, staging)
+        if moved:
+            raise TemporaryError(moved)
         if errors:
             raise _classify(errors[0], "syncing")
         raise EntryFailed("the published copy of " + ", ".join(printable(b) for b in bad)
                           + " did not match the manifest (changed while it was being "
                           "delivered?); nothing of this entry was delivered.")
+
+
+def _destination_moved(staging: Staging) -> str | None:
+    """Why the configured destination no longer leads to where we delivered, if so.
+
+    Everything here works on file descriptors, so a destination unmounted
+    (even lazily) or renamed during the delivery would silently receive the
+    data somewhere no one looks: checked before the delivery is called done.
+    """
+    here = os.fstat(staging.dest_fd)
+    try:
+        there = os.stat(staging.destination)
+    except OSError as e:
+        return (f"the destination {staging.destination} went away during the delivery "
+                f"({e.strerror}); rolled back, will retry")
+    if (here.st_dev, here.st_ino) != (there.st_dev, there.st_ino):
+        return (f"the destination {staging.destination} was unmounted or replaced during "
+                "the delivery; rolled back, will retry")
+    return None
 
 
 def verify(plan: Plan, staging: Staging) -> list[str]:

@@ -81,6 +81,7 @@ class Staging:
     dest_fd: int
     name: str
     fd: int
+    destination: str  # the configured path, to check it still leads to dest_fd
     copied: int = 0
 
 
@@ -124,7 +125,7 @@ def stage(study: StudyConfig, plan: Plan, dest_fd: int, owner: Ownership) -> Sta
     name = staging_name(plan.claim_id)
     os.mkdir(name, 0o700, dir_fd=dest_fd)
     fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dest_fd)
-    staging = Staging(dest_fd=dest_fd, name=name, fd=fd)
+    staging = Staging(dest_fd=dest_fd, name=name, fd=fd, destination=str(study.destination))
     try:
         with plan.state() as state, Source(study, plan) as src, \
                 DirCache(fd) as buckets, ThreadPoolExecutor(1) as hasher:

@@ -119,7 +119,8 @@ def shared_base() -> Iterator[Path]:
         yield base
     finally:
         if IS_ROOT and os.path.ismount(base / "dest"):
-            subprocess.run(["umount", str(base / "dest")], check=False)
+            # Lazy: a test that failed may leave a process holding it open.
+            subprocess.run(["umount", "-l", str(base / "dest")], check=False)
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -16,6 +16,8 @@ import signal
 import stat
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -173,6 +175,17 @@ def test_overlapping_runs_claim_each_entry_once(service_env: Env, svc: Throwaway
 
 
 @pytest.fixture
+def waiting() -> Iterator[list[subprocess.Popen[str]]]:
+    """Processes a test starts; killed if the test fails before they end."""
+    procs: list[subprocess.Popen[str]] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+@pytest.fixture
 def tiny_dest(shared_base: Path) -> Env:
     env = make_env(shared_base)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "dittohead-test",
@@ -192,7 +205,8 @@ def test_entry_larger_than_free_space_waits_exit_75(tiny_dest: Env) -> None:
     assert len(claimed) == 1  # kept, claimed, for a later run
 
 
-def test_enospc_mid_copy_rolls_back_and_loses_nothing(tiny_dest: Env) -> None:
+def test_enospc_mid_copy_rolls_back_and_loses_nothing(
+        tiny_dest: Env, waiting: list[subprocess.Popen[str]]) -> None:
     env = tiny_dest
     (env.study.destination / "already").write_bytes(b"there")
     files = {f"f{i}.bin": os.urandom(1 << 20) for i in range(5)}
@@ -202,6 +216,7 @@ def test_enospc_mid_copy_rolls_back_and_loses_nothing(tiny_dest: Env) -> None:
                           "process", "s1"], stderr=subprocess.PIPE, text=True,
                          env={**os.environ, "DITTOHEAD_LOG": "stderr",
                               "DITTOHEAD_TEST_FAULT": f"staged:2=wait:{go}"})
+    waiting.append(p)
     assert _wait_for_staging(env.study.destination)
     # Someone else fills the disk between the space check and the copy.
     hog = env.study.destination / "hog"
@@ -258,3 +273,34 @@ def test_disk_warning_once_each_time_a_threshold_is_crossed_upward(tiny_dest: En
     assert len(warnings[2]) == 1 and "(crossed 75%)" in warnings[2][0]
     assert warnings[3] == []
     assert "MESSAGE_ID=6640f08ae1aa4f18906e215400188441" in warnings[1][0]
+
+
+def test_destination_unmounted_during_delivery_is_rolled_back_and_kept(
+        tiny_dest: Env, waiting: list[subprocess.Popen[str]]) -> None:
+    env = tiny_dest
+    files = {f"f{i}": os.urandom(1000) for i in range(3)}
+    env.drop("e", files)
+    go = env.base / "go"
+    p = subprocess.Popen([sys.executable, "-m", "dittohead", "--config", str(env.config_path),
+                          "process", "s1"], stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "DITTOHEAD_LOG": "stderr",
+                              "DITTOHEAD_TEST_FAULT": f"published:2=wait:{go}"})
+    waiting.append(p)
+    for _ in range(500):
+        if len([n for n in os.listdir(env.study.destination) if not n.startswith(".")]) >= 2:
+            break
+        time.sleep(0.02)
+    # The storage goes away under the running delivery (a lazy unmount keeps
+    # the service's open directories working, on a filesystem no one sees).
+    subprocess.run(["umount", "-l", str(env.study.destination)], check=True)
+    go.touch()
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 75, err
+    assert "unmounted or replaced during the delivery" in err
+    assert env.done_receipts() == []
+    claimed = [n for n in os.listdir(env.study.processing) if n.endswith(".json")
+               and not n.startswith(".")]
+    assert len(claimed) == 1
+    r = env.process()  # the destination is now the bare directory: delivered there
+    assert r.returncode == 0, r.stderr
+    assert tree(env.study.destination) == files
