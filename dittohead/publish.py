@@ -1,14 +1,17 @@
 """Publish staged files under their final names, never replacing anything.
 
 Order, and why:
-1. syncfs: the staged data is durable before any final name points at it,
-   so even a power cut never leaves a partial file under a final name.
+1. syncfs, while every staged file is re-read and checked against the
+   manifest (the two overlap: one waits on the disk, the other on the CPU).
+   The data is durable and verified before any final name points at it, so
+   even a power cut never leaves a partial file under a final name.
 2. mkdir the missing directories, link() each staged inode to its final name.
    link() fails with EEXIST instead of replacing: a file that appeared since
    the check is a conflict, and everything this delivery published is rolled
    back (only names whose inode is still ours are removed).
-3. syncfs again (now only metadata), while the published files are re-read
-   and checked against the manifest; then the staging directory goes.
+3. Each final name is checked to be the verified inode, syncfs again (now
+   only metadata), and the destination checked to be still where it was
+   configured; then the staging directory goes.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import ctypes
 import errno
 import os
 import threading
+from collections.abc import Callable
 
 from .check import DIR_FLAGS, LIST_MAX, DirCache, hash_at, join
 from .claim import is_enospc
@@ -37,8 +41,12 @@ def syncfs(fd: int) -> None:
 
 
 def publish(plan: Plan, staging: Staging, owner: Ownership) -> None:
-    """Make the staged files visible under their final names (all or nothing)."""
-    syncfs(staging.fd)
+    """Verify and sync the staged files, then give them their final names (all or nothing)."""
+    bad = _in_parallel_with_sync(staging.fd, lambda: verify(plan, staging))
+    if bad:
+        raise EntryFailed("the staged copy of " + ", ".join(printable(b) for b in bad)
+                          + " did not match the manifest (changed while it was being "
+                          "delivered?); nothing of this entry was delivered.")
     point("synced")
     try:
         with plan.state() as state:
@@ -71,31 +79,53 @@ def publish(plan: Plan, staging: Staging, owner: Ownership) -> None:
 
 
 def finish(plan: Plan, staging: Staging) -> None:
-    """Sync the new names and verify every copied file; roll back on a mismatch."""
+    """Check every final name is its verified inode, sync the names; roll back if not."""
+    wrong = _in_parallel_with_sync(staging.dest_fd, lambda: _check_links(plan, staging))
+    moved = _destination_moved(staging)
+    if wrong or moved:
+        rollback(plan, staging)
+        if moved:
+            raise TemporaryError(moved)
+        raise EntryFailed("the published name of " + ", ".join(printable(b) for b in wrong)
+                          + " does not lead to the verified copy; nothing of this entry was"
+                          " delivered.")
+
+
+def _in_parallel_with_sync(fd: int, work: Callable[[], list[str]]) -> list[str]:
+    """Run work() while syncfs(fd) runs on a second thread; raise what the sync raised."""
     errors: list[OSError] = []
 
     def sync() -> None:
         try:
-            syncfs(staging.dest_fd)
+            syncfs(fd)
         except OSError as e:
             errors.append(e)
 
     syncer = threading.Thread(target=sync, name="syncfs")
     syncer.start()
     try:
-        bad = verify(plan, staging)
+        result = work()
     finally:
         syncer.join()
-    moved = _destination_moved(staging)
-    if errors or bad or moved:
-        rollback(plan, staging)
-        if moved:
-            raise TemporaryError(moved)
-        if errors:
-            raise _classify(errors[0], "syncing")
-        raise EntryFailed("the published copy of " + ", ".join(printable(b) for b in bad)
-                          + " did not match the manifest (changed while it was being "
-                          "delivered?); nothing of this entry was delivered.")
+    if errors:
+        raise _classify(errors[0], "syncing")
+    return result
+
+
+def _check_links(plan: Plan, staging: Staging) -> list[str]:
+    wrong: list[str] = []
+    with plan.state() as state, DirCache(staging.dest_fd) as dest, \
+            DirCache(staging.fd) as buckets:
+        for d, f in plan.iter_files():
+            if not state.flags(f.index) & COPIED:
+                continue
+            ours = os.stat(str(f.index), dir_fd=buckets.dir_fd(bucket(d)),
+                           follow_symlinks=False)
+            there = os.stat(f.name, dir_fd=dest.dir_fd(d.rel), follow_symlinks=False)
+            if (there.st_ino, there.st_dev) != (ours.st_ino, ours.st_dev) \
+                    and len(wrong) < LIST_MAX:
+                wrong.append(join(d.rel, f.name))
+    return wrong
 
 
 def _destination_moved(staging: Staging) -> str | None:
@@ -118,14 +148,14 @@ def _destination_moved(staging: Staging) -> str | None:
 
 
 def verify(plan: Plan, staging: Staging) -> list[str]:
-    """Re-read each file this delivery copied, by its final name; list mismatches."""
+    """Re-read each staged file and check it against the manifest; list mismatches."""
     bad: list[str] = []
-    with plan.state() as state, DirCache(staging.dest_fd) as dest:
+    with plan.state() as state, DirCache(staging.fd) as buckets:
         for d, f in plan.iter_files():
             if not state.flags(f.index) & COPIED:
                 continue
-            if hash_at(dest.dir_fd(d.rel), f.name, f.size) != state.digest(f.index) \
-                    and len(bad) < LIST_MAX:
+            if hash_at(buckets.dir_fd(bucket(d)), str(f.index), f.size) \
+                    != state.digest(f.index) and len(bad) < LIST_MAX:
                 bad.append(join(d.rel, f.name))
     return bad
 
