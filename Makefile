@@ -59,6 +59,7 @@ bench: venv
 	$(VENV)/bin/python bench/bench_delivery.py
 
 clean:
-	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache *.egg-info
+	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache *.egg-info build dist
 
 -include packaging/install.mk
+-include packaging/deb.mk

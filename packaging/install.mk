@@ -8,15 +8,19 @@
 # runtime dependencies are the Debian packages python3-yaml and
 # python3-systemd: installed with apt-get when missing and DESTDIR is empty),
 # the `dittohead` command, the systemd units, the generator, the sysusers.d
-# file, the journal catalog, and /etc/dittohead/config.yaml when there is
-# none yet. Then, when DESTDIR is empty: systemd-sysusers (the dittohead
-# user and group), journalctl --update-catalog, and, when systemd is the
-# running init, systemctl daemon-reload (which runs the generator).
+# and tmpfiles.d files, the journal catalog, and /etc/dittohead/config.yaml
+# when there is none yet. Then, when DESTDIR is empty: systemd-sysusers (the
+# dittohead user and group), systemd-tmpfiles --create dittohead.conf,
+# journalctl --update-catalog, and, when systemd is the running init,
+# systemctl daemon-reload (which runs the generator).
+# The Debian package (packaging/deb.mk) runs this with DESTDIR and PREFIX=/usr
+# and does the rest in its maintainer scripts.
 #
 # systemd 252 reads units from /usr/local/lib/systemd/system, generators from
 # /usr/local/lib/systemd/system-generators and sysusers.d from
-# /usr/local/lib/sysusers.d (`systemd-analyze unit-paths`,
-# `systemd-sysusers --cat-config`), so PREFIX=/usr/local needs nothing else.
+# /usr/local/lib/sysusers.d and tmpfiles.d from /usr/local/lib/tmpfiles.d
+# (`systemd-analyze unit-paths`, `systemd-sysusers --cat-config`,
+# `systemd-tmpfiles --cat-config`), so PREFIX=/usr/local needs nothing else.
 # The catalog goes to /usr/lib/systemd/catalog, where journalctl's own live.
 
 PREFIX ?= /usr/local
@@ -27,6 +31,7 @@ LIBDIR ?= $(PREFIX)/lib/dittohead
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 GENERATORDIR ?= $(PREFIX)/lib/systemd/system-generators
 SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
+TMPFILESDIR ?= $(PREFIX)/lib/tmpfiles.d
 CATALOGDIR ?= /usr/lib/systemd/catalog
 SYSCONFDIR ?= /etc
 
@@ -53,6 +58,8 @@ install: install-deps install-files
 	    set -e; \
 	    echo "systemd-sysusers $(SYSUSERSDIR)/dittohead.conf"; \
 	    systemd-sysusers $(SYSUSERSDIR)/dittohead.conf; \
+	    echo "systemd-tmpfiles --create dittohead.conf"; \
+	    systemd-tmpfiles --create dittohead.conf; \
 	    echo "journalctl --update-catalog"; \
 	    journalctl --update-catalog; \
 	    if [ -d /run/systemd/system ]; then \
@@ -79,7 +86,8 @@ install-deps:
 
 install-files:
 	install -d $(DESTDIR)$(LIBDIR)/dittohead $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) \
-	    $(DESTDIR)$(GENERATORDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(CATALOGDIR)
+	    $(DESTDIR)$(GENERATORDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(TMPFILESDIR) \
+	    $(DESTDIR)$(CATALOGDIR)
 	rm -rf $(DESTDIR)$(LIBDIR)/dittohead/__pycache__
 	install -m 0644 dittohead/*.py $(DESTDIR)$(LIBDIR)/dittohead/
 	$(PYTHON) -m compileall -q -d $(LIBDIR)/dittohead $(DESTDIR)$(LIBDIR)/dittohead
@@ -93,6 +101,7 @@ install-files:
 	        > $(DESTDIR)$(UNITDIR)/$$u && chmod 0644 $(DESTDIR)$(UNITDIR)/$$u || exit 1; \
 	done
 	install -m 0644 units/dittohead.sysusers $(DESTDIR)$(SYSUSERSDIR)/dittohead.conf
+	install -m 0644 units/dittohead.tmpfiles $(DESTDIR)$(TMPFILESDIR)/dittohead.conf
 	install -m 0644 units/dittohead.catalog $(DESTDIR)$(CATALOGDIR)/dittohead.catalog
 	@if [ -e $(DESTDIR)$(SYSCONFDIR)/dittohead/config.yaml ]; then \
 	    echo "keeping $(DESTDIR)$(SYSCONFDIR)/dittohead/config.yaml"; \
@@ -101,14 +110,16 @@ install-files:
 	    install -D -m 0644 config.yaml $(DESTDIR)$(SYSCONFDIR)/dittohead/config.yaml; \
 	fi
 
-# Leaves /etc/dittohead (the admin's config), the dittohead user and every
-# study's data alone. Stop and disable the study units first:
+# Leaves /etc/dittohead (the admin's config), the dittohead user, the
+# dropbox root and every study's data alone. Stop and disable the study
+# units first:
 #   systemctl disable --now 'dittohead@*.path' 'dittohead@*.timer'
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/dittohead $(DESTDIR)$(GENERATORDIR)/dittohead-generator
 	rm -rf $(DESTDIR)$(LIBDIR)
 	for u in $(DITTOHEAD_UNITS); do rm -f $(DESTDIR)$(UNITDIR)/$$u; done
-	rm -f $(DESTDIR)$(SYSUSERSDIR)/dittohead.conf $(DESTDIR)$(CATALOGDIR)/dittohead.catalog
+	rm -f $(DESTDIR)$(SYSUSERSDIR)/dittohead.conf $(DESTDIR)$(TMPFILESDIR)/dittohead.conf \
+	    $(DESTDIR)$(CATALOGDIR)/dittohead.catalog
 	@if [ -z "$(DESTDIR)" ]; then \
 	    journalctl --update-catalog; \
 	    if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi; \
