@@ -176,10 +176,10 @@ def test_drift_names_what_differs(tmp_path: Path) -> None:
     ]  # ... but the Environment= line it implies is
 
 
-def test_fast_enough_for_every_daemon_reload(tmp_path: Path) -> None:
+def test_a_hundred_studies_in_one_run(tmp_path: Path) -> None:
     many = {"studies": {f"s{i}": {"destination": f"/study/s{i}"} for i in range(100)}}
     start = time.monotonic()
     r, out = run(tmp_path, many)
-    elapsed = time.monotonic() - start
     assert r.returncode == 0 and len(files(out)) == 200
-    assert elapsed < 2.0, f"generator took {elapsed:.2f}s for 100 studies"
+    # Reported, not asserted: timing belongs in bench/, never in a test.
+    print(f"\ngenerator: 100 studies in {time.monotonic() - start:.2f}s")
