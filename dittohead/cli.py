@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--linger", type=float, default=0.0, metavar="SECONDS",
                    help="keep watching until the inbox has been empty this long (default 0)")
 
+    s = sub.add_parser("mail", help="send a study's queued mail (what dittohead-mail@ runs)")
+    s.add_argument("study")
+
     s = sub.add_parser("check", help="check config, layout, units and free space")
     s.add_argument("study", nargs="?")
 
@@ -83,6 +86,10 @@ def _run(args: argparse.Namespace) -> int:
         if args.linger < 0:
             raise UsageError("--linger must not be negative")
         return process(cfg, args.study, linger=args.linger).exit_code
+    if args.command == "mail":
+        from .errors import EXIT_TEMPFAIL
+        from .notify import send_queued
+        return EXIT_TEMPFAIL if send_queued(cfg, cfg.study(args.study)) else 0
     if args.command == "setup":
         from .layout import setup
         if os.geteuid() != 0:

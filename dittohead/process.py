@@ -19,7 +19,7 @@ import pwd
 import time
 from dataclasses import dataclass, replace
 
-from . import log
+from . import log, notify
 from .check import new_plan, open_destination, plan_entry, user_name
 from .claim import Claim, StudyLock, claim, pending_claims, ready_entries, release
 from .config import Config, StudyConfig
@@ -63,9 +63,9 @@ def process(config: Config, study_name: str, linger: float = 0.0) -> RunResult:
     with StudyLock(study):
         for c in list(pending_claims(study)):
             if os.path.lexists(study.processing / c.id):
-                counts[_deliver_guarded(study, c, owner)] += 1
+                counts[_deliver_guarded(config, study, c, owner)] += 1
             else:
-                _report_filed(study, c)
+                _report_filed(config, study, c)
         refused: set[str] = set()  # entries we could not claim: don't spin on them
         quiet_since = time.monotonic()
         while True:
@@ -81,13 +81,15 @@ def process(config: Config, study_name: str, linger: float = 0.0) -> RunResult:
                              DITTOHEAD_ENTRY=log.printable(name))
                     continue
                 if new is not None:
-                    counts[_deliver_guarded(study, new, owner)] += 1
+                    counts[_deliver_guarded(config, study, new, owner)] += 1
             if names:
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since >= linger:
                 break
             else:
                 time.sleep(POLL)
+    if os.environ.get("DITTOHEAD_MAIL") != "queue":
+        notify.send_queued(config, study)
     if refused:
         # Not a temporary problem (75 would let the path unit re-trigger for
         # ever): the service lacks a privilege. Fail, so the admin is told.
@@ -98,14 +100,14 @@ def process(config: Config, study_name: str, linger: float = 0.0) -> RunResult:
                      retry_later=counts["retry-later"], errors=counts["error"])
 
 
-def _deliver_guarded(study: StudyConfig, c: Claim, owner: Ownership) -> str:
+def _deliver_guarded(config: Config, study: StudyConfig, c: Claim, owner: Ownership) -> str:
     """deliver(), but an unexpected error (EIO, a bug) keeps only this entry back.
 
     The entry stays claimed in processing/ for the next run; the others are
     still drained, so no ready entry is left to re-trigger the path unit.
     """
     try:
-        return deliver(study, c, owner)
+        return deliver(config, study, c, owner)
     except (ConfigError, TemporaryError):
         raise
     except Exception as e:  # reported; the run exits 1
@@ -136,10 +138,10 @@ def _ownership(config: Config, study: StudyConfig) -> Ownership:
     return Ownership(uid=uid, gid=gid, file_mode=study.file_mode, dir_mode=study.dir_mode)
 
 
-def deliver(study: StudyConfig, c: Claim, owner: Ownership) -> str:
+def deliver(config: Config, study: StudyConfig, c: Claim, owner: Ownership) -> str:
     """Deliver one claimed entry; return its outcome (delivered, failed, rejected, retry-later)."""
     try:
-        return _deliver(study, c, owner)
+        return _deliver(config, study, c, owner)
     finally:
         # The spooled plan is rebuilt by every attempt; filing removed it already.
         for suffix in (".plan", ".state"):
@@ -149,7 +151,7 @@ def deliver(study: StudyConfig, c: Claim, owner: Ownership) -> str:
                 pass
 
 
-def _deliver(study: StudyConfig, c: Claim, owner: Ownership) -> str:
+def _deliver(config: Config, study: StudyConfig, c: Claim, owner: Ownership) -> str:
     fields = {"study": study.name, "entry": c.entry, "delivery": c.id,
               "destination": str(study.destination)}
     uploader = _uploader(study, c)
@@ -186,7 +188,7 @@ def _deliver(study: StudyConfig, c: Claim, owner: Ownership) -> str:
         return "retry-later"
     except EntryFailed as e:
         r = file_entry(study, c, plan, e.outcome, uploader, e.reason)
-        _report(study, r, fields)
+        _report(config, study, r, fields)
         return e.outcome
     except OSError as e:
         from .claim import is_enospc
@@ -197,12 +199,12 @@ def _deliver(study: StudyConfig, c: Claim, owner: Ownership) -> str:
             return "retry-later"
         raise
     r = file_entry(study, c, plan, "delivered", uploader)
-    _report(study, r, fields)
-    check_disk(study)
+    _report(config, study, r, fields)
+    check_disk(config, study)
     return "delivered"
 
 
-def _report_filed(study: StudyConfig, c: Claim) -> None:
+def _report_filed(config: Config, study: StudyConfig, c: Claim) -> None:
     """A crash came after the entry was filed but before its journal event: log it now."""
     for d in (study.done, study.failed):
         try:
@@ -214,7 +216,7 @@ def _report_filed(study: StudyConfig, c: Claim) -> None:
                         files=data["files"], bytes=data["bytes"],
                         skipped=tuple(data["skipped"]), finished=data["finished"],
                         reason=data["reason"])
-            _report(study, r, {"study": study.name, "entry": c.entry, "delivery": c.id,
+            _report(config, study, r, {"study": study.name, "entry": c.entry, "delivery": c.id,
                                "destination": str(study.destination),
                                "uploader": r.uploader})
             break
@@ -228,7 +230,8 @@ def _uploader(study: StudyConfig, c: Claim) -> str:
         return "unknown"
 
 
-def _report(study: StudyConfig, r: Outcome, fields: dict[str, str]) -> None:
+def _report(config: Config, study: StudyConfig, r: Outcome, fields: dict[str, str]) -> None:
+    """The journal event of a filed entry, then the mail about it."""
     name = log.printable(r.claim.entry)
     if r.outcome == "delivered":
         msg = (f"{study.name}: delivered {name} from {r.uploader}: {r.files} files, "
@@ -236,9 +239,29 @@ def _report(study: StudyConfig, r: Outcome, fields: dict[str, str]) -> None:
     else:
         msg = f"{study.name}: {r.outcome} {name} from {r.uploader}: {r.reason}"
     log.event(r.outcome, msg, files=r.files, bytes=r.bytes, reason=r.reason, **fields)
+    where = study.done if r.outcome == "delivered" else study.failed
+    lines = [f"Study:       {study.name}", f"Entry:       {name}",
+             f"Uploaded by: {r.uploader}", f"Delivery:    {r.claim.id}",
+             f"Outcome:     {r.outcome}"]
+    if r.outcome == "delivered":
+        subject = f"delivered {name} ({r.files} files)"
+        lines += [f"Files:       {r.files} ({r.bytes} bytes)",
+                  f"Into:        {study.destination}",
+                  f"Manifest:    {where / (r.claim.id + '.sha256')}"]
+        if r.skipped:
+            lines.append("Not delivered (ignored names): " + ", ".join(
+                log.printable(s) for s in r.skipped[:20])
+                + (f" and {len(r.skipped) - 20} more" if len(r.skipped) > 20 else ""))
+    else:
+        subject = f"{r.outcome}: {name} was NOT delivered"
+        lines += ["", f"Why: {r.reason}", "",
+                  f"The upload is kept, untouched, in {where / r.claim.id}.",
+                  "Once the cause is fixed, an admin can put it back in line with:",
+                  f"  dittohead retry {study.name} {r.claim.id}"]
+    notify.send(config, study, r.outcome, subject, "\n".join(lines) + "\n", r.uploader)
 
 
-def check_disk(study: StudyConfig) -> None:
+def check_disk(config: Config, study: StudyConfig) -> None:
     """Warn once each time the destination's usage crosses a threshold upward."""
     if not study.disk_warn_percent:
         return
@@ -253,8 +276,12 @@ def check_disk(study: StudyConfig) -> None:
         before = 0.0
     crossed = [t for t in study.disk_warn_percent if before < t <= percent]
     if crossed:
-        log.event("disk-warning", f"{study.name}: {study.destination} is {percent:.0f}% "
-                  f"full (crossed {crossed[-1]}%)", study=study.name,
+        text = (f"{study.destination} is {percent:.0f}% full (crossed {crossed[-1]}%)")
+        log.event("disk-warning", f"{study.name}: {text}", study=study.name,
                   destination=str(study.destination), reason=f"{percent:.1f}% used")
+        notify.send(config, study, "disk", text,
+                    f"The storage of study {study.name}, {study.destination}, is "
+                    f"{percent:.1f}% full.\nDeliveries stop (and wait) when it is full; "
+                    "please make room or grow it.\n")
     if abs(percent - before) >= 0.05 or crossed:
         write_atomic(state, json.dumps({"percent": round(percent, 2)}).encode())

@@ -35,7 +35,8 @@ TMPFILESDIR ?= $(PREFIX)/lib/tmpfiles.d
 CATALOGDIR ?= /usr/lib/systemd/catalog
 SYSCONFDIR ?= /etc
 
-DITTOHEAD_UNITS := dittohead@.path dittohead@.service dittohead@.timer dittohead-notify@.service
+DITTOHEAD_UNITS := dittohead@.path dittohead@.service dittohead@.timer dittohead-notify@.service \
+	dittohead-mail@.service
 DITTOHEAD_DEBS := python3-yaml python3-systemd
 
 # A Python launcher: runs the package installed in LIBDIR with the system

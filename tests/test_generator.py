@@ -183,3 +183,21 @@ def test_a_hundred_studies_in_one_run(tmp_path: Path) -> None:
     assert r.returncode == 0 and len(files(out)) == 200
     # Reported, not asserted: timing belongs in bench/, never in a test.
     print(f"\ngenerator: 100 studies in {time.monotonic() - start:.2f}s")
+
+
+def test_only_the_mailer_of_a_study_that_mails_gets_network(tmp_path: Path) -> None:
+    data = {"notify": {"smtp": {"host": "192.0.2.25"}},
+            "studies": {"quiet": {"destination": "/study/quiet"},
+                        "mailing": {"destination": "/study/mailing",
+                                    "notify": {"to": ["pi@example.edu"]}}}}
+    r, out = run(tmp_path, data)
+    assert r.returncode == 0
+    assert not (out / "dittohead-mail@quiet.service.d").exists()
+    mailer = (out / "dittohead-mail@mailing.service.d" / "50-mail.conf").read_text()
+    assert "PrivateNetwork=no" in mailer and "IPAddressAllow=192.0.2.25\n" in mailer
+    assert "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6" in mailer
+    assert "ReadWritePaths=-/data-dropbox/mailing/processing/.mail\n" in mailer
+    # The delivery service itself never gets network.
+    for study in ("quiet", "mailing"):
+        text = (out / f"dittohead@{study}.service.d" / "50-paths.conf").read_text()
+        assert "PrivateNetwork" not in text and "IPAddress" not in text

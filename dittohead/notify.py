@@ -1,0 +1,115 @@
+"""Tell people by email: deliveries, failures, rejections, a filling disk.
+
+Mail is a courtesy on top of the journal, which stays the record: a mail
+that cannot be sent (no MTA, a refused address) is kept and retried, and
+never fails or delays a delivery. Messages are first queued as files in
+`processing/.mail/`, then sent over SMTP (never through a setgid sendmail,
+which NoNewPrivileges= forbids) to `notify.smtp` (default localhost:25,
+where a local MTA such as postfix or nullmailer relays them).
+
+Who sends: `dittohead process` run by hand sends its queue at the end of
+the run. Under systemd the delivery service has no network at all
+(DITTOHEAD_MAIL=queue in its unit); dittohead-mail@STUDY.service, which has
+network to the SMTP host but no capabilities and can write only the queue,
+sends it (`dittohead mail STUDY`) after each successful run.
+
+Who gets what: the study's `notify.to` for the events in its `notify.on`,
+and, when `notify.uploader_address` is set, the uploader for the outcome of
+their own delivery (delivered, failed, rejected), whatever `on` says.
+"""
+
+from __future__ import annotations
+
+import secrets
+import smtplib
+import socket
+import ssl
+import syslog
+import time
+from email import message_from_bytes
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+from pathlib import Path
+
+from . import log
+from .config import Config, StudyConfig
+from .record import write_atomic
+
+SMTP_TIMEOUT = 20  # seconds; a hung MTA must not hold up the inbox for long
+UPLOADER_EVENTS = ("delivered", "failed", "rejected")
+
+
+def recipients(cfg: Config, study: StudyConfig, kind: str, uploader: str | None) -> list[str]:
+    """The addresses that hear of this event (may be empty)."""
+    to = list(study.notify.to) if kind in study.notify.on else []
+    template = cfg.notify.uploader_address
+    # A numeric uploader has no user name, so no address can be made for it.
+    if template and uploader and not uploader.isdigit() and kind in UPLOADER_EVENTS:
+        address = template.format(user=uploader)
+        if address not in to:
+            to.append(address)
+    return to
+
+
+def queue_dir(study: StudyConfig) -> Path:
+    return study.processing / ".mail"
+
+
+def send(cfg: Config, study: StudyConfig, kind: str, subject: str, body: str,
+         uploader: str | None = None) -> None:
+    """Queue one event's mail for whoever should hear of it (nothing if nobody)."""
+    to = recipients(cfg, study, kind, uploader)
+    if not to:
+        return
+    msg = EmailMessage()
+    msg["From"] = cfg.notify.sender or f"{cfg.service_user}@{socket.getfqdn()}"
+    msg["To"] = ", ".join(to)
+    msg["Subject"] = f"[dittohead {study.name}] {subject}"
+    msg["Date"] = formatdate(localtime=True)
+    msg["Message-ID"] = make_msgid(domain="dittohead.invalid")
+    msg["Auto-Submitted"] = "auto-generated"  # RFC 3834: no vacation replies
+    msg.set_content(body)
+    q = queue_dir(study)
+    q.mkdir(mode=0o700, exist_ok=True)
+    try:
+        write_atomic(q / f"{time.time_ns()}-{secrets.token_hex(4)}.eml", msg.as_bytes(), 0o600)
+    except OSError as e:
+        log.send(f"{study.name}: could not queue mail about {kind}: {e}",
+                 priority=syslog.LOG_WARNING, DITTOHEAD_STUDY=study.name,
+                 DITTOHEAD_REASON=str(e))
+
+
+def send_queued(cfg: Config, study: StudyConfig) -> int:
+    """Send every queued mail, oldest first; return how many are still queued."""
+    try:
+        queued = sorted(p for p in queue_dir(study).iterdir() if p.suffix == ".eml")
+    except FileNotFoundError:
+        return 0
+    if not queued:
+        return 0
+    smtp = cfg.notify.smtp
+    try:
+        with smtplib.SMTP(smtp.host, smtp.port, timeout=SMTP_TIMEOUT) as s:
+            if smtp.starttls:
+                s.starttls(context=ssl.create_default_context())
+            if smtp.username:
+                assert smtp.password_file is not None  # config validation demands it
+                s.login(smtp.username, smtp.password_file.read_text().strip())
+            for i, path in enumerate(queued):
+                msg = message_from_bytes(path.read_bytes())
+                try:
+                    s.send_message(msg)
+                except smtplib.SMTPRecipientsRefused as e:
+                    # Permanent for this message: keeping it would block the rest.
+                    log.send(f"{study.name}: mail {path.name} refused by the server, "
+                             f"dropped: {e}", priority=syslog.LOG_WARNING,
+                             DITTOHEAD_STUDY=study.name, DITTOHEAD_REASON=str(e))
+                path.unlink()
+                queued[i] = Path()
+    except (OSError, smtplib.SMTPException) as e:
+        left = sum(1 for p in queued if p != Path())
+        log.send(f"{study.name}: could not send {left} queued mails via {smtp.host}:"
+                 f"{smtp.port}, kept for the next run: {e}", priority=syslog.LOG_WARNING,
+                 DITTOHEAD_STUDY=study.name, DITTOHEAD_REASON=str(e))
+        return left
+    return 0

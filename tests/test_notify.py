@@ -1,0 +1,147 @@
+"""Mail on a real SMTP server on 127.0.0.1: who hears of what; a dead MTA loses nothing."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from email import message_from_bytes
+from email.message import Message
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from .conftest import Env, make_env
+
+
+class Inbox:
+    """An aiosmtpd handler that keeps every message it is given."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[list[str], Message]] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        self.messages.append((list(envelope.rcpt_tos), message_from_bytes(envelope.content)))
+        return "250 OK"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def smtp() -> Iterator[tuple[Inbox, int]]:
+    inbox = Inbox()
+    port = free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield inbox, port
+    finally:
+        controller.stop()
+
+
+def mail_env(base: Path, port: int, on: list[str] | None = None) -> Env:
+    env = make_env(base, {"notify": {"to": ["pi@example.edu"],
+                                     **({"on": on} if on is not None else {})}})
+    import yaml
+    data = yaml.safe_load(env.config_path.read_text())
+    data["notify"] = {"from": "dittohead@example.edu", "uploader_address": "{user}@example.edu",
+                      "smtp": {"host": "127.0.0.1", "port": port}}
+    env.config_path.write_text(yaml.safe_dump(data))
+    return env
+
+
+def body(m: Message) -> str:
+    payload = m.get_payload(decode=True)
+    assert isinstance(payload, bytes)
+    return payload.decode()
+
+
+def test_delivery_mails_the_study_and_the_uploader(shared_base: Path,
+                                                   smtp: tuple[Inbox, int]) -> None:
+    inbox, port = smtp
+    env = mail_env(shared_base, port)
+    env.drop("s01-session1", {"eprime/s01.txt": b"x", ".DS_Store": b"junk"})
+    r = env.process()
+    assert r.returncode == 0, r.stderr
+    [(rcpt, m)] = inbox.messages
+    uploader = r.stderr.split("DITTOHEAD_UPLOADER=")[1].split()[0].rstrip("]")
+    assert rcpt == ["pi@example.edu", f"{uploader}@example.edu"]
+    assert m["Subject"] == "[dittohead s1] delivered s01-session1 (1 files)"
+    assert m["From"] == "dittohead@example.edu"
+    assert m["Auto-Submitted"] == "auto-generated"
+    text = body(m)
+    assert "Entry:       s01-session1" in text and str(env.study.destination) in text
+    assert ".DS_Store" in text
+
+
+def test_failure_mail_says_why_and_how_to_retry(shared_base: Path,
+                                                smtp: tuple[Inbox, int]) -> None:
+    inbox, port = smtp
+    env = mail_env(shared_base, port)
+    (env.study.destination / "a.txt").write_bytes(b"original")
+    env.drop("e", {"a.txt": b"other"})
+    assert env.process().returncode == 0
+    [(_, m)] = inbox.messages
+    assert "failed: e was NOT delivered" in str(m["Subject"])
+    text = body(m)
+    assert "a.txt" in text and "dittohead retry s1 " in text
+
+
+def test_notify_on_limits_the_study_list_not_the_uploader(shared_base: Path,
+                                                          smtp: tuple[Inbox, int]) -> None:
+    inbox, port = smtp
+    env = mail_env(shared_base, port, on=["failed"])
+    env.drop("e", {"a.txt": b"1"})
+    assert env.process().returncode == 0
+    [(rcpt, _)] = inbox.messages
+    assert "pi@example.edu" not in rcpt and len(rcpt) == 1
+
+
+def test_no_mta_loses_no_data_and_keeps_the_mail(shared_base: Path) -> None:
+    env = mail_env(shared_base, free_port())  # nothing listens there
+    env.drop("e", {"a.txt": b"1"})
+    r = env.process()
+    assert r.returncode == 0, r.stderr
+    assert (env.study.destination / "a.txt").read_bytes() == b"1"
+    assert "could not send 1 queued mails via 127.0.0.1" in r.stderr
+    assert len(list((env.study.processing / ".mail").glob("*.eml"))) == 1
+
+
+def test_the_service_only_queues_and_dittohead_mail_sends(shared_base: Path,
+                                                          smtp: tuple[Inbox, int]) -> None:
+    inbox, port = smtp
+    env = mail_env(shared_base, port)
+    env.drop("e1", {"a.txt": b"1"})
+    env.drop("e2", {"b.txt": b"2"})
+    r = env.process(env={"DITTOHEAD_MAIL": "queue"})  # as dittohead@.service runs it
+    assert r.returncode == 0, r.stderr
+    assert inbox.messages == []
+    assert len(list((env.study.processing / ".mail").glob("*.eml"))) == 2
+    r = env.run("mail", "s1")  # as dittohead-mail@.service runs it
+    assert r.returncode == 0, r.stderr
+    assert sorted(str(m["Subject"]) for _, m in inbox.messages) == [
+        "[dittohead s1] delivered e1 (1 files)", "[dittohead s1] delivered e2 (1 files)"]
+    assert list((env.study.processing / ".mail").glob("*.eml")) == []
+
+
+def test_queued_mail_waits_for_the_mta_then_goes(shared_base: Path) -> None:
+    port = free_port()
+    env = mail_env(shared_base, port)
+    env.drop("e", {"a.txt": b"1"})
+    assert env.process(env={"DITTOHEAD_MAIL": "queue"}).returncode == 0
+    r = env.run("mail", "s1")
+    assert r.returncode == 75 and "kept for the next run" in r.stderr
+    inbox = Inbox()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        assert env.run("mail", "s1").returncode == 0
+    finally:
+        controller.stop()
+    assert len(inbox.messages) == 1
