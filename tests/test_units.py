@@ -36,7 +36,7 @@ from . import sysbox
 
 REPO = Path(__file__).resolve().parent.parent
 UNITS = ("dittohead@.path", "dittohead@.service", "dittohead@.timer",
-         "dittohead-notify@.service")
+         "dittohead-notify@.service", "dittohead-mail@.service")
 NOTIFY_ID = "d49d0a088dd54a0286ba26b8f857ba0b"  # units/dittohead-notify-failure
 DELIVERED = MESSAGE_IDS["delivered"]
 EXPOSURE_MAX = 1.5
@@ -185,8 +185,12 @@ def test_install_files_runs_from_its_prefix(tmp_path: Path) -> None:
 
 UPLOADER = "sbxup"
 ROOT = "/srv/dh"  # a tmpfs of its own inside the box: room for large entries
+SMTP_PORT = 2525  # a debugging SMTP server inside the box (its own network namespace)
 CONFIG = f"""\
 dropbox_root: {ROOT}/dropbox
+notify:
+  from: dittohead@example.edu
+  smtp: {{host: 127.0.0.1, port: {SMTP_PORT}}}
 studies:
   s1:
     destination: {ROOT}/study/s1
@@ -197,6 +201,11 @@ studies:
     # group differs from the destination's: needs CAP_CHOWN
     destination: {ROOT}/study/s3
     group: sbxs1
+  s4:
+    # the only study that sends mail
+    destination: {ROOT}/study/s4
+    notify:
+      to: [pi@example.edu]
 """
 
 # Runs inside the box as the uploader: build .NAME in the inbox, then rename.
@@ -333,7 +342,7 @@ mkdir -p {ROOT} && mount -t tmpfs -o size=3g,mode=0755 dittohead-test {ROOT}
 mkdir -p {ROOT}/study
 groupadd sbxs1
 useradd --no-create-home --shell /bin/sh {UPLOADER}
-for s in s1 s2 s3; do dittohead setup $s >/dev/null; done
+for s in s1 s2 s3 s4; do dittohead setup $s >/dev/null; done
 # s3: a destination whose group is not the study's and that is not setgid
 chgrp dittohead {ROOT}/study/s3 && chmod 0750 {ROOT}/study/s3 && chmod g-s {ROOT}/study/s3
 systemctl daemon-reload
@@ -380,6 +389,29 @@ class TestOnSystemd:
     """Issue 3's list, on a booted throwaway systemd with `make install` done in it."""
 
     pytestmark = booted
+
+    def test_mail_is_sent_by_the_mailer_not_the_delivery_service(self, box: Box) -> None:
+        # Python 3.11's smtpd DebuggingServer prints each message it gets.
+        box.sh(f"systemctl is-active -q sbx-smtp || systemd-run -q --unit=sbx-smtp "
+               f"-p Environment=PYTHONWARNINGS=ignore /usr/bin/python3 -u -m smtpd -n -c "
+               f"DebuggingServer 127.0.0.1:{SMTP_PORT}")
+        probe = f"import socket; socket.create_connection(('127.0.0.1', {SMTP_PORT}))"
+        wait_for(lambda: box.box.run("/usr/bin/python3", "-c", probe,
+                                     check=False).returncode == 0, 30, "the SMTP sink")
+        box.sh("systemctl enable --now dittohead@s4.path")
+        box.upload("s4", [("mailed-1", {"a.txt": 10})])
+        assert box.wait_delivered("s4", ["mailed-1"]).get("mailed-1") == 1, box.debug("s4")
+        wait_for(lambda: "delivered mailed-1" in box.sh(
+            "journalctl -u sbx-smtp -o cat --no-pager", check=False).stdout, 60,
+            "the mail in the SMTP sink")
+        wait_for(lambda: box.prop("dittohead-mail@s4.service", "Result") == "success", 30,
+                 "the mailer to finish")
+        # s1 sends no mail: its mailer is skipped, not failed.
+        assert box.prop("dittohead-mail@s1.service", "ActiveState") != "failed"
+        # The delivery service never had the network the mailer has.
+        assert box.prop("dittohead@s4.service", "PrivateNetwork") == "yes"
+        assert box.prop("dittohead-mail@s4.service", "PrivateNetwork") == "no"
+        assert box.prop("dittohead-mail@s4.service", "CapabilityBoundingSet") == ""
 
     @pytest.mark.parametrize("umask", [0o022, 0o077])
     def test_upload_is_delivered_with_journal_fields(self, box: Box, umask: int) -> None:
