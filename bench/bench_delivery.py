@@ -10,16 +10,43 @@ Cases (each tool gets a fresh destination per run; the median of --runs is kept)
 Commands timed:
   cp         cp -a SRC DST && sync -f DST
   rsync      rsync -a SRC/ DST && sync -f DST
-  dittohead  dittohead --config CFG process STUDY   (claim, check, copy + sha256,
-             syncfs, publish, verify, receipt), the entry already in the inbox
+  dittohead  python -m dittohead --config CFG process STUDY (claim, check, copy +
+             sha256, syncfs, publish, verify, receipt), the entry already in the inbox
+  dittohead:LABEL  the same with PYTHONPATH=DIR, for each --variant LABEL=DIR: compare
+             a modified copy of the package side by side, interleaved, on the same data
 
 Fairness: the source tree is written once per case and synced, so every tool reads
 the same page-cache-warm data. The dittohead entry is a hard-linked copy of that tree
 (`cp -al`, the same inodes, so equally warm), made in the inbox under a dot name and
 renamed to ready, untimed. Before every timed command the filesystem is synced
 (untimed) so no tool pays for another's dirty pages; `sync -f` and dittohead's
-syncfs() then flush the same thing: what the tool wrote. Peak RSS and CPU time come
-from wait4() on each child (ru_maxrss, KiB on Linux).
+syncfs() then flush the same thing: what the tool wrote. Tools run interleaved (cp,
+rsync, dittohead, cp, ...) so slow drifts hit them alike, and each run waits (up to
+--quiet-wait s) for the machine to be idle; the table gives the median and the
+minimum (the least disturbed run) and ratios of both.
+
+Freed inodes: ext4 without a journal (VM scratch disks, and the box this was written
+on) avoids reusing an inode freed less than 60 s ago, 360 s while its inode table
+block is dirty (recently_deleted() in fs/ext4/ialloc.c), and checks each candidate
+with a buffer lookup: creating 20,000 files next to 20,000 just deleted costs
+seconds of system time, and cp's time swung 1x-10x from run to run. So the bench
+frees no inodes while it measures: outputs of many-file cases are moved to a trash
+directory removed at the very end (an output of few, big files is deleted right
+after its run, which frees space and page cache but hardly any inodes). Disk use
+peaks at about 2 GB for the big case and 1 GB (5 GB with --huge) of trash. Before
+each case a probe times 2,000 file creations and warns when the allocator is slow
+(another program deleting many files nearby: wait, or use a --dir on another
+filesystem or a fresh top-level directory).
+
+Memory: in a VM, writing into guest pages the host has not backed yet is several
+times slower than into recycled ones (copy_folio_from_iter_atomic was half of a
+1 GiB delivery's CPU time here), so big-file times vary with the page cache's
+history; runs are interleaved and outputs of big files freed after each run so
+every tool sees the same conditions, but expect +-30% on the big case in a VM.
+
+Peak RSS and CPU time come from wait4() on each child (ru_maxrss, KiB on Linux). A
+child's ru_maxrss is never below the spawner's own peak RSS, so the table marks
+values at that floor with "<=" (cp's and rsync's real peak is a few MB).
 
 Everything lives in a fresh directory under --dir (default /var/tmp), removed at the
 end. Standard library only. Example:  .venv/bin/python bench/bench_delivery.py
@@ -29,7 +56,7 @@ Quick run:  .venv/bin/python bench/bench_delivery.py --big-mib 64 --small-files 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import contextlib
 import json
 import os
 import platform
@@ -40,6 +67,7 @@ import statistics
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +77,7 @@ VENV_PYTHON = REPO / ".venv" / "bin" / "python"
 STUDY = "bench"
 SMALL_SIZE = 4096
 TOOLS = ("cp", "rsync", "dittohead")
+DITTOHEAD = "dittohead"
 # Targets from the issue.
 TARGET_BIG_VS_CP = 1.3
 TARGET_SMALL_VS_CP = 1.5
@@ -64,6 +93,7 @@ class Run:
     # parent's address space at the child's exec), so values at or under this floor only
     # say "at most this much". The bench keeps itself small so the floor stays low.
     floor_kib: int = 0
+    busy_before: float = 0.0  # share of CPU time others used just before the run
 
 
 @dataclass
@@ -76,6 +106,10 @@ class ToolResult:
         return statistics.median(r.seconds for r in self.runs)
 
     @property
+    def best(self) -> float:
+        return min(r.seconds for r in self.runs)
+
+    @property
     def cpu(self) -> float:
         return statistics.median(r.cpu_seconds for r in self.runs)
 
@@ -86,7 +120,7 @@ class ToolResult:
     @property
     def rss_is_floor(self) -> bool:
         """True when the peak is not above the spawner's floor (an upper bound only)."""
-        return self.maxrss_kib <= max(r.floor_kib for r in self.runs)
+        return self.maxrss_kib <= max(r.floor_kib for r in self.runs) + 1024
 
 
 @dataclass
@@ -96,11 +130,14 @@ class CaseResult:
     dirs: int
     bytes: int
     tools: dict[str, ToolResult] = field(default_factory=dict)
+    create_us: float = 0.0  # the file creation probe before the case
 
-    def ratio(self, tool: str) -> float | None:
-        if "dittohead" not in self.tools or tool not in self.tools:
+    def ratio(self, tool: str, ref: str, best: bool = False) -> float | None:
+        """tool's time over ref's time (medians, or minimums with best=True)."""
+        if tool not in self.tools or ref not in self.tools:
             return None
-        return self.tools["dittohead"].median / self.tools[tool].median
+        a, b = self.tools[tool], self.tools[ref]
+        return a.best / b.best if best else a.median / b.median
 
 
 class BenchError(Exception):
@@ -139,11 +176,54 @@ def sequence(*runs: Callable[[], Run]) -> Run:
                floor_kib=max(p.floor_kib for p in parts))
 
 
-def settle() -> None:
-    """Flush everything outside the timed section, so no tool pays for another's writes."""
-    os.sync()
-    time.sleep(0.5)
-    os.sync()
+def _cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs; iowait and steal count as not busy."""
+    with open("/proc/stat") as f:
+        values = [int(x) for x in f.readline().split()[1:]]
+    idle = values[3] + values[4] + (values[7] if len(values) > 7 else 0)
+    return sum(values) - idle, sum(values)
+
+
+def busy_share(seconds: float) -> float:
+    b0, t0 = _cpu_ticks()
+    time.sleep(seconds)
+    b1, t1 = _cpu_ticks()
+    return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+class Settle:
+    """What happens before every timed run: sync, then wait for a quiet machine."""
+
+    def __init__(self, quiet_wait: float, quiet_share: float) -> None:
+        self.quiet_wait = quiet_wait
+        self.quiet_share = quiet_share
+
+    def __call__(self) -> float:
+        """Flush and wait; return the share of CPU others still used just before."""
+        os.sync()
+        deadline = time.monotonic() + self.quiet_wait
+        while True:
+            busy = busy_share(0.5)
+            if busy <= self.quiet_share or time.monotonic() >= deadline:
+                os.sync()
+                return busy
+
+
+PROBE_FILES = 2000
+PROBE_SLOW_US = 100.0  # an unloaded ext4 creates an empty file in 15-40 us
+
+
+def create_probe(where: Path) -> float:
+    """Microseconds per empty-file creation in a fresh directory (kept: see docstring)."""
+    where.mkdir()
+    fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        start = time.perf_counter()
+        for i in range(PROBE_FILES):
+            os.close(os.open(str(i), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=fd))
+        return (time.perf_counter() - start) / PROBE_FILES * 1e6
+    finally:
+        os.close(fd)
 
 
 # --- data -----------------------------------------------------------------------------
@@ -201,7 +281,6 @@ class Dropbox:
     dest: Path
     config: Path
     python: str
-    env: dict[str, str]
 
     @property
     def study_dir(self) -> Path:
@@ -211,7 +290,7 @@ class Dropbox:
         return self.study_dir / name
 
 
-def make_dropbox(base: Path, pythonpath: str | None, python: str) -> Dropbox:
+def make_dropbox(base: Path, python: str) -> Dropbox:
     """A throwaway config and the layout `dittohead setup` would make (owner: us)."""
     root = base / "dropbox"
     dest = base / "dest"
@@ -230,18 +309,24 @@ def make_dropbox(base: Path, pythonpath: str | None, python: str) -> Dropbox:
                    "studies:\n"
                    f"  {STUDY}:\n"
                    f"    destination: {json.dumps(str(dest))}\n")
-    env = dict(os.environ, DITTOHEAD_LOG="stderr")
-    env.pop("DITTOHEAD_TEST_FAULT", None)
-    env.pop("DITTOHEAD_CONFIG", None)
+    return Dropbox(root=root, dest=dest, config=cfg, python=python)
+
+
+def dittohead_env(pythonpath: str | None) -> dict[str, str]:
+    # PYTHONSAFEPATH: `python -m` would otherwise put the working directory first
+    # on sys.path, and run from the repository it would shadow PYTHONPATH.
+    env = dict(os.environ, DITTOHEAD_LOG="stderr", PYTHONSAFEPATH="1")
+    for k in ("DITTOHEAD_TEST_FAULT", "DITTOHEAD_CONFIG", "PYTHONPATH"):
+        env.pop(k, None)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-    return Dropbox(root=root, dest=dest, config=cfg, python=python, env=env)
+    return env
 
 
-def drop_entry(box: Dropbox, src: Path, name: str) -> None:
+def drop_entry(box: Dropbox, src: Path, name: str, log: Path) -> None:
     """Put a hard-linked copy of src in the inbox as .name, then rename it to name."""
     hidden = box.sub("inbox") / f".{name}"
-    spawn(["cp", "-al", str(src), str(hidden)], box.root.parent / "logs" / "prepare.log")
+    spawn(["cp", "-al", str(src), str(hidden)], log)
     os.rename(hidden, box.sub("inbox") / name)
 
 
@@ -267,67 +352,105 @@ def check_delivered(box: Dropbox) -> None:
         raise BenchError(f"dittohead left entries behind: {left}")
 
 
-def clear_dropbox(box: Dropbox) -> None:
-    for name in ("inbox", "processing", "done", "failed"):
-        for p in box.sub(name).iterdir():
-            rmtree(p)
-    rmtree(box.dest)
+def keep_delivery(box: Dropbox, kept: Path, label: str) -> None:
+    """Move the delivered tree and done/ aside (deleting now would slow the next run)."""
+    os.rename(box.dest, kept / label)
+    os.rename(box.sub("done"), kept / f"{label}-done")
+    box.sub("done").mkdir()
+    os.chmod(box.sub("done"), 0o750)
 
 
 # --- one case -------------------------------------------------------------------------
 
-def run_case(name: str, src: Path, box: Dropbox, base: Path, runs: int, tools: Sequence[str],
-             shape: tuple[int, int, int], profile_dir: Path | None) -> CaseResult:
+@dataclass
+class Setup:
+    base: Path
+    box: Dropbox
+    tools: list[str]  # cp, rsync, dittohead, dittohead:LABEL ...
+    pythonpaths: dict[str, str | None]  # per dittohead tool
+    runs: int
+    profile_dir: Path | None
+    settle: Settle
+    trash: Path  # removed at the very end only (see the module docstring)
+
+
+def run_case(name: str, src: Path, shape: tuple[int, int, int], runs: int,
+             s: Setup) -> CaseResult:
     files, dirs, size = shape
     case = CaseResult(name=name, files=files, dirs=dirs, bytes=size)
-    logs = base / "logs"
-    out = base / "out"
-    for t in tools:
+    logs = s.base / "logs"
+    kept = s.base / "kept"  # every output of this case, deleted when the case ends
+    kept.mkdir()
+    # An output of a few big files is deleted right after its run: that frees
+    # hardly any inodes, and it returns its page cache, so the next tool writes
+    # into recycled pages like this one did (in a VM, first-touch pages cost).
+    few_inodes = files < 1000
+    for t in s.tools:
         case.tools[t] = ToolResult(t)
 
-    def timed_cp() -> Run:
-        return sequence(lambda: spawn(["cp", "-a", str(src), str(out)], logs / "cp.log"),
-                        lambda: spawn(["sync", "-f", str(out)], logs / "cp.log"))
+    def timed_copy(tool: str, out: Path) -> Run:
+        argv = (["cp", "-a", str(src), str(out)] if tool == "cp"
+                else ["rsync", "-a", f"{src}/", str(out)])
+        busy = s.settle()
+        r = sequence(lambda: spawn(argv, logs / f"{tool}.log"),
+                     lambda: spawn(["sync", "-f", str(out)], logs / f"{tool}.log"))
+        r.busy_before = busy
+        got = tree_stats(out)
+        if got != (files, size):
+            raise BenchError(f"{tool} copied {got}, expected {(files, size)}")
+        if few_inodes:
+            rmtree(out)
+        return r
 
-    def timed_rsync() -> Run:
-        return sequence(lambda: spawn(["rsync", "-a", f"{src}/", str(out)], logs / "rsync.log"),
-                        lambda: spawn(["sync", "-f", str(out)], logs / "rsync.log"))
-
-    def timed_dittohead(profile: Path | None = None) -> Run:
+    def timed_dittohead(tool: str, label: str, profile: Path | None = None) -> Run:
+        box = s.box
         box.dest.mkdir()
-        drop_entry(box, src, f"{name}-entry")
-        settle()
-        r = spawn(dittohead_argv(box, profile), logs / "dittohead.log", env=box.env)
+        drop_entry(box, src, f"{name}-entry", logs / "prepare.log")
+        busy = s.settle()
+        r = spawn(dittohead_argv(box, profile), logs / f"{label}.log",
+                  env=dittohead_env(s.pythonpaths[tool]))
+        r.busy_before = busy
         check_delivered(box)
         got = tree_stats(box.dest)
         if got != (files, size):
-            raise BenchError(f"dittohead delivered {got}, expected {(files, size)}")
+            raise BenchError(f"{tool} delivered {got}, expected {(files, size)}")
+        keep_delivery(box, kept, label)
+        if few_inodes:
+            rmtree(kept / label)
+            rmtree(kept / f"{label}-done")
         return r
 
-    for i in range(runs):
-        for t in tools:
-            if t == "dittohead":
-                r = timed_dittohead()
-                clear_dropbox(box)
-            else:
-                settle()
-                r = timed_cp() if t == "cp" else timed_rsync()
-                got = tree_stats(out)
-                if got != (files, size):
-                    raise BenchError(f"{t} copied {got}, expected {(files, size)}")
-                rmtree(out)
-            case.tools[t].runs.append(r)
-            print(f"  {name:5} run {i + 1}/{runs} {t:9} {r.seconds:8.3f} s  "
-                  f"cpu {r.cpu_seconds:7.3f} s  maxrss {mb(r.maxrss_kib):7.1f} MB"
-                  + (" (<= floor)" if r.maxrss_kib <= r.floor_kib else ""),
-                  flush=True)
-            settle()
-    if profile_dir is not None and "dittohead" in tools:
-        prof = profile_dir / f"dittohead-{name}.prof"
-        r = timed_dittohead(prof)
-        clear_dropbox(box)
-        settle()
-        print(f"  {name:5} cProfile run   {r.seconds:8.3f} s -> {prof}", flush=True)
+    probe = create_probe(s.trash / f"probe-{name}")
+    case.create_us = probe
+    print(f"  {name:5} file creation probe: {probe:.0f} us per file"
+          + (" -- SLOW: many inodes freed nearby lately? results will be noisy"
+             if probe > PROBE_SLOW_US else ""), flush=True)
+    try:
+        for i in range(runs):
+            for t in s.tools:
+                label = f"{t.replace(':', '-')}-{i}"
+                r = (timed_dittohead(t, label) if t.startswith(DITTOHEAD)
+                     else timed_copy(t, kept / label))
+                case.tools[t].runs.append(r)
+                print(f"  {name:5} run {i + 1}/{runs} {t:16} {r.seconds:8.3f} s  "
+                      f"cpu {r.cpu_seconds:7.3f} s  maxrss {mb(r.maxrss_kib):6.1f} MB"
+                      + (" (<= floor)" if r.maxrss_kib <= r.floor_kib + 1024 else "")
+                      + (f"  [others used {r.busy_before:.0%} CPU before]"
+                         if r.busy_before > 0.1 else ""),
+                      flush=True)
+        if s.profile_dir is not None:
+            for t in s.tools:
+                if t.startswith(DITTOHEAD):
+                    label = t.replace(":", "-")
+                    prof = s.profile_dir / f"{label}-{name}.prof"
+                    r = timed_dittohead(t, f"{label}-prof", prof)
+                    print(f"  {name:5} cProfile {t:16} {r.seconds:8.3f} s -> {prof}",
+                          flush=True)
+    finally:
+        if few_inodes:
+            rmtree(kept)
+        else:
+            os.rename(kept, s.trash / f"kept-{name}")
     return case
 
 
@@ -337,22 +460,27 @@ def mb(kib: int) -> float:
     return kib * 1024 / 1e6
 
 
+def _x(v: float | None, width: int) -> str:
+    return f"{v:{width - 1}.2f}x" if v is not None else " " * width
+
+
 def table(cases: Sequence[CaseResult]) -> str:
-    head = (f"{'case':6} {'tool':9} {'median s':>9} {'min s':>8} {'max s':>8} {'MB/s':>8} "
-            f"{'files/s':>9} {'cpu s':>7} {'maxRSS MB':>9} {'vs cp':>6} {'vs rsync':>8}")
+    head = (f"{'case':6} {'tool':16} {'median s':>9} {'min s':>8} {'max s':>8} {'MB/s':>7} "
+            f"{'files/s':>8} {'cpu s':>7} {'maxRSS MB':>9} | {'vs cp':>6} {'vs rsync':>8}"
+            f" | {'min/min cp':>10} {'rsync':>6}")
     lines = [head, "-" * len(head)]
     for c in cases:
         for t, r in c.tools.items():
-            secs = [x.seconds for x in r.runs]
-            ratio_cp = c.ratio("cp") if t == "dittohead" else None
-            ratio_rs = c.ratio("rsync") if t == "dittohead" else None
+            d = t.startswith(DITTOHEAD)
             rss = ("<=" if r.rss_is_floor else "") + f"{mb(r.maxrss_kib):.1f}"
             lines.append(
-                f"{c.name:6} {t:9} {r.median:9.3f} {min(secs):8.3f} {max(secs):8.3f} "
-                f"{c.bytes / 1e6 / r.median:8.1f} {c.files / r.median:9.0f} {r.cpu:7.2f} "
-                f"{rss:>9} "
-                + (f"{ratio_cp:5.2f}x" if ratio_cp is not None else f"{'':6}")
-                + (f" {ratio_rs:7.2f}x" if ratio_rs is not None else ""))
+                f"{c.name:6} {t:16} {r.median:9.3f} {r.best:8.3f} "
+                f"{max(x.seconds for x in r.runs):8.3f} {c.bytes / 1e6 / r.median:7.1f} "
+                f"{c.files / r.median:8.0f} {r.cpu:7.2f} {rss:>9} | "
+                f"{_x(c.ratio(t, 'cp') if d else None, 6)} "
+                f"{_x(c.ratio(t, 'rsync') if d else None, 8)} | "
+                f"{_x(c.ratio(t, 'cp', best=True) if d else None, 10)} "
+                f"{_x(c.ratio(t, 'rsync', best=True) if d else None, 6)}")
     return "\n".join(lines)
 
 
@@ -360,40 +488,45 @@ def verdict(ok: bool) -> str:
     return "OK" if ok else "MISSED"
 
 
-def headlines(cases: dict[str, CaseResult]) -> list[str]:
+def headlines(cases: dict[str, CaseResult], tools: Sequence[str]) -> list[str]:
     out = []
-    for key, target in (("big", TARGET_BIG_VS_CP), ("small", TARGET_SMALL_VS_CP)):
-        c = cases.get(key)
-        if c is None:
-            continue
-        vs_cp, vs_rs = c.ratio("cp"), c.ratio("rsync")
-        what = (f"1 file of {c.bytes >> 20} MiB" if key == "big"
-                else f"{c.files} files of 4 KiB")
-        parts = [f"{key:5} ({what}):"]
-        if vs_cp is not None:
-            parts.append(f"dittohead/cp = {vs_cp:.2f}x (target <= {target}x: "
-                         f"{verdict(vs_cp <= target)})")
-        if vs_rs is not None:
-            parts.append(f"dittohead/rsync = {vs_rs:.2f}x (target < 1x: "
-                         f"{verdict(vs_rs < 1)})")
-        out.append("  ".join(parts))
-    rss = {k: mb(c.tools["dittohead"].maxrss_kib) for k, c in cases.items()
-           if "dittohead" in c.tools}
-    if rss:
-        worst = max(rss.values())
-        out.append("peak RSS of dittohead: "
-                   + ", ".join(f"{k} {v:.1f} MB" for k, v in rss.items())
-                   + f" (target < {TARGET_RSS_MB:.0f} MB: {verdict(worst < TARGET_RSS_MB)})")
+    for tool in (t for t in tools if t.startswith(DITTOHEAD)):
+        for key, target in (("big", TARGET_BIG_VS_CP), ("small", TARGET_SMALL_VS_CP)):
+            c = cases.get(key)
+            if c is None:
+                continue
+            what = (f"1 file of {c.bytes >> 20} MiB" if key == "big"
+                    else f"{c.files} files of 4 KiB")
+            parts = [f"{tool} {key} ({what}):"]
+            vs_cp, vs_rs = c.ratio(tool, "cp"), c.ratio(tool, "rsync")
+            if vs_cp is not None:
+                best = c.ratio(tool, "cp", best=True)
+                parts.append(f"vs cp {vs_cp:.2f}x (best runs {best:.2f}x; target <= "
+                             f"{target}x: {verdict(vs_cp <= target)})")
+            if vs_rs is not None:
+                best = c.ratio(tool, "rsync", best=True)
+                parts.append(f"vs rsync {vs_rs:.2f}x (best runs {best:.2f}x; target < 1x: "
+                             f"{verdict(vs_rs < 1)})")
+            out.append("  ".join(parts))
+        rss = {k: mb(c.tools[tool].maxrss_kib) for k, c in cases.items() if tool in c.tools}
+        if rss:
+            worst = max(rss.values())
+            out.append(f"{tool} peak RSS: "
+                       + ", ".join(f"{k} {v:.1f} MB" for k, v in rss.items())
+                       + f" (target < {TARGET_RSS_MB:.0f} MB: "
+                       f"{verdict(worst < TARGET_RSS_MB)})")
     return out
 
 
-def package_digest(pythonpath: str | None) -> str:
-    """sha256 over the dittohead package that will run (it may be edited meanwhile)."""
-    pkg = Path(pythonpath) / "dittohead" if pythonpath else REPO / "dittohead"
-    h = hashlib.sha256()
+def package_digest(python: str, pythonpath: str | None, log: Path) -> str:
+    """Where the dittohead package that will run is, and a checksum of it."""
+    spawn([python, "-c", "import dittohead, sys; print(dittohead.__file__, file=sys.stderr)"],
+          log, env=dittohead_env(pythonpath))
+    pkg = Path(log.read_text().splitlines()[-1]).parent
+    crc = 0  # crc32, not sha256: importing hashlib would add 4 MB to the RSS floor
     for p in sorted(pkg.glob("*.py")):
-        h.update(p.name.encode() + b"\0" + p.read_bytes())
-    return f"{pkg}: {h.hexdigest()[:16]}"
+        crc = zlib.crc32(p.name.encode() + b"\0" + p.read_bytes(), crc)
+    return f"{pkg} (crc32 {crc:08x})"
 
 
 # --- main -----------------------------------------------------------------------------
@@ -415,10 +548,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--python", default=str(VENV_PYTHON),
                    help="python that runs `-m dittohead` (default the project's venv)")
     p.add_argument("--pythonpath", metavar="DIR",
-                   help="PYTHONPATH for dittohead: benchmark a copy of the package in DIR")
+                   help="PYTHONPATH for the `dittohead` tool (default: the project's package)")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL=DIR",
+                   help="also time dittohead with PYTHONPATH=DIR as tool dittohead:LABEL "
+                        "(DIR holds a dittohead/ package); may be repeated")
     p.add_argument("--profile", type=Path, metavar="DIR",
-                   help="after the timed runs, one more dittohead run per case under "
-                        "cProfile, written to DIR/dittohead-<case>.prof")
+                   help="after the timed runs, one more run of each dittohead tool per case "
+                        "under cProfile, written to DIR/<tool>-<case>.prof")
+    p.add_argument("--quiet-wait", type=float, default=30.0, metavar="SECONDS",
+                   help="before each run wait up to this long for other processes to use "
+                        "at most --quiet-share of the CPUs (default 30)")
+    p.add_argument("--quiet-share", type=float, default=0.15)
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
     args = p.parse_args(argv)
     args.case_list = [c for c in args.cases.split(",") if c]
@@ -427,6 +567,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("unknown case or tool")
     if args.runs < 1 or args.big_mib < 1 or args.small_files < 1 or args.small_dirs < 1:
         p.error("sizes and --runs must be positive")
+    args.pythonpaths = {DITTOHEAD: args.pythonpath}
+    for v in args.variant:
+        label, sep, path = v.partition("=")
+        if not sep or not label or not (Path(path) / "dittohead" / "__init__.py").is_file():
+            p.error(f"--variant {v}: want LABEL=DIR with DIR/dittohead/__init__.py")
+        args.pythonpaths[f"{DITTOHEAD}:{label}"] = str(Path(path).resolve())
+        args.tool_list.append(f"{DITTOHEAD}:{label}")
     return args
 
 
@@ -436,63 +583,81 @@ def main(argv: Sequence[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"bench: {tool} not found", file=sys.stderr)
             return 2
+    made = [d for d in (args.dir, *args.dir.parents) if not d.exists()]  # deepest first
     args.dir.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="dittohead-bench-", dir=args.dir)).resolve()
     if args.profile is not None:
         args.profile = args.profile.resolve()
         args.profile.mkdir(parents=True, exist_ok=True)
-    digest = package_digest(args.pythonpath)
-    print(f"bench dir {base} ({shutil.disk_usage(base).free >> 30} GiB free), "
-          f"{os.cpu_count()} CPUs, {platform.platform()}")
-    print(f"dittohead package {digest}")
     results: dict[str, CaseResult] = {}
+    digests: dict[str, str] = {}
     try:
         (base / "logs").mkdir()
-        box = make_dropbox(base, args.pythonpath, args.python)
-        plan: list[tuple[str, Callable[[Path], tuple[int, int, int]], int, list[str]]] = []
+        for t in args.tool_list:
+            if t.startswith(DITTOHEAD):
+                digests[t] = package_digest(args.python, args.pythonpaths[t],
+                                            base / "logs" / "which.log")
+        print(f"bench dir {base} ({shutil.disk_usage(base).free >> 30} GiB free), "
+              f"{os.cpu_count()} CPUs, {platform.platform()}")
+        for t, d in digests.items():
+            print(f"{t}: {d}")
+        setup = Setup(base=base, box=make_dropbox(base, args.python), tools=args.tool_list,
+                      pythonpaths=args.pythonpaths, runs=args.runs, profile_dir=args.profile,
+                      settle=Settle(args.quiet_wait, args.quiet_share), trash=base / "trash")
+        setup.trash.mkdir()
+        plan: list[tuple[str, Callable[[Path], tuple[int, int, int]], int]] = []
         if "big" in args.case_list:
-            plan.append(("big", lambda s: make_big(s, args.big_mib), args.runs, args.tool_list))
+            plan.append(("big", lambda s: make_big(s, args.big_mib), args.runs))
         if "small" in args.case_list:
             plan.append(("small", lambda s: make_small(s, args.small_files, args.small_dirs),
-                         args.runs, args.tool_list))
+                         args.runs))
         if args.huge:
             plan.append(("huge", lambda s: make_small(s, args.huge_files,
-                                                      -(-args.huge_files // 200)),
-                         1, args.tool_list))
-        for name, make, runs, tools in plan:
+                                                      -(-args.huge_files // 200)), 1))
+        for name, make, runs in plan:
             src = base / f"src-{name}"
             t0 = time.perf_counter()
             shape = make(src)
-            settle()
+            os.sync()
             print(f"{name}: {shape[0]} files, {shape[1]} dirs, {shape[2] / 1e6:.0f} MB "
                   f"(made in {time.perf_counter() - t0:.1f} s)", flush=True)
             try:
-                results[name] = run_case(name, src, box, base, runs, tools, shape,
-                                         args.profile)
+                results[name] = run_case(name, src, shape, runs, setup)
             finally:
-                rmtree(src)
-                settle()
+                if shape[0] < 1000:
+                    rmtree(src)
+                else:
+                    os.rename(src, setup.trash / src.name)
     except BenchError as e:
         print(f"bench: {e}", file=sys.stderr)
         return 1
     finally:
         shutil.rmtree(base, ignore_errors=True)
+        for d in made:
+            with contextlib.suppress(OSError):
+                d.rmdir()
     print()
     print(table(list(results.values())))
     print()
-    for line in headlines(results):
+    lines = headlines(results, args.tool_list)
+    for line in lines:
         print(line)
     if args.json is not None:
         data = {
-            "package": digest,
+            "packages": digests,
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "cases": {k: {**asdict(c),
                           "median_seconds": {t: r.median for t, r in c.tools.items()},
+                          "min_seconds": {t: r.best for t, r in c.tools.items()},
                           "maxrss_kib": {t: r.maxrss_kib for t, r in c.tools.items()},
-                          "ratio_vs_cp": c.ratio("cp"), "ratio_vs_rsync": c.ratio("rsync")}
+                          "ratios": {t: {"vs_cp": c.ratio(t, "cp"),
+                                         "vs_rsync": c.ratio(t, "rsync"),
+                                         "best_vs_cp": c.ratio(t, "cp", best=True),
+                                         "best_vs_rsync": c.ratio(t, "rsync", best=True)}
+                                     for t in c.tools if t.startswith(DITTOHEAD)}}
                       for k, c in results.items()},
-            "headlines": headlines(results),
+            "headlines": lines,
         }
         args.json.write_text(json.dumps(data, indent=2) + "\n")
         print(f"results written to {args.json}")
