@@ -185,6 +185,17 @@ def waiting() -> Iterator[list[subprocess.Popen[str]]]:
             p.wait()
 
 
+def start_held(env: Env, fault: str,
+               waiting: list[subprocess.Popen[str]]) -> subprocess.Popen[str]:
+    """Start `process` in the background, held at a fault point until the test says go."""
+    p = subprocess.Popen([sys.executable, "-m", "dittohead", "--config", str(env.config_path),
+                          "process", "s1"], stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "DITTOHEAD_LOG": "stderr",
+                              "DITTOHEAD_TEST_FAULT": fault})
+    waiting.append(p)
+    return p
+
+
 @pytest.fixture
 def tiny_dest(shared_base: Path) -> Env:
     env = make_env(shared_base)
@@ -212,11 +223,7 @@ def test_enospc_mid_copy_rolls_back_and_loses_nothing(
     files = {f"f{i}.bin": os.urandom(1 << 20) for i in range(5)}
     env.drop("e", files)
     go = env.base / "go"
-    p = subprocess.Popen([sys.executable, "-m", "dittohead", "--config", str(env.config_path),
-                          "process", "s1"], stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "DITTOHEAD_LOG": "stderr",
-                              "DITTOHEAD_TEST_FAULT": f"staged:2=wait:{go}"})
-    waiting.append(p)
+    p = start_held(env, f"staged:2=wait:{go}", waiting)
     assert _wait_for_staging(env.study.destination)
     # Someone else fills the disk between the space check and the copy.
     hog = env.study.destination / "hog"
@@ -281,11 +288,7 @@ def test_destination_unmounted_during_delivery_is_rolled_back_and_kept(
     files = {f"f{i}": os.urandom(1000) for i in range(3)}
     env.drop("e", files)
     go = env.base / "go"
-    p = subprocess.Popen([sys.executable, "-m", "dittohead", "--config", str(env.config_path),
-                          "process", "s1"], stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "DITTOHEAD_LOG": "stderr",
-                              "DITTOHEAD_TEST_FAULT": f"published:2=wait:{go}"})
-    waiting.append(p)
+    p = start_held(env, f"published:2=wait:{go}", waiting)
     for _ in range(500):
         if len([n for n in os.listdir(env.study.destination) if not n.startswith(".")]) >= 2:
             break
