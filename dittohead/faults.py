@@ -12,10 +12,12 @@ import os
 import signal
 import time
 
+_WANT = os.environ.get("DITTOHEAD_TEST_FAULT")  # read once: point() runs once per file
+
 
 def point(name: str) -> None:
     """Crash or wait here if the test environment asks for it."""
-    want = os.environ.get("DITTOHEAD_TEST_FAULT")
+    want = _WANT
     if not want:
         return
     where, _, action = want.partition("=")
