@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import functools
 import grp
 import hashlib
 import os
 import pwd
+import re
 import stat
+from collections.abc import Callable
 
 from .config import StudyConfig
 from .errors import EntryFailed, EntryRejected, TemporaryError
@@ -127,7 +130,15 @@ def _authorize(study: StudyConfig, uid: int, service_uid: int) -> None:
 
 
 def _ignored(study: StudyConfig, name: str) -> bool:
-    return any(fnmatch.fnmatchcase(name, pat) for pat in study.ignore)
+    return _ignore_matcher(study.ignore)(name) is not None
+
+
+@functools.cache
+def _ignore_matcher(patterns: tuple[str, ...]) -> Callable[[str], object]:
+    """All patterns as one compiled regex (fnmatchcase's own translation): runs per name."""
+    if not patterns:
+        return lambda name: None
+    return re.compile("|".join(fnmatch.translate(p) for p in patterns)).match
 
 
 def _kind(mode: int) -> str:

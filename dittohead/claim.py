@@ -133,6 +133,23 @@ def pending_claims(study: StudyConfig) -> Iterator[Claim]:
         yield c
 
 
+def sweep_stale(study: StudyConfig) -> None:
+    """Remove temporary files a killed run left in processing/ (call with the lock held).
+
+    A run killed while writing a claim record leaves `.<id>.json.tmp`; its
+    entry is still in the inbox and is claimed again under a new id. A plan
+    spooled for a claim that no longer exists is garbage too.
+    """
+    for p in study.processing.glob(".*"):
+        name = p.name
+        if name.endswith(".tmp"):
+            p.unlink(missing_ok=True)
+        elif name.endswith((".plan", ".state")):
+            claim_id = name[1:].rsplit(".", 1)[0]
+            if not (study.processing / f"{claim_id}.json").exists():
+                p.unlink(missing_ok=True)
+
+
 def release(study: StudyConfig, c: Claim) -> None:
     """Forget the claim record once the entry has been filed in done/ or failed/."""
     for name in (f"{c.id}.json", f".{c.id}.plan", f".{c.id}.state"):

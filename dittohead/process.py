@@ -21,7 +21,15 @@ from dataclasses import dataclass, replace
 
 from . import log, notify
 from .check import new_plan, open_destination, plan_entry, user_name
-from .claim import Claim, StudyLock, claim, pending_claims, ready_entries, release
+from .claim import (
+    Claim,
+    StudyLock,
+    claim,
+    pending_claims,
+    ready_entries,
+    release,
+    sweep_stale,
+)
 from .config import Config, StudyConfig
 from .errors import (
     EXIT_OK,
@@ -61,6 +69,7 @@ def process(config: Config, study_name: str, linger: float = 0.0) -> RunResult:
     owner = _ownership(config, study)
     counts = {"delivered": 0, "failed": 0, "rejected": 0, "retry-later": 0, "error": 0}
     with StudyLock(study):
+        sweep_stale(study)
         for c in list(pending_claims(study)):
             if os.path.lexists(study.processing / c.id):
                 counts[_deliver_guarded(config, study, c, owner)] += 1

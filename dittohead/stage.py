@@ -159,7 +159,8 @@ def _copy_one(src_dir: int, f: FilePlan, src_name: str, staging_fd: int, staged:
             raise EntryFailed(f"{printable(_join(rel, f.name))} changed while it was being "
                               "delivered; upload it again. Nothing of this entry was "
                               "delivered.")
-        os.set_blocking(src, True)
+        # FILE_FLAGS has O_NONBLOCK (so a FIFO swapped in could not hang the
+        # open); it changes nothing for the regular file fstat just confirmed.
         if f.size >= OVERLAP_MIN:
             os.posix_fadvise(src, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         dst = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,

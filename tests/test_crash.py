@@ -80,3 +80,11 @@ def test_sigkill_from_outside_at_random_moments(shared_base: Path) -> None:
     r = env.process()
     assert r.returncode == 0, r.stderr
     assert_delivered_once(env, files, {})
+
+
+def test_temporary_files_of_a_killed_run_are_swept(env: Env) -> None:
+    (env.study.processing / ".20260101T000000Z-x-abcdef.json.tmp").write_bytes(b"{")
+    (env.study.processing / ".20260101T000000Z-x-abcdef.plan").write_bytes(b"")
+    env.drop("e", {"a": b"1"})
+    assert env.process().returncode == 0
+    no_leftovers(env)
