@@ -28,7 +28,7 @@ from collections.abc import Callable
 from .config import StudyConfig
 from .errors import EntryFailed, EntryRejected, TemporaryError
 from .log import printable
-from .plan import EXISTS, PRESENT, DirPlan, FilePlan, Plan, State
+from .plan import EXISTS, PRESENT, DirPlan, FilePlan, Plan, State, spool_files
 
 CHUNK = 1 << 20
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -74,7 +74,7 @@ def new_plan(study: StudyConfig, claim_id: str) -> Plan:
     """An empty plan for processing/<id>, owned by the entry's uploader."""
     uid = os.lstat(study.processing / claim_id).st_uid
     return Plan(claim_id=claim_id, uploader_uid=uid, uploader=user_name(uid),
-                path=study.processing / f".{claim_id}.plan")
+                path=spool_files(study.processing, claim_id)[0])
 
 
 def plan_entry(study: StudyConfig, plan: Plan, entry: str, service_uid: int) -> None:

@@ -21,7 +21,6 @@ entry twice: the second waits, then finds nothing left to do.
 from __future__ import annotations
 
 import datetime as dt
-import errno
 import fcntl
 import json
 import os
@@ -33,6 +32,8 @@ from pathlib import Path
 
 from .config import StudyConfig
 from .errors import TemporaryError
+from .fsops import write_atomic
+from .plan import remove_spool
 
 
 @dataclass(frozen=True)
@@ -152,26 +153,11 @@ def sweep_stale(study: StudyConfig) -> None:
 
 def release(study: StudyConfig, c: Claim) -> None:
     """Forget the claim record once the entry has been filed in done/ or failed/."""
-    for name in (f"{c.id}.json", f".{c.id}.plan", f".{c.id}.state"):
-        try:
-            os.unlink(study.processing / name)
-        except FileNotFoundError:
-            pass
+    (study.processing / f"{c.id}.json").unlink(missing_ok=True)
+    remove_spool(study.processing, c.id)
 
 
 def _write_record(path: Path, c: Claim) -> None:
     data = {"id": c.id, "entry": os.fsencode(c.entry).decode("utf-8", "backslashreplace"),
             "entry_hex": os.fsencode(c.entry).hex(), "started": c.started}
-    tmp = path.with_name("." + path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-    try:
-        os.write(fd, json.dumps(data).encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-
-
-def is_enospc(e: OSError) -> bool:
-    """True for the errors that mean 'the filesystem is full'."""
-    return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    write_atomic(path, json.dumps(data).encode() + b"\n")

@@ -15,7 +15,7 @@ from typing import Any
 from . import layout
 from .config import Config, StudyConfig
 from .errors import ConfigError, DittoheadError
-from .upload import rename_noreplace
+from .fsops import rename_noreplace
 
 
 def _systemd_booted() -> bool:
@@ -35,15 +35,21 @@ def unit_states(study: str) -> dict[str, str]:
     return out
 
 
+def used_percent(st: os.statvfs_result) -> float:
+    """Used space as df shows it: against what ordinary users can have, not the raw size."""
+    used = st.f_blocks - st.f_bfree
+    total = used + st.f_bavail
+    return 100.0 * used / total if total else 0.0
+
+
 def disk_use(path: Path) -> dict[str, Any] | None:
     try:
         st = os.statvfs(path)
     except OSError:
         return None
-    used = (st.f_blocks - st.f_bfree) * st.f_frsize
-    avail = st.f_bavail * st.f_frsize
-    return {"used_bytes": used, "available_bytes": avail,
-            "percent": round(100.0 * used / (used + avail), 1) if used + avail else 0.0}
+    return {"used_bytes": (st.f_blocks - st.f_bfree) * st.f_frsize,
+            "available_bytes": st.f_bavail * st.f_frsize,
+            "percent": round(used_percent(st), 1)}
 
 
 def _names(path: Path) -> list[str]:

@@ -53,12 +53,6 @@ def event(kind: str, message: str, **fields: Any) -> None:
     send(message, priority=_PRIORITY[kind], message_id=MESSAGE_IDS[kind], **journal_fields)
 
 
-def info(message: str, **fields: Any) -> None:
-    """A plain informational line (progress, not an audit event)."""
-    send(message, priority=syslog.LOG_INFO,
-         **{f"DITTOHEAD_{k.upper()}": _text(v) for k, v in fields.items() if v is not None})
-
-
 def send(message: str, *, priority: int, message_id: str | None = None,
          **fields: str) -> None:
     """Send to the journal when it is there, else one line on stderr."""

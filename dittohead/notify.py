@@ -33,7 +33,7 @@ from pathlib import Path
 
 from . import log
 from .config import Config, StudyConfig
-from .record import write_atomic
+from .fsops import write_atomic
 
 SMTP_TIMEOUT = 20  # seconds; a hung MTA must not hold up the inbox for long
 UPLOADER_EVENTS = ("delivered", "failed", "rejected")

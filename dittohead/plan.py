@@ -33,6 +33,17 @@ EXISTS = 4  # a directory already in the destination
 CREATED = 8  # a directory this delivery created
 
 
+def spool_files(processing: Path, claim_id: str) -> tuple[Path, Path]:
+    """The plan and state files of one claim in processing/ (hidden: not claim records)."""
+    plan = processing / f".{claim_id}.plan"
+    return plan, plan.with_suffix(".state")
+
+
+def remove_spool(processing: Path, claim_id: str) -> None:
+    for p in spool_files(processing, claim_id):
+        p.unlink(missing_ok=True)
+
+
 @dataclass(slots=True)
 class DirPlan:
     index: int  # record number (its state slot)
@@ -187,9 +198,6 @@ class Plan:
     def state(self) -> State:
         return State(self.state_path)
 
-    def remove(self) -> None:
-        for p in (self.path, self.state_path):
-            p.unlink(missing_ok=True)
 
 
 class State:

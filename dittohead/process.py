@@ -41,9 +41,11 @@ from .errors import (
     TemporaryError,
 )
 from .faults import point
-from .plan import Plan
+from .fsops import is_enospc, write_atomic
+from .health import used_percent
+from .plan import Plan, remove_spool
 from .publish import finish, publish, rollback
-from .record import Outcome, file_entry, write_atomic
+from .record import Outcome, file_entry
 from .stage import Ownership, remove_staging, stage
 
 POLL = 0.2  # seconds between looks at the inbox while lingering
@@ -153,18 +155,12 @@ def deliver(config: Config, study: StudyConfig, c: Claim, owner: Ownership) -> s
         return _deliver(config, study, c, owner)
     finally:
         # The spooled plan is rebuilt by every attempt; filing removed it already.
-        for suffix in (".plan", ".state"):
-            try:
-                os.unlink(study.processing / f".{c.id}{suffix}")
-            except FileNotFoundError:
-                pass
+        remove_spool(study.processing, c.id)
 
 
 def _deliver(config: Config, study: StudyConfig, c: Claim, owner: Ownership) -> str:
-    fields = {"study": study.name, "entry": c.entry, "delivery": c.id,
-              "destination": str(study.destination)}
     uploader = _uploader(study, c)
-    fields["uploader"] = uploader
+    fields = _fields(study, c, uploader)
     plan: Plan | None = None
     try:
         dest_fd = open_destination(study)
@@ -197,10 +193,9 @@ def _deliver(config: Config, study: StudyConfig, c: Claim, owner: Ownership) -> 
         return "retry-later"
     except EntryFailed as e:
         r = file_entry(study, c, plan, e.outcome, uploader, e.reason)
-        _report(config, study, r, fields)
+        _report(config, study, r)
         return e.outcome
     except OSError as e:
-        from .claim import is_enospc
         if is_enospc(e):
             reason = f"the destination is full ({e.strerror}); rolled back, will retry"
             log.event("retry-later", f"{study.name}: {log.printable(c.entry)} kept for a "
@@ -208,7 +203,7 @@ def _deliver(config: Config, study: StudyConfig, c: Claim, owner: Ownership) -> 
             return "retry-later"
         raise
     r = file_entry(study, c, plan, "delivered", uploader)
-    _report(config, study, r, fields)
+    _report(config, study, r)
     check_disk(config, study)
     return "delivered"
 
@@ -225,9 +220,7 @@ def _report_filed(config: Config, study: StudyConfig, c: Claim) -> None:
                         files=data["files"], bytes=data["bytes"],
                         skipped=tuple(data["skipped"]), finished=data["finished"],
                         reason=data["reason"])
-            _report(config, study, r, {"study": study.name, "entry": c.entry, "delivery": c.id,
-                               "destination": str(study.destination),
-                               "uploader": r.uploader})
+            _report(config, study, r)
             break
     release(study, c)
 
@@ -239,7 +232,13 @@ def _uploader(study: StudyConfig, c: Claim) -> str:
         return "unknown"
 
 
-def _report(config: Config, study: StudyConfig, r: Outcome, fields: dict[str, str]) -> None:
+def _fields(study: StudyConfig, c: Claim, uploader: str) -> dict[str, str]:
+    """The journal fields every event about one delivery carries."""
+    return {"study": study.name, "entry": c.entry, "delivery": c.id,
+            "destination": str(study.destination), "uploader": uploader}
+
+
+def _report(config: Config, study: StudyConfig, r: Outcome) -> None:
     """The journal event of a filed entry, then the mail about it."""
     name = log.printable(r.claim.entry)
     if r.outcome == "delivered":
@@ -247,7 +246,8 @@ def _report(config: Config, study: StudyConfig, r: Outcome, fields: dict[str, st
                f"{r.bytes} bytes into {study.destination}")
     else:
         msg = f"{study.name}: {r.outcome} {name} from {r.uploader}: {r.reason}"
-    log.event(r.outcome, msg, files=r.files, bytes=r.bytes, reason=r.reason, **fields)
+    log.event(r.outcome, msg, files=r.files, bytes=r.bytes, reason=r.reason,
+              **_fields(study, r.claim, r.uploader))
     where = study.done if r.outcome == "delivered" else study.failed
     lines = [f"Study:       {study.name}", f"Entry:       {name}",
              f"Uploaded by: {r.uploader}", f"Delivery:    {r.claim.id}",
@@ -274,10 +274,7 @@ def check_disk(config: Config, study: StudyConfig) -> None:
     """Warn once each time the destination's usage crosses a threshold upward."""
     if not study.disk_warn_percent:
         return
-    st = os.statvfs(study.destination)
-    used = st.f_blocks - st.f_bfree
-    total = used + st.f_bavail  # what df shows as the whole for ordinary users
-    percent = 100.0 * used / total if total else 0.0
+    percent = used_percent(os.statvfs(study.destination))
     state = study.processing / ".disk-usage.json"
     try:
         before = float(json.loads(state.read_text())["percent"])

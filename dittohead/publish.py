@@ -16,28 +16,18 @@ Order, and why:
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import threading
 from collections.abc import Callable
 
 from .check import DIR_FLAGS, LIST_MAX, DirCache, hash_at, join
-from .claim import is_enospc
 from .errors import EntryFailed, TemporaryError
 from .faults import point
+from .fsops import is_enospc, syncfs
 from .log import printable
 from .plan import COPIED, CREATED, EXISTS, Plan, State
 from .stage import Ownership, Staging, bucket
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def syncfs(fd: int) -> None:
-    """Flush the whole filesystem holding fd: one sync per entry, not per file."""
-    if _libc.syncfs(fd) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
 
 
 def publish(plan: Plan, staging: Staging, owner: Ownership) -> None:

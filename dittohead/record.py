@@ -18,6 +18,7 @@ from .check import join
 from .claim import Claim, now_iso, release
 from .config import StudyConfig
 from .faults import point
+from .fsops import write_atomic
 from .log import printable
 from .plan import COPIED, PRESENT, Plan
 
@@ -43,20 +44,6 @@ def manifest_line(path: str, digest: str) -> bytes:
         raw = raw.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b"\r", b"\\r")
         return b"\\" + digest.encode() + b"  " + raw + b"\n"
     return digest.encode() + b"  " + raw + b"\n"
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o640) -> None:
-    """Write, fsync and rename into place: a reader sees the old file or the whole new one."""
-    tmp = path.with_name("." + path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
 
 
 def write_manifest(path: Path, plan: Plan) -> None:

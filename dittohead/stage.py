@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from hashlib import sha256
 
-from .check import FILE_FLAGS, DirCache, Source
+from .check import CHUNK, FILE_FLAGS, DirCache, Source
 from .config import StudyConfig
 from .errors import ConfigError, EntryFailed
 from .faults import point
@@ -27,7 +27,6 @@ from .log import printable
 from .plan import COPIED, PRESENT, DirPlan, FilePlan, Plan
 
 STAGING_PREFIX = ".incoming-"
-CHUNK = 1 << 20
 # Files at least this big are hashed on a second thread while the main one
 # writes (hashlib and os.write both release the GIL); smaller ones are not
 # worth the hand-off.

@@ -9,7 +9,6 @@ service would fail the entry for them anyway.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import os
@@ -20,18 +19,7 @@ from pathlib import Path
 
 from .config import StudyConfig
 from .errors import DittoheadError, UsageError
-
-_libc = ctypes.CDLL(None, use_errno=True)
-AT_FDCWD = -100
-RENAME_NOREPLACE = 1
-
-
-def rename_noreplace(src: Path, dst: Path) -> None:
-    """rename(2) that fails with EEXIST instead of replacing dst."""
-    if _libc.renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst),
-                       RENAME_NOREPLACE) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), str(dst))
+from .fsops import rename_noreplace
 
 
 def _refuse_special(path: Path) -> None:

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 
 from dittohead import plan as planmod
-from dittohead.plan import COPIED, PRESENT, DirPlan, FilePlan, Plan
+from dittohead.plan import COPIED, PRESENT, DirPlan, FilePlan, Plan, remove_spool, spool_files
 
 
 def make(tmp_path: Path, n: int) -> Plan:
-    p = Plan(claim_id="x", uploader_uid=0, uploader="root", path=tmp_path / ".x.plan")
+    p = Plan(claim_id="x", uploader_uid=0, uploader="root",
+             path=spool_files(tmp_path, "x")[0])
     p.open_for_writing()
     p.add_dir("", 1, 2)
     for i in range(n):
@@ -46,5 +47,5 @@ def test_records_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         s.add_flag(f.index, PRESENT)
     with p.state() as s:
         assert s.flags(f.index) == COPIED | PRESENT and s.digest(f.index) == b"\1" * 32
-    p.remove()
+    remove_spool(tmp_path, "x")
     assert list(tmp_path.iterdir()) == []
