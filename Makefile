@@ -9,11 +9,9 @@ APT_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev rsync \
 .PHONY: all deps venv test lint typecheck pytest demo bench clean
 all: test
 
-# Debian packages: build deps of systemd-python (libsystemd-dev, pkg-config,
-# gcc, headers), rsync for tests and benchmarks, and the runtime packages
-# that `make install` uses for the system's python3.
-deps:
-	@missing=$$(for p in $(APT_PACKAGES); do \
+# Install the Debian packages of $(1) that are missing (with sudo when not root).
+define apt_ensure
+	@missing=$$(for p in $(1); do \
 		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
 	done); \
 	if [ -n "$$missing" ]; then \
@@ -22,6 +20,13 @@ deps:
 		$$SUDO apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+endef
+
+# Debian packages: build deps of systemd-python (libsystemd-dev, pkg-config,
+# gcc, headers), rsync for tests and benchmarks, and the runtime packages
+# that `make install` uses for the system's python3.
+deps:
+	$(call apt_ensure,$(APT_PACKAGES))
 
 $(VENV)/.stamp: pyproject.toml | deps
 	$(PY) -m venv $(VENV)

@@ -55,28 +55,18 @@ studies:
     uploaders: [{STUDY}-ra]
 """
 
-# What a lab PC leaves behind (demo/demo.py's make_session, run inside the box as ra1).
-MAKE_SESSIONS_PY = r'''"""make-sessions.py DIR SUBJECT...: lab data, as in demo/demo.py."""
-import random
+# What a lab PC leaves behind: demo/demo.py's make_session, run inside the box
+# as ra1. demo.py is copied in beside a two-line runner, because ra1 may not be
+# able to reach the checkout itself (e.g. under a 0700 home directory).
+SHARE = "/usr/local/share/dittohead-demo"
+MAKE_SESSIONS = f"{SHARE}/make-sessions.py"
+MAKE_SESSIONS_PY = """\
 import sys
 from pathlib import Path
-
-root = Path(sys.argv[1])
+from demo import make_session
 for subject in sys.argv[2:]:
-    rnd = random.Random(subject)
-    d = root / f"{subject}-session1"
-    (d / "eprime").mkdir(parents=True)
-    (d / "biopac").mkdir()
-    for run_no in (1, 2):
-        lines = [f"*** Header Start ***\nSubject: {subject}\nSession: 1\nRun: {run_no}\n"
-                 "*** Header End ***"]
-        lines += [f"Trial: {t}\tStim: {rnd.choice('ABCD')}\tRT: {rnd.randint(250, 900)}"
-                  for t in range(1, 41)]
-        (d / "eprime" / f"{subject}_run{run_no}.txt").write_text("\n".join(lines) + "\n")
-    (d / "biopac" / f"{subject}_ecg.acq").write_bytes(rnd.randbytes(2 << 20))
-    (d / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
-'''
-MAKE_SESSIONS = "/usr/local/share/dittohead-demo/make-sessions.py"
+    make_session(Path(sys.argv[1]), subject)
+"""
 
 # The demo's own look-up (as root, not shown): the receipts in done/ or failed/.
 RECEIPTS_PY = r"""
@@ -212,6 +202,7 @@ def show(d: Demo) -> None:
     d.sh(f"dittohead check {STUDY}", check=False)
 
     say(f"{RA} (not root) has two sessions from the lab PC in ~/data")
+    d.box.write_file(f"{SHARE}/demo.py", (REPO / "demo" / "demo.py").read_text())
     d.box.write_file(MAKE_SESSIONS, MAKE_SESSIONS_PY)
     note(f"{MAKE_SESSIONS}: demo/demo.py's sample-data maker")
     d.sh(f"python3 {MAKE_SESSIONS} data s01 s02 && find data -type f | sort", user=RA)

@@ -78,16 +78,9 @@ deb: deb-deps
 	cp $(DEB_BUILDDIR)/$(DEB_NAME) $(DEB_OUTDIR)/$(DEB_NAME)
 	@echo "built $(DEB_OUTDIR)/$(DEB_NAME)"
 
+# apt_ensure: defined in the top Makefile, which includes this file.
 deb-deps:
-	@missing=$$(for p in $(DEB_BUILD_DEBS); do \
-		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
-	done); \
-	if [ -n "$$missing" ]; then \
-		echo "installing Debian packages:" $$missing; \
-		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-		$$SUDO apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
-	fi
+	$(call apt_ensure,$(DEB_BUILD_DEBS))
 
 deb-lintian:
 	@if command -v lintian >/dev/null; then \
