@@ -225,6 +225,8 @@ def hash_fd(fd: int, size_hint: int = CHUNK) -> bytes:
     view = memoryview(buf)
     while n := os.readv(fd, [buf]):
         h.update(view[:n])
+        if n < len(buf):
+            break  # a short read of a regular file is its end: no read() just for EOF
     return h.digest()
 
 

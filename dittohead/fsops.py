@@ -23,11 +23,28 @@ def syncfs(fd: int) -> None:
         _raise_errno()
 
 
-def rename_noreplace(src: Path, dst: Path) -> None:
-    """rename(2) that fails with EEXIST instead of replacing dst."""
-    if _libc.renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst),
+def rename_noreplace(src: Path | str, dst: Path | str, src_dir_fd: int = AT_FDCWD,
+                     dst_dir_fd: int = AT_FDCWD) -> None:
+    """renameat2(RENAME_NOREPLACE): fails with EEXIST instead of replacing dst.
+
+    Filesystems without the flag (NFS, some FUSE) fail with EINVAL.
+    """
+    if _libc.renameat2(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst),
                        RENAME_NOREPLACE) != 0:
-        _raise_errno(str(dst))
+        _raise_errno(os.fsdecode(dst))
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                                  ctypes.c_uint]
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start (not wait for) writeback of a file range: a later syncfs has less to do.
+
+    Best effort: a failure here shows again, for certain, at that syncfs.
+    """
+    _libc.sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o640) -> None:

@@ -23,12 +23,15 @@ _DIR = struct.Struct("<cHqq")  # kind, name length, atime_ns, mtime_ns
 _FILE = struct.Struct("<cHQqq?")  # kind, name length, size, atime_ns, mtime_ns, executable
 _SKIP = struct.Struct("<cH")
 _MAX_RECORD = _FILE.size + 65536  # the longest record: a header and a u16-long name
-SLOT = 33  # one flag byte and a sha256 digest per record
+# A record's state slot: a flag byte, a sha256 digest and, for a staged file,
+# its inode number (how publish, finish and rollback know a final name is ours).
+_SLOT = struct.Struct("<B32sQ")
+SLOT = _SLOT.size
 CACHE_MAX = 100_000  # records kept parsed in memory (about 20 MB at most)
 
 # Flags in a record's state slot.
 PRESENT = 1  # a file already in the destination with the same content
-COPIED = 2  # a file staged by this delivery (its digest is the source's)
+COPIED = 2  # a file staged by this delivery (its digest is of the staged copy, read back)
 EXISTS = 4  # a directory already in the destination
 CREATED = 8  # a directory this delivery created
 
@@ -50,6 +53,14 @@ class DirPlan:
     rel: str  # relative to the destination and to the entry's top; "" for the top
     atime_ns: int
     mtime_ns: int
+    # Where it is staged, relative to the staging directory, set by place():
+    staged: str = ""
+    new: bool = False  # not in the destination: staged as a directory, files by their names
+    root: bool = False  # new, and its parent is not: published by renaming it into place
+
+    def staged_name(self, f: FilePlan) -> str:
+        """The name of one of its files in its staging directory."""
+        return f.name if self.new else str(f.index)
 
 
 @dataclass(slots=True)
@@ -175,6 +186,14 @@ class Plan:
                 pos += n
                 index += 1
 
+    def placed(self, state: State) -> Iterator[DirPlan | FilePlan | str]:
+        """records(), each directory with its place in staging set (see place())."""
+        root: DirPlan | None = None
+        for r in self.records():
+            if isinstance(r, DirPlan):
+                root = place(r, state, root)
+            yield r
+
     def iter_dirs(self) -> Iterator[DirPlan]:
         for r in self.records():
             if isinstance(r, DirPlan):
@@ -200,6 +219,25 @@ class Plan:
 
 
 
+def place(d: DirPlan, state: State, root: DirPlan | None) -> DirPlan | None:
+    """Set where d is staged; return the new directory its subtree is staged under, if any.
+
+    A directory already in the destination gets a bucket `<index>` whose files
+    are named by their record numbers and published one by one. A new one
+    whose parent exists is staged as `<index>` holding its whole subtree under
+    the final names, and published by one rename. Records come parents first
+    and a subtree is contiguous, so the last such root is the only one needed.
+    """
+    if not d.rel or state.flags(d.index) & EXISTS:
+        d.staged, d.new, d.root = str(d.index), False, False
+        return None
+    if root is not None and d.rel.startswith(root.rel + "/"):
+        d.staged, d.new, d.root = root.staged + d.rel[len(root.rel):], True, False
+        return root
+    d.staged, d.new, d.root = str(d.index), True, True
+    return d
+
+
 class State:
     """Random access to the per-record slots (flags and a sha256 digest), mmapped."""
 
@@ -215,13 +253,22 @@ class State:
 
     def digest(self, index: int) -> bytes:
         assert self.map is not None
-        return self.map[index * SLOT + 1:(index + 1) * SLOT]
+        return self.map[index * SLOT + 1:index * SLOT + 33]
+
+    def inode(self, index: int) -> int:
+        """The inode number stage() recorded for a COPIED file."""
+        assert self.map is not None
+        return int.from_bytes(self.map[index * SLOT + 33:(index + 1) * SLOT], "little")
 
     def set(self, index: int, flags: int, digest: bytes | None = None) -> None:
         assert self.map is not None
         self.map[index * SLOT] = flags
         if digest is not None:
-            self.map[index * SLOT + 1:(index + 1) * SLOT] = digest
+            self.map[index * SLOT + 1:index * SLOT + 33] = digest
+
+    def set_copied(self, index: int, digest: bytes, inode: int) -> None:
+        assert self.map is not None
+        _SLOT.pack_into(self.map, index * SLOT, COPIED, digest, inode)
 
     def add_flag(self, index: int, flag: int) -> None:
         self.set(index, self.flags(index) | flag)

@@ -175,7 +175,7 @@ def _deliver(config: Config, study: StudyConfig, c: Claim, owner: Ownership) -> 
             point("checked")
             staging = stage(study, plan, dest_fd, owner)
             try:
-                publish(plan, staging, owner)
+                publish(plan, staging)
                 try:
                     finish(plan, staging)
                     point("verified")

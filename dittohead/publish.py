@@ -1,16 +1,22 @@
 """Publish staged files under their final names, never replacing anything.
 
 Order, and why:
-1. syncfs, while every staged file is re-read and checked against the
-   manifest (the two overlap: one waits on the disk, the other on the CPU).
-   The data is durable and verified before any final name points at it, so
-   even a power cut never leaves a partial file under a final name.
-2. mkdir the missing directories, link() each staged inode to its final name.
-   link() fails with EEXIST instead of replacing: a file that appeared since
-   the check is a conflict, and everything this delivery published is rolled
-   back (only names whose inode is still ours are removed).
-3. Each final name is checked to be the verified inode, syncfs again (now
-   only metadata), and the destination checked to be still where it was
+1. syncfs. The staged copies were verified while they were made (stage.py),
+   so after this their data is durable and verified before any final name
+   points at it: even a power cut never leaves a partial file under a final
+   name (and a rerun would take such a file for a conflict).
+2. renameat2(RENAME_NOREPLACE) each staged new directory (with its whole
+   subtree) and each staged file of an existing directory to its final name.
+   It fails with EEXIST instead of replacing: a file that appeared since the
+   check is a conflict, a directory that appeared is merged into by a later
+   run; either way everything this delivery published is rolled back (only
+   names that still lead to an inode we staged, by inode number, size and
+   mtime, and directories we created once they are empty). Where the
+   filesystem has no RENAME_NOREPLACE (NFS, some FUSE: EINVAL), link() does
+   the job for files (the staged names go with the staging directory) and
+   mkdir + rename(2) onto that new, empty directory for directories.
+3. Each final name is checked to be the staged inode (while syncfs makes the
+   names durable), and the destination checked to be still where it was
    configured; then the staging directory goes.
 """
 
@@ -21,46 +27,25 @@ import os
 import threading
 from collections.abc import Callable
 
-from .check import DIR_FLAGS, LIST_MAX, DirCache, hash_at, join
+from .check import LIST_MAX, DirCache, join
 from .errors import EntryFailed, TemporaryError
 from .faults import point
-from .fsops import is_enospc, syncfs
+from .fsops import is_enospc, rename_noreplace, syncfs
 from .log import printable
-from .plan import COPIED, CREATED, EXISTS, Plan, State
-from .stage import Ownership, Staging, bucket
+from .plan import COPIED, CREATED, DirPlan, FilePlan, Plan, State
+from .stage import Staging
 
 
-def publish(plan: Plan, staging: Staging, owner: Ownership) -> None:
-    """Verify and sync the staged files, then give them their final names (all or nothing)."""
-    bad = _in_parallel_with_sync(staging.fd, lambda: verify(plan, staging))
-    if bad:
-        raise EntryFailed("the staged copy of " + ", ".join(printable(b) for b in bad)
-                          + " did not match the manifest (changed while it was being "
-                          "delivered?); nothing of this entry was delivered.")
+def publish(plan: Plan, staging: Staging) -> None:
+    """Sync the staged files, then give them their final names (all or nothing)."""
+    try:
+        syncfs(staging.fd)
+    except OSError as e:
+        raise _classify(e, "syncing") from e
     point("synced")
     try:
         with plan.state() as state:
-            _make_dirs(plan, state, staging.dest_fd, owner)
-            linked = 0
-            with DirCache(staging.dest_fd) as dest, DirCache(staging.fd) as buckets:
-                for d, f in plan.iter_files():
-                    if not state.flags(f.index) & COPIED:
-                        continue
-                    try:
-                        os.link(str(f.index), f.name, src_dir_fd=buckets.dir_fd(bucket(d)),
-                                dst_dir_fd=dest.dir_fd(d.rel), follow_symlinks=False)
-                    except FileExistsError:
-                        raise EntryFailed(
-                            f"{printable(join(d.rel, f.name))} appeared in the destination "
-                            "during the delivery (never overwritten); nothing of this entry "
-                            "was delivered.") from None
-                    linked += 1
-                    point(f"published:{linked}")
-                # Linking changed the directories' mtimes: set them now. A child's
-                # utime does not touch its parent, so walk order is fine.
-                for dp in plan.iter_dirs():
-                    if state.flags(dp.index) & CREATED:
-                        os.utime(dest.dir_fd(dp.rel), ns=(dp.atime_ns, dp.mtime_ns))
+            _publish(plan, state, staging)
     except BaseException as e:
         rollback(plan, staging)
         if isinstance(e, OSError):
@@ -68,9 +53,84 @@ def publish(plan: Plan, staging: Staging, owner: Ownership) -> None:
         raise
 
 
+_Mover = Callable[[str, str, int, int], None]
+
+
+def _publish(plan: Plan, state: State, staging: Staging) -> None:
+    move_file: _Mover = _rename
+    move_dir: _Mover = _rename
+    published = 0
+    with DirCache(staging.dest_fd) as dest, DirCache(staging.fd) as staged:
+        d: DirPlan | None = None
+        for r in plan.placed(state):
+            if isinstance(r, DirPlan):
+                d = r
+                if d.root:
+                    parent, _, name = d.rel.rpartition("/")
+                    try:
+                        move_dir = _move(move_dir, _mkdir_rename, d.staged, name,
+                                         staging.fd, dest.dir_fd(parent))
+                    except FileExistsError:
+                        raise TemporaryError(
+                            f"{printable(d.rel)}/ appeared in the destination during the "
+                            "delivery; rolled back, will retry (and merge into it)") from None
+                    published += 1
+                    point(f"published:{published}")
+                if d.new:
+                    state.add_flag(d.index, CREATED)
+                continue
+            if d is None or d.new or not isinstance(r, FilePlan) \
+                    or not state.flags(r.index) & COPIED:
+                continue  # went with its directory, or not copied by this delivery
+            try:
+                move_file = _move(move_file, _link, d.staged_name(r), r.name,
+                                  staged.dir_fd(d.staged), dest.dir_fd(d.rel))
+            except FileExistsError:
+                raise EntryFailed(
+                    f"{printable(join(d.rel, r.name))} appeared in the destination during "
+                    "the delivery (never overwritten); nothing of this entry was "
+                    "delivered.") from None
+            published += 1
+            point(f"published:{published}")
+        # Publishing changed the new directories' mtimes: set them now. A
+        # child's utime does not touch its parent, so walk order is fine.
+        for dp in plan.iter_dirs():
+            if state.flags(dp.index) & CREATED:
+                os.utime(dest.dir_fd(dp.rel), ns=(dp.atime_ns, dp.mtime_ns))
+
+
+def _move(move: _Mover, fallback: _Mover, src: str, dst: str, src_fd: int,
+          dst_fd: int) -> _Mover:
+    """move(); where the filesystem lacks RENAME_NOREPLACE, fallback(). Returns what worked."""
+    try:
+        move(src, dst, src_fd, dst_fd)
+        return move
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOSYS) or move is fallback:
+            raise
+    fallback(src, dst, src_fd, dst_fd)
+    return fallback
+
+
+def _rename(src: str, dst: str, src_fd: int, dst_fd: int) -> None:
+    rename_noreplace(src, dst, src_fd, dst_fd)
+
+
+def _link(src: str, dst: str, src_fd: int, dst_fd: int) -> None:
+    # The staged name stays; it goes with the staging directory.
+    os.link(src, dst, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
+
+
+def _mkdir_rename(src: str, dst: str, src_fd: int, dst_fd: int) -> None:
+    # mkdir fails if anything has the name; rename(2) then replaces only that
+    # empty directory of ours (a non-empty one fails with ENOTEMPTY).
+    os.mkdir(dst, 0o700, dir_fd=dst_fd)
+    os.rename(src, dst, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+
+
 def finish(plan: Plan, staging: Staging) -> None:
-    """Check every final name is its verified inode, sync the names; roll back if not."""
-    wrong = _in_parallel_with_sync(staging.dest_fd, lambda: _check_links(plan, staging))
+    """Check every final name is its staged inode, sync the names; roll back if not."""
+    wrong = _in_parallel_with_sync(staging.dest_fd, lambda: _check_names(plan, staging))
     moved = _destination_moved(staging)
     if wrong or moved:
         rollback(plan, staging)
@@ -102,18 +162,21 @@ def _in_parallel_with_sync(fd: int, work: Callable[[], list[str]]) -> list[str]:
     return result
 
 
-def _check_links(plan: Plan, staging: Staging) -> list[str]:
+def _is_ours(st: os.stat_result, state: State, f: FilePlan, staging: Staging) -> bool:
+    # An inode number alone could be reused once ours is freed (renamed over);
+    # with the size and the nanosecond mtime we gave it, that cannot pass by chance.
+    return (st.st_ino == state.inode(f.index) and st.st_dev == staging.dev
+            and st.st_size == f.size and st.st_mtime_ns == f.mtime_ns)
+
+
+def _check_names(plan: Plan, staging: Staging) -> list[str]:
     wrong: list[str] = []
-    with plan.state() as state, DirCache(staging.dest_fd) as dest, \
-            DirCache(staging.fd) as buckets:
+    with plan.state() as state, DirCache(staging.dest_fd) as dest:
         for d, f in plan.iter_files():
             if not state.flags(f.index) & COPIED:
                 continue
-            ours = os.stat(str(f.index), dir_fd=buckets.dir_fd(bucket(d)),
-                           follow_symlinks=False)
-            there = os.stat(f.name, dir_fd=dest.dir_fd(d.rel), follow_symlinks=False)
-            if (there.st_ino, there.st_dev) != (ours.st_ino, ours.st_dev) \
-                    and len(wrong) < LIST_MAX:
+            st = os.stat(f.name, dir_fd=dest.dir_fd(d.rel), follow_symlinks=False)
+            if not _is_ours(st, state, f, staging) and len(wrong) < LIST_MAX:
                 wrong.append(join(d.rel, f.name))
     return wrong
 
@@ -137,32 +200,16 @@ def _destination_moved(staging: Staging) -> str | None:
     return None
 
 
-def verify(plan: Plan, staging: Staging) -> list[str]:
-    """Re-read each staged file and check it against the manifest; list mismatches."""
-    bad: list[str] = []
-    with plan.state() as state, DirCache(staging.fd) as buckets:
-        for d, f in plan.iter_files():
-            if not state.flags(f.index) & COPIED:
-                continue
-            if hash_at(buckets.dir_fd(bucket(d)), str(f.index), f.size) \
-                    != state.digest(f.index) and len(bad) < LIST_MAX:
-                bad.append(join(d.rel, f.name))
-    return bad
-
-
 def rollback(plan: Plan, staging: Staging) -> None:
-    """Remove what this delivery published: only names still linked to our staged inodes."""
-    with plan.state() as state, DirCache(staging.dest_fd) as dest, \
-            DirCache(staging.fd) as buckets:
+    """Remove what this delivery published: only names that still lead to our staged inodes."""
+    with plan.state() as state, DirCache(staging.dest_fd) as dest:
         for d, f in plan.iter_files():
             if not state.flags(f.index) & COPIED:
                 continue
             try:
-                ours = os.stat(str(f.index), dir_fd=buckets.dir_fd(bucket(d)),
-                               follow_symlinks=False)
                 dfd = dest.dir_fd(d.rel)
-                there = os.stat(f.name, dir_fd=dfd, follow_symlinks=False)
-                if (there.st_ino, there.st_dev) == (ours.st_ino, ours.st_dev):
+                if _is_ours(os.stat(f.name, dir_fd=dfd, follow_symlinks=False), state, f,
+                            staging):
                     os.unlink(f.name, dir_fd=dfd)
             except OSError:
                 pass  # not published, or its directory is gone
@@ -172,28 +219,6 @@ def rollback(plan: Plan, staging: Staging) -> None:
             os.rmdir(rel, dir_fd=staging.dest_fd)
         except OSError:
             pass  # not empty: someone else put something there; it stays
-
-
-def _make_dirs(plan: Plan, state: State, dest_fd: int, owner: Ownership) -> None:
-    with DirCache(dest_fd) as dest:
-        for d in plan.iter_dirs():
-            if not d.rel or state.flags(d.index) & EXISTS:
-                continue
-            parent, _, name = d.rel.rpartition("/")
-            pfd = dest.dir_fd(parent)
-            try:
-                # The final permission bits at once (a setgid parent adds S_ISGID).
-                os.mkdir(name, owner.dir_mode & 0o777, dir_fd=pfd)
-            except FileExistsError:
-                # Made by someone else since the check; fine if it is a real directory.
-                os.close(os.open(name, DIR_FLAGS, dir_fd=pfd))
-                continue
-            state.add_flag(d.index, CREATED)
-            fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
-            try:
-                owner.apply(fd, owner.dir_mode)
-            finally:
-                os.close(fd)
 
 
 def _classify(e: OSError, doing: str) -> Exception:
