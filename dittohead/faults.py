@@ -15,6 +15,11 @@ import time
 _WANT = os.environ.get("DITTOHEAD_TEST_FAULT")  # read once: point() runs once per file
 
 
+def enabled() -> bool:
+    """True when a test asked for a fault (some speed-ups step aside then)."""
+    return bool(_WANT)
+
+
 def point(name: str) -> None:
     """Crash or wait here if the test environment asks for it."""
     want = _WANT

@@ -1,4 +1,4 @@
-"""Filesystem operations the standard library lacks or that several stages share."""
+"""Filesystem and process operations the standard library lacks or several stages share."""
 
 from __future__ import annotations
 
@@ -34,17 +34,16 @@ def rename_noreplace(src: Path | str, dst: Path | str, src_dir_fd: int = AT_FDCW
         _raise_errno(os.fsdecode(dst))
 
 
-_SYNC_FILE_RANGE_WRITE = 2
-_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
-                                  ctypes.c_uint]
+_PR_SET_PDEATHSIG = 1
 
 
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Start (not wait for) writeback of a file range: a later syncfs has less to do.
-
-    Best effort: a failure here shows again, for certain, at that syncfs.
-    """
-    _libc.sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this (forked) process when its parent dies."""
+    parent = os.getppid()
+    if _libc.prctl(_PR_SET_PDEATHSIG, 9, 0, 0, 0) != 0:
+        _raise_errno()
+    if os.getppid() != parent:  # it died before the prctl
+        os._exit(1)
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o640) -> None:

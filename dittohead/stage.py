@@ -36,13 +36,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from hashlib import sha256
 
+from . import parallel
 from .check import CHUNK, DIR_FLAGS, FILE_FLAGS, DirCache, Source
 from .config import StudyConfig
 from .errors import ConfigError, EntryFailed
 from .faults import point
 from .fsops import syncfs
 from .log import printable
-from .plan import PRESENT, DirPlan, FilePlan, Plan
+from .plan import PRESENT, DirPlan, FilePlan, Plan, State
 
 STAGING_PREFIX = ".incoming-"
 # Files at least this big are hashed on a second thread while the main one
@@ -134,26 +135,11 @@ def stage(study: StudyConfig, plan: Plan, dest_fd: int, owner: Ownership) -> Sta
     staging = Staging(dest_fd=dest_fd, name=name, fd=fd, destination=str(study.destination),
                       dev=os.fstat(fd).st_dev)
     try:
-        with plan.state() as state, Source(study, plan) as src, \
-                DirCache(fd) as staged, _Copier(fd) as copier:
-            d: DirPlan | None = None
-            for r in plan.placed(state):
-                if isinstance(r, DirPlan):
-                    d = r
-                    if d.new:
-                        _make_dir(fd, d.staged, owner)
-                    continue
-                if not isinstance(r, FilePlan) or state.flags(r.index) & PRESENT:
-                    continue  # skipped by an ignore pattern, or already delivered
-                assert d is not None
-                if not d.new and staged.rel != d.staged:
-                    os.mkdir(d.staged, 0o700, dir_fd=fd)  # the bucket of an existing dir
-                digest, inode = copier.copy(src.dir_fd(d.rel), r.src_name(plan), r,
-                                            staged.dir_fd(d.staged), d.staged_name(r), owner,
-                                            d.rel)
-                state.set_copied(r.index, digest, inode)
-                staging.copied += 1
-                point(f"staged:{staging.copied}")
+        with plan.state() as state:
+            _make_dirs(plan, state, fd, owner)
+            n = parallel.workers_for(plan)
+            staging.copied = parallel.run(
+                n, lambda k: _copy_share(study, plan, state, fd, owner, k, n))
     except BaseException:
         # ENOSPC, a vanished destination, a changed file: nothing was published
         # yet, so dropping the staging directory undoes everything.
@@ -161,6 +147,47 @@ def stage(study: StudyConfig, plan: Plan, dest_fd: int, owner: Ownership) -> Sta
         remove_staging(dest_fd, plan.claim_id)
         raise
     return staging
+
+
+def _make_dirs(plan: Plan, state: State, staging_fd: int, owner: Ownership) -> None:
+    """Make the staged new directories, and a bucket for each existing one with files to copy."""
+    d: DirPlan | None = None
+    bucket_made = True
+    for r in plan.placed(state):
+        if isinstance(r, DirPlan):
+            d = r
+            if d.new:
+                _make_dir(staging_fd, d.staged, owner)
+            bucket_made = d.new
+        elif not bucket_made and isinstance(r, FilePlan) and not state.flags(r.index) & PRESENT:
+            assert d is not None
+            os.mkdir(d.staged, 0o700, dir_fd=staging_fd)
+            bucket_made = True
+
+
+def _copy_share(study: StudyConfig, plan: Plan, state: State, staging_fd: int, owner: Ownership,
+                share: int, shares: int) -> int:
+    """Copy the files of one share (all of them when shares == 1); return how many."""
+    copied = 0
+    assign = parallel.Shares(shares)
+    with Source(study, plan) as src, DirCache(staging_fd) as staged, \
+            _Copier(staging_fd) as copier:
+        d: DirPlan | None = None
+        for r in plan.placed(state):
+            if isinstance(r, DirPlan):
+                d = r
+                continue
+            if not isinstance(r, FilePlan) or state.flags(r.index) & PRESENT:
+                continue  # skipped by an ignore pattern, or already delivered
+            if assign.worker_of(r) != share:
+                continue
+            assert d is not None
+            digest, inode = copier.copy(src.dir_fd(d.rel), r.src_name(plan), r,
+                                        staged.dir_fd(d.staged), d.staged_name(r), owner, d.rel)
+            state.set_copied(r.index, digest, inode)
+            copied += 1
+            point(f"staged:{copied}")
+    return copied
 
 
 def _make_dir(staging_fd: int, staged: str, owner: Ownership) -> None:
