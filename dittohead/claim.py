@@ -145,7 +145,7 @@ def sweep_stale(study: StudyConfig) -> None:
         name = p.name
         if name.endswith(".tmp"):
             p.unlink(missing_ok=True)
-        elif name.endswith((".plan", ".state")):
+        elif name.endswith((".plan", ".state", ".sha256")):
             claim_id = name[1:].rsplit(".", 1)[0]
             if not (study.processing / f"{claim_id}.json").exists():
                 p.unlink(missing_ok=True)

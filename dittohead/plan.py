@@ -36,10 +36,10 @@ EXISTS = 4  # a directory already in the destination
 CREATED = 8  # a directory this delivery created
 
 
-def spool_files(processing: Path, claim_id: str) -> tuple[Path, Path]:
-    """The plan and state files of one claim in processing/ (hidden: not claim records)."""
+def spool_files(processing: Path, claim_id: str) -> tuple[Path, Path, Path]:
+    """The plan, state and manifest-to-be of one claim in processing/ (hidden: not claims)."""
     plan = processing / f".{claim_id}.plan"
-    return plan, plan.with_suffix(".state")
+    return plan, plan.with_suffix(".state"), plan.with_suffix(".sha256")
 
 
 def remove_spool(processing: Path, claim_id: str) -> None:
@@ -140,6 +140,11 @@ class Plan:
     @property
     def state_path(self) -> Path:
         return self.path.with_suffix(".state")
+
+    @property
+    def manifest_path(self) -> Path:
+        """Where publish.finish() writes the manifest; record.py files it in done/."""
+        return self.path.with_suffix(".sha256")
 
     def records(self) -> Iterator[DirPlan | FilePlan | str]:
         """Every record in walk order: directories, their files, skipped paths (str)."""
@@ -265,6 +270,11 @@ class State:
         self.map[index * SLOT] = flags
         if digest is not None:
             self.map[index * SLOT + 1:index * SLOT + 33] = digest
+
+    def set_inode(self, index: int, inode: int) -> None:
+        """Record the inode number of a staged new directory."""
+        assert self.map is not None
+        self.map[index * SLOT + 33:(index + 1) * SLOT] = inode.to_bytes(8, "little")
 
     def set_copied(self, index: int, digest: bytes, inode: int) -> None:
         assert self.map is not None

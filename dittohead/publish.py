@@ -32,7 +32,8 @@ from .errors import EntryFailed, TemporaryError
 from .faults import point
 from .fsops import is_enospc, rename_noreplace, syncfs
 from .log import printable
-from .plan import COPIED, CREATED, DirPlan, FilePlan, Plan, State
+from .plan import COPIED, CREATED, PRESENT, DirPlan, FilePlan, Plan, State
+from .record import Manifest
 from .stage import Staging
 
 
@@ -129,7 +130,10 @@ def _mkdir_rename(src: str, dst: str, src_fd: int, dst_fd: int) -> None:
 
 
 def finish(plan: Plan, staging: Staging) -> None:
-    """Check every final name is its staged inode, sync the names; roll back if not."""
+    """Check every final name is its staged inode, sync the names; roll back if not.
+
+    The same pass writes the manifest (plan.manifest_path), for record.py to file.
+    """
     wrong = _in_parallel_with_sync(staging.dest_fd, lambda: _check_names(plan, staging))
     moved = _destination_moved(staging)
     if wrong or moved:
@@ -170,15 +174,49 @@ def _is_ours(st: os.stat_result, state: State, f: FilePlan, staging: Staging) ->
 
 
 def _check_names(plan: Plan, staging: Staging) -> list[str]:
+    # A new directory is checked as a whole (it is the staged inode, so every
+    # name in it is the one staged in a 0700 directory nobody else could
+    # enter); a file published into an existing directory, one by one.
     wrong: list[str] = []
-    with plan.state() as state, DirCache(staging.dest_fd) as dest:
-        for d, f in plan.iter_files():
-            if not state.flags(f.index) & COPIED:
-                continue
-            st = os.stat(f.name, dir_fd=dest.dir_fd(d.rel), follow_symlinks=False)
-            if not _is_ours(st, state, f, staging) and len(wrong) < LIST_MAX:
-                wrong.append(join(d.rel, f.name))
-    return wrong
+    manifest = Manifest(plan.manifest_path)
+    try:
+        with plan.state() as state, DirCache(staging.dest_fd) as dest:
+            d: DirPlan | None = None
+            for r in plan.placed(state):
+                if isinstance(r, DirPlan):
+                    d = r
+                    if d.root and not _is_our_dir(d, state, staging, dest):
+                        wrong.append(d.rel + "/")
+                    continue
+                if not isinstance(r, FilePlan) or d is None:
+                    continue
+                flags = state.flags(r.index)
+                if not flags & (COPIED | PRESENT):
+                    continue
+                if flags & COPIED and not d.new and not _is_our_file(d, r, state, staging, dest):
+                    wrong.append(join(d.rel, r.name))
+                manifest.add(d.rel, r.name, state.digest(r.index))
+    finally:
+        manifest.close()
+    return wrong[:LIST_MAX]
+
+
+def _is_our_dir(d: DirPlan, state: State, staging: Staging, dest: DirCache) -> bool:
+    parent, _, name = d.rel.rpartition("/")
+    try:
+        st = os.stat(name, dir_fd=dest.dir_fd(parent), follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return st.st_ino == state.inode(d.index) and st.st_dev == staging.dev
+
+
+def _is_our_file(d: DirPlan, f: FilePlan, state: State, staging: Staging,
+                 dest: DirCache) -> bool:
+    try:
+        st = os.stat(f.name, dir_fd=dest.dir_fd(d.rel), follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return _is_ours(st, state, f, staging)
 
 
 def _destination_moved(staging: Staging) -> str | None:

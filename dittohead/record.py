@@ -46,17 +46,38 @@ def manifest_line(path: str, digest: str) -> bytes:
     return digest.encode() + b"  " + raw + b"\n"
 
 
+class Manifest:
+    """Streams `<id>.sha256` (every file of the entry, delivered now or before) to a file."""
+
+    def __init__(self, path: Path) -> None:
+        self.out = open(path, "wb")  # noqa: SIM115 - closed by close()
+
+    def add(self, rel: str, name: str, digest: bytes) -> None:
+        self.out.write(manifest_line(join(rel, name), digest.hex()))
+
+    def close(self) -> None:
+        self.out.close()
+
+
 def write_manifest(path: Path, plan: Plan) -> None:
-    """Stream `<id>.sha256`: every file of the entry, delivered now or before."""
-    tmp = path.with_name("." + path.name + ".tmp")
-    with plan.state() as state, open(tmp, "wb") as out:
-        for d, f in plan.iter_files():
-            if state.flags(f.index) & (PRESENT | COPIED):
-                out.write(manifest_line(join(d.rel, f.name), state.digest(f.index).hex()))
-        out.flush()
-        os.fsync(out.fileno())
-    os.chmod(tmp, 0o640)
-    os.rename(tmp, path)
+    """Put `<id>.sha256` in place, durably: the one finish() wrote, or one made now."""
+    if not plan.manifest_path.exists():
+        m = Manifest(plan.manifest_path)
+        try:
+            with plan.state() as state:
+                for d, f in plan.iter_files():
+                    if state.flags(f.index) & (PRESENT | COPIED):
+                        m.add(d.rel, f.name, state.digest(f.index))
+        finally:
+            m.close()
+    fd = os.open(plan.manifest_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fchmod(fd, 0o640)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    # processing/ and done/ share a filesystem: the entry itself is renamed too.
+    os.rename(plan.manifest_path, path)
 
 
 def file_entry(study: StudyConfig, claim: Claim, plan: Plan | None, outcome: str,

@@ -157,7 +157,9 @@ def _make_dirs(plan: Plan, state: State, staging_fd: int, owner: Ownership) -> N
         if isinstance(r, DirPlan):
             d = r
             if d.new:
-                _make_dir(staging_fd, d.staged, owner)
+                inode = _make_dir(staging_fd, d.staged, owner)
+                if d.root:
+                    state.set_inode(d.index, inode)
             bucket_made = d.new
         elif not bucket_made and isinstance(r, FilePlan) and not state.flags(r.index) & PRESENT:
             assert d is not None
@@ -190,13 +192,13 @@ def _copy_share(study: StudyConfig, plan: Plan, state: State, staging_fd: int, o
     return copied
 
 
-def _make_dir(staging_fd: int, staged: str, owner: Ownership) -> None:
+def _make_dir(staging_fd: int, staged: str, owner: Ownership) -> int:
     # The final permission bits at once (a setgid parent adds S_ISGID); nobody
     # can reach it before it is published: the staging directory is 0700.
     os.mkdir(staged, owner.dir_mode & 0o777, dir_fd=staging_fd)
     dfd = os.open(staged, DIR_FLAGS, dir_fd=staging_fd)
     try:
-        owner.apply(dfd, owner.dir_mode)
+        return owner.apply(dfd, owner.dir_mode).st_ino
     finally:
         os.close(dfd)
 
