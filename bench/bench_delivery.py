@@ -40,9 +40,10 @@ filesystem or a fresh top-level directory).
 
 Memory: in a VM, writing into guest pages the host has not backed yet is several
 times slower than into recycled ones (copy_folio_from_iter_atomic was half of a
-1 GiB delivery's CPU time here), so big-file times vary with the page cache's
-history; runs are interleaved and outputs of big files freed after each run so
-every tool sees the same conditions, but expect +-30% on the big case in a VM.
+1 GiB delivery's CPU time here), and with free page reporting (virtio-balloon)
+pages free for ~2 s go back to the host. So just before each timed command the
+bench touches and frees twice the case's size of memory (prefault()): every tool
+writes into backed pages. Outputs of big files are freed after each run too.
 
 Peak RSS and CPU time come from wait4() on each child (ru_maxrss, KiB on Linux). A
 child's ru_maxrss is never below the spawner's own peak RSS, so the table marks
@@ -58,6 +59,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import mmap
 import os
 import platform
 import pwd
@@ -192,11 +194,12 @@ def busy_share(seconds: float) -> float:
 
 
 class Settle:
-    """What happens before every timed run: sync, then wait for a quiet machine."""
+    """What happens before every timed run: sync, wait for a quiet machine, prefault."""
 
     def __init__(self, quiet_wait: float, quiet_share: float) -> None:
         self.quiet_wait = quiet_wait
         self.quiet_share = quiet_share
+        self.prefault = 0  # bytes; set per case
 
     def __call__(self) -> float:
         """Flush and wait; return the share of CPU others still used just before."""
@@ -206,7 +209,36 @@ class Settle:
             busy = busy_share(0.5)
             if busy <= self.quiet_share or time.monotonic() >= deadline:
                 os.sync()
+                prefault(self.prefault)
                 return busy
+
+
+def prefault(nbytes: int) -> None:
+    """Touch and free nbytes of memory, so the next command's page cache is backed.
+
+    A VM with free page reporting (virtio-balloon here) hands pages that stayed
+    free for about 2 s back to the host; the next writer into them takes a host
+    fault per page (copy_folio_from_iter_atomic was 45% of a delivery's CPU),
+    so whichever tool ran after a quiet wait paid seconds more for the same
+    1 GiB. Touching them just before each timed command gives every tool the
+    same, backed, pages (reporting waits 2 s; the command starts at once).
+    """
+    if nbytes <= 0:
+        return
+    pid = os.fork()  # in a child: the bench's own peak RSS is every child's RSS floor
+    if pid == 0:  # pragma: no cover
+        with mmap.mmap(-1, nbytes) as m:
+            m[::mmap.PAGESIZE] = b"\1" * ((nbytes + mmap.PAGESIZE - 1) // mmap.PAGESIZE)
+        os._exit(0)
+    os.waitpid(pid, 0)
+
+
+def prefault_size(case_bytes: int) -> int:
+    """Enough for a tool's output and some: twice the case, at most half the free memory."""
+    with open("/proc/meminfo") as f:
+        avail = next(int(line.split()[1]) * 1024 for line in f
+                     if line.startswith("MemAvailable:"))
+    return min(2 * case_bytes + (256 << 20), avail // 2)
 
 
 PROBE_FILES = 2000
@@ -385,6 +417,7 @@ def run_case(name: str, src: Path, shape: tuple[int, int, int], runs: int,
     # hardly any inodes, and it returns its page cache, so the next tool writes
     # into recycled pages like this one did (in a VM, first-touch pages cost).
     few_inodes = files < 1000
+    s.settle.prefault = prefault_size(size)
     for t in s.tools:
         case.tools[t] = ToolResult(t)
 
