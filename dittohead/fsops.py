@@ -60,6 +60,13 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o640) -> None:
     os.rename(tmp, path)
 
 
+def used_percent(st: os.statvfs_result) -> float:
+    """Used space as df shows it: against what ordinary users can have, not the raw size."""
+    used = st.f_blocks - st.f_bfree
+    total = used + st.f_bavail
+    return 100.0 * used / total if total else 0.0
+
+
 def is_enospc(e: OSError) -> bool:
     """True for the errors that mean 'the filesystem is full'."""
     return e.errno in (errno.ENOSPC, errno.EDQUOT)

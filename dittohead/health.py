@@ -15,7 +15,7 @@ from typing import Any
 from . import layout
 from .config import Config, StudyConfig
 from .errors import ConfigError, DittoheadError
-from .fsops import rename_noreplace
+from .fsops import rename_noreplace, used_percent
 
 
 def _systemd_booted() -> bool:
@@ -33,13 +33,6 @@ def unit_states(study: str) -> dict[str, str]:
                            check=False)
         out[unit] = r.stdout.strip() or "unknown"
     return out
-
-
-def used_percent(st: os.statvfs_result) -> float:
-    """Used space as df shows it: against what ordinary users can have, not the raw size."""
-    used = st.f_blocks - st.f_bfree
-    total = used + st.f_bavail
-    return 100.0 * used / total if total else 0.0
 
 
 def disk_use(path: Path) -> dict[str, Any] | None:

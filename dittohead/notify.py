@@ -20,15 +20,10 @@ their own delivery (delivered, failed, rejected), whatever `on` says.
 
 from __future__ import annotations
 
-import secrets
-import smtplib
+import os
 import socket
-import ssl
 import syslog
 import time
-from email import message_from_bytes
-from email.message import EmailMessage
-from email.utils import formatdate, make_msgid
 from pathlib import Path
 
 from . import log
@@ -61,6 +56,11 @@ def send(cfg: Config, study: StudyConfig, kind: str, subject: str, body: str,
     to = recipients(cfg, study, kind, uploader)
     if not to:
         return
+    # Imported here, like smtplib below: most runs send no mail, and every
+    # run's start-up time is part of each delivery's latency.
+    from email.message import EmailMessage
+    from email.utils import formatdate, make_msgid
+
     msg = EmailMessage()
     msg["From"] = cfg.notify.sender or f"{cfg.service_user}@{socket.getfqdn()}"
     msg["To"] = ", ".join(to)
@@ -72,7 +72,7 @@ def send(cfg: Config, study: StudyConfig, kind: str, subject: str, body: str,
     q = queue_dir(study)
     q.mkdir(mode=0o700, exist_ok=True)
     try:
-        write_atomic(q / f"{time.time_ns()}-{secrets.token_hex(4)}.eml", msg.as_bytes(), 0o600)
+        write_atomic(q / f"{time.time_ns()}-{os.urandom(4).hex()}.eml", msg.as_bytes(), 0o600)
     except OSError as e:
         log.send(f"{study.name}: could not queue mail about {kind}: {e}",
                  priority=syslog.LOG_WARNING, DITTOHEAD_STUDY=study.name,
@@ -87,6 +87,10 @@ def send_queued(cfg: Config, study: StudyConfig) -> int:
         return 0
     if not queued:
         return 0
+    import smtplib
+    import ssl
+    from email import message_from_bytes
+
     smtp = cfg.notify.smtp
     try:
         with smtplib.SMTP(smtp.host, smtp.port, timeout=SMTP_TIMEOUT) as s:

@@ -41,8 +41,7 @@ from .errors import (
     TemporaryError,
 )
 from .faults import point
-from .fsops import is_enospc, write_atomic
-from .health import used_percent
+from .fsops import is_enospc, used_percent, write_atomic
 from .plan import Plan, remove_spool
 from .publish import finish, publish, rollback
 from .record import Outcome, file_entry

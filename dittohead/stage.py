@@ -208,7 +208,6 @@ class _Copier:
 
     def __init__(self, staging_fd: int) -> None:
         self.buf = bytearray(CHUNK)  # what was read from the source
-        self.back = bytearray(CHUNK)  # what the staged file reads back (small files)
         self.ring: list[bytearray] = []  # read-back buffers of big files, made on first use
         # Threads start on the first submit: small entries never start them.
         self.hasher = ThreadPoolExecutor(1, "sha256")
@@ -256,7 +255,8 @@ class _Copier:
             dst = os.open(staged, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode,
                           dir_fd=staging_fd)
             try:
-                digest, copied = (self._copy_big if big else self._copy_small)(src, dst)
+                digest, copied = (self._copy_big(src, dst) if big
+                                  else self._copy_small(src, dst, f.size))
                 if not big:
                     self.written(copied)
                 if copied != f.size:
@@ -269,16 +269,21 @@ class _Copier:
         finally:
             os.close(src)
 
-    def _copy_small(self, src: int, dst: int) -> tuple[bytes, int]:
+    def _copy_small(self, src: int, dst: int, size: int) -> tuple[bytes, int]:
+        # Per-file costs rule here: a bytes object per chunk (sized to the file,
+        # one byte more to see its end) is cheaper than slicing fixed buffers.
         h = sha256()
-        buf, back = self.buf, self.back
         total = 0
-        while n := os.readv(src, [buf]):
-            _write_all(dst, memoryview(buf)[:n])
-            _check_back(dst, buf, back, n, total)
-            h.update(memoryview(back)[:n])
+        want = min(size + 1, CHUNK)
+        while data := os.read(src, want):
+            n = len(data)
+            _write_all(dst, memoryview(data))
+            back = os.pread(dst, n, total)
+            if back != data:
+                raise EntryFailed(_MISMATCH)
+            h.update(back)
             total += n
-            if n < CHUNK:
+            if n < want:
                 break  # a short read of a regular file is its end: no read() just for EOF
         return h.digest(), total
 
@@ -327,8 +332,11 @@ def _check_back(dst: int, buf: bytearray, back: bytearray, n: int, offset: int) 
     # bytearray == bytearray is one memcmp; comparing memoryviews goes item by
     # item (100 times slower), hence slices when the chunk is short.
     if got != n or not (back == buf if n == CHUNK else back[:n] == buf[:n]):
-        raise EntryFailed("a staged copy read back different from what was written (a "
-                          "storage or memory fault?); nothing of this entry was delivered.")
+        raise EntryFailed(_MISMATCH)
+
+
+_MISMATCH = ("a staged copy read back different from what was written (a storage or memory "
+             "fault?); nothing of this entry was delivered.")
 
 
 def _write_all(fd: int, data: memoryview) -> None:
