@@ -24,7 +24,9 @@ import pwd
 import re
 import stat
 from collections.abc import Callable
+from dataclasses import dataclass
 
+from . import parallel
 from .config import StudyConfig
 from .errors import EntryFailed, EntryRejected, TemporaryError
 from .log import printable
@@ -69,6 +71,12 @@ class Findings:
     def __bool__(self) -> bool:
         return bool(self.kinds)
 
+    def merge(self, kinds: dict[str, tuple[int, list[str]]]) -> None:
+        """Add another Findings' kinds (a worker's), keeping the first names of each."""
+        for kind, (count, names) in kinds.items():
+            mine, kept = self.kinds.get(kind, (0, []))
+            self.kinds[kind] = (mine + count, (kept + names)[:LIST_MAX])
+
 
 def new_plan(study: StudyConfig, claim_id: str) -> Plan:
     """An empty plan for processing/<id>, owned by the entry's uploader."""
@@ -86,7 +94,7 @@ def plan_entry(study: StudyConfig, plan: Plan, entry: str, service_uid: int) -> 
     try:
         st = os.stat(plan.claim_id, dir_fd=proc_fd, follow_symlinks=False)
         if stat.S_ISDIR(st.st_mode):
-            _walk(study, proc_fd, plan.claim_id, "", st, plan, bad)
+            _walk_top(study, proc_fd, st, plan, bad)
         elif stat.S_ISREG(st.st_mode):
             plan.plain_file = True
             plan.add_dir("", 0, 0)
@@ -169,42 +177,147 @@ def _check_file(dir_fd: int, src_name: str, rel: str, st: os.stat_result, uid: i
 
 def _walk(study: StudyConfig, parent_fd: int, src_name: str, rel: str, st: os.stat_result,
           plan: Plan, bad: Findings) -> None:
-    if plan.uploader_uid != 0 and st.st_uid != plan.uploader_uid:
-        bad.add("files owned by another user than the uploader", rel + "/")
+    fd = _open_dir(parent_fd, src_name, rel, st, plan, bad)
+    if fd is None:
         return
     try:
-        fd = os.open(src_name, DIR_FLAGS, dir_fd=parent_fd)
-    except OSError as e:
-        bad.add(f"unreadable directories ({e.strerror})", rel + "/")
-        return
-    try:
-        plan.add_dir(rel, st.st_atime_ns, st.st_mtime_ns)
-        subdirs = []
-        with os.scandir(fd) as it:
-            names = sorted(de.name for de in it)
-        for name in names:
-            path = join(rel, name)
-            if _ignored(study, name):
-                plan.add_skipped(path)
-                continue
-            try:
-                est = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            except FileNotFoundError:
-                bad.add("files that vanished during the check", path)
-                continue
-            if stat.S_ISDIR(est.st_mode):
-                subdirs.append(name)
-            elif stat.S_ISREG(est.st_mode):
-                plan.add_file(name, est.st_size, est.st_atime_ns, est.st_mtime_ns,
-                              bool(est.st_mode & stat.S_IXUSR))
-                _check_file(fd, name, path, est, plan.uploader_uid, bad)
-            else:
-                bad.add(_kind(est.st_mode), path)
-        for name in subdirs:
+        for name in _scan(study, fd, rel, st, plan, bad):
             est = os.stat(name, dir_fd=fd, follow_symlinks=False)
             _walk(study, fd, name, join(rel, name), est, plan, bad)
     finally:
         os.close(fd)
+
+
+def _open_dir(parent_fd: int, src_name: str, rel: str, st: os.stat_result, plan: Plan,
+              bad: Findings) -> int | None:
+    if plan.uploader_uid != 0 and st.st_uid != plan.uploader_uid:
+        bad.add("files owned by another user than the uploader", rel + "/")
+        return None
+    try:
+        return os.open(src_name, DIR_FLAGS, dir_fd=parent_fd)
+    except OSError as e:
+        bad.add(f"unreadable directories ({e.strerror})", rel + "/")
+        return None
+
+
+def _scan(study: StudyConfig, fd: int, rel: str, st: os.stat_result, plan: Plan,
+          bad: Findings) -> list[str]:
+    """Add a directory and its files to the plan; return its subdirectories' names."""
+    plan.add_dir(rel, st.st_atime_ns, st.st_mtime_ns)
+    subdirs = []
+    with os.scandir(fd) as it:
+        names = sorted(de.name for de in it)
+    for name in names:
+        path = join(rel, name)
+        if _ignored(study, name):
+            plan.add_skipped(path)
+            continue
+        try:
+            est = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            bad.add("files that vanished during the check", path)
+            continue
+        if stat.S_ISDIR(est.st_mode):
+            subdirs.append(name)
+        elif stat.S_ISREG(est.st_mode):
+            plan.add_file(name, est.st_size, est.st_atime_ns, est.st_mtime_ns,
+                          bool(est.st_mode & stat.S_IXUSR))
+            _check_file(fd, name, path, est, plan.uploader_uid, bad)
+        else:
+            bad.add(_kind(est.st_mode), path)
+    return subdirs
+
+
+@dataclass(frozen=True)
+class _Subtree:
+    """One top-level directory as a walking worker saw it: where its records are, totals."""
+
+    index: int  # among the top directory's subdirectories
+    worker: int  # whose part file holds its records
+    start: int
+    end: int
+    records: int
+    files: int
+    nbytes: int
+    dirs: int
+    skipped: int
+    skipped_sample: list[str]
+    findings: dict[str, tuple[int, list[str]]]
+
+
+def _walk_top(study: StudyConfig, proc_fd: int, st: os.stat_result, plan: Plan,
+              bad: Findings) -> None:
+    """Walk the entry; its top-level directories in parallel workers when worth it.
+
+    Each worker walks every n-th top-level directory into a part file of its
+    own; the parts are then put together in walk order, so the plan reads as
+    if one process had walked it.
+    """
+    fd = _open_dir(proc_fd, plan.claim_id, "", st, plan, bad)
+    if fd is None:
+        return
+    try:
+        subdirs = _scan(study, fd, "", st, plan, bad)
+        n = parallel.walkers_for(len(subdirs))
+        if n == 1:
+            for name in subdirs:
+                est = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                _walk(study, fd, name, name, est, plan, bad)
+            return
+        try:
+            shares = parallel.run(n, lambda k: _walk_share(study, fd, plan, subdirs, k, n))
+            _merge(plan, bad, sorted((t for share in shares for t in share),
+                                     key=lambda t: t.index))
+        finally:
+            for k in range(n):
+                plan.part_path(k).unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+
+
+def _walk_share(study: StudyConfig, top_fd: int, plan: Plan, subdirs: list[str], k: int,
+                n: int) -> list[_Subtree]:
+    part = Plan(claim_id=plan.claim_id, uploader_uid=plan.uploader_uid,
+                uploader=plan.uploader, path=plan.part_path(k))
+    out = part.open_for_writing()
+    done = []
+    try:
+        for i in range(k, len(subdirs), n):
+            before = (out.tell(), part.records_written, part.files, part.nbytes, part.dirs,
+                      part.skipped)
+            part.skipped_sample = []
+            found = Findings()
+            est = os.stat(subdirs[i], dir_fd=top_fd, follow_symlinks=False)
+            _walk(study, top_fd, subdirs[i], subdirs[i], est, part, found)
+            after = (out.tell(), part.records_written, part.files, part.nbytes, part.dirs,
+                     part.skipped)
+            start, records, files, nbytes, dirs, skipped = before
+            done.append(_Subtree(i, k, start, after[0], after[1] - records, after[2] - files,
+                                 after[3] - nbytes, after[4] - dirs, after[5] - skipped,
+                                 part.skipped_sample, found.kinds))
+    finally:
+        out.close()
+    return done
+
+
+def _merge(plan: Plan, bad: Findings, subtrees: list[_Subtree]) -> None:
+    fds: dict[int, int] = {}
+    try:
+        for t in subtrees:
+            if t.worker not in fds:
+                fds[t.worker] = os.open(plan.part_path(t.worker), os.O_RDONLY | os.O_CLOEXEC)
+            pos = t.start
+            while pos < t.end:
+                data = os.pread(fds[t.worker], min(CHUNK, t.end - pos), pos)
+                if not data:
+                    raise OSError(errno.EIO, "a walk's part file is shorter than reported")
+                plan.append_raw(data)
+                pos += len(data)
+            plan.add_totals(t.records, t.files, t.nbytes, t.dirs, t.skipped, t.skipped_sample)
+            bad.merge(t.findings)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
 
 
 # --- the destination side ---------------------------------------------------

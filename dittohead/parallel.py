@@ -5,7 +5,8 @@ interpreter around them, about 40 us a file. Threads would serialise on the
 GIL; forked processes do not, and each one takes its share of the files (see
 Shares) with its own buffers and hashing thread. They write their results
 into the plan's shared, mmapped state file (plan.State) and report only a
-count, or the error that stopped them, through a pipe.
+result (a count, a walk's summary) or the error that stopped them, through a
+pipe each.
 
 Workers die with the parent (PR_SET_PDEATHSIG): a killed run never leaves
 one writing into a staging directory the next run is removing. The first
@@ -20,12 +21,14 @@ import os
 import pickle
 import signal
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 from . import faults
 from .errors import ConfigError, EntryFailed, TemporaryError
 from .fsops import die_with_parent
 from .plan import FilePlan, Plan
 
+T = TypeVar("T")
 MAX_WORKERS = 4
 MIN_FILES = 500  # fewer files are not worth a fork
 # A file costs about as much as copying this many bytes, plus its size.
@@ -43,6 +46,13 @@ def workers_for(plan: Plan) -> int:
     if plan.files < MIN_FILES and plan.nbytes < 2 * SWITCH:
         return 1
     return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0)), plan.files))
+
+
+def walkers_for(subdirs: int) -> int:
+    """How many processes should walk an entry whose top has this many directories."""
+    if subdirs < 2:
+        return 1
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0)), subdirs))
 
 
 class Shares:
@@ -66,46 +76,51 @@ class Shares:
         return self.current
 
 
-def run(workers: int, work: Callable[[int], int]) -> int:
-    """work(0..workers-1), share 0 in this process, the others forked; sum their counts."""
+def run(workers: int, work: Callable[[int], T]) -> list[T]:
+    """[work(0), ..., work(workers - 1)]: share 0 in this process, the others forked."""
     if workers == 1:
-        return work(0)
-    r, w = os.pipe()
-    pids = []
+        return [work(0)]
+    pipes: list[int] = []
+    pids: list[int] = []
     try:
         for k in range(1, workers):
+            r, w = os.pipe()
+            pipes.append(r)
             pid = os.fork()
             if pid == 0:  # pragma: no cover - runs in the child
-                _child(k, work, r, w)
+                _child(k, work, w)
+            os.close(w)
             pids.append(pid)
-        os.close(w)
-        w = -1
         try:
-            total = work(0)
+            mine = work(0)
         except BaseException:
             _stop(pids)
             raise
-        with os.fdopen(r, "rb", closefd=False) as pipe:
-            reports = _reports(pipe.read())
-        errors = [rep for rep in reports if rep[0] != "count"]
+        # A pipe each: a report may be bigger than the pipe's atomic write.
+        reports: list[tuple[Any, ...]] = []
+        for r in pipes:
+            with os.fdopen(r, "rb", closefd=False) as pipe:
+                data = pipe.read()
+            reports.append(pickle.loads(data) if data else ("other", "no report"))
         _reap(pids)
         pids = []
-        if errors:
-            raise _rebuild(errors[0])
-        return total + sum(rep[1] for rep in reports if isinstance(rep[1], int))
+        results = [mine]
+        for report in reports:
+            if report[0] != "ok":
+                raise _rebuild(report)
+            results.append(report[1])
+        return results
     finally:
         _stop(pids)
-        os.close(r)
-        if w >= 0:
-            os.close(w)
+        for r in pipes:
+            os.close(r)
 
 
-def _child(k: int, work: Callable[[int], int], r: int, w: int) -> None:  # pragma: no cover
+def _child(k: int, work: Callable[[int], T], w: int) -> None:  # pragma: no cover
     code = 0
     try:
-        os.close(r)
         die_with_parent()
-        report: tuple[object, ...] = ("count", work(k))
+        report: tuple[object, ...] = ("ok", work(k))
     except EntryFailed as e:
         report, code = ("failed", e.reason, e.outcome), 1
     except TemporaryError as e:
@@ -117,19 +132,11 @@ def _child(k: int, work: Callable[[int], int], r: int, w: int) -> None:  # pragm
     except BaseException as e:
         report, code = ("other", repr(e)), 1
     try:
-        data = pickle.dumps(report)
-        os.write(w, len(data).to_bytes(4, "little") + data)  # one write: atomic below 4 KiB
+        data = memoryview(pickle.dumps(report))
+        while data:
+            data = data[os.write(w, data):]
     finally:
         os._exit(code)
-
-
-def _reports(data: bytes) -> list[tuple[object, ...]]:
-    out = []
-    while data:
-        n = int.from_bytes(data[:4], "little")
-        out.append(pickle.loads(data[4:4 + n]))
-        data = data[4 + n:]
-    return out
 
 
 def _rebuild(report: tuple[object, ...]) -> BaseException:

@@ -18,6 +18,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 _DIR = struct.Struct("<cHqq")  # kind, name length, atime_ns, mtime_ns
 _FILE = struct.Struct("<cHQqq?")  # kind, name length, size, atime_ns, mtime_ns, executable
@@ -97,10 +98,35 @@ class Plan:
 
     # --- writing (the walk) -------------------------------------------------
 
-    def open_for_writing(self) -> None:
+    def open_for_writing(self) -> BinaryIO:
         self._cache = None
         self._records = 0
-        self._out = open(self.path, "wb")  # noqa: SIM115 - closed by close_writing()
+        out = open(self.path, "wb")  # noqa: SIM115 - closed by close_writing()
+        self._out = out
+        return out
+
+    @property
+    def records_written(self) -> int:
+        return self._records
+
+    def part_path(self, worker: int) -> Path:
+        """The part file a walking worker writes (check.py puts the parts together)."""
+        return self.path.with_suffix(f".{worker}.plan")
+
+    def append_raw(self, data: bytes) -> None:
+        """Append records another Plan wrote (count them with add_totals)."""
+        out = self._out
+        assert out is not None and hasattr(out, "write")
+        out.write(data)
+
+    def add_totals(self, records: int, files: int, nbytes: int, dirs: int, skipped: int,
+                   skipped_sample: list[str]) -> None:
+        self._records += records
+        self.files += files
+        self.nbytes += nbytes
+        self.dirs += dirs
+        self.skipped += skipped
+        self.skipped_sample.extend(skipped_sample[:20 - len(self.skipped_sample)])
 
     def close_writing(self) -> None:
         out = self._out

@@ -138,8 +138,8 @@ def stage(study: StudyConfig, plan: Plan, dest_fd: int, owner: Ownership) -> Sta
         with plan.state() as state:
             _make_dirs(plan, state, fd, owner)
             n = parallel.workers_for(plan)
-            staging.copied = parallel.run(
-                n, lambda k: _copy_share(study, plan, state, fd, owner, k, n))
+            staging.copied = sum(parallel.run(
+                n, lambda k: _copy_share(study, plan, state, fd, owner, k, n)))
     except BaseException:
         # ENOSPC, a vanished destination, a changed file: nothing was published
         # yet, so dropping the staging directory undoes everything.

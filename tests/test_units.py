@@ -498,8 +498,9 @@ class TestOnSystemd:
             box.wait_inactive("dittohead@s1.service")
             files = {f"killed/part{i}.bin": 4 << 20 for i in range(4)}
             box.upload("s1", [("killme", files)])
+            # A new directory is published whole, by one rename: all 4 at once.
             wait_for(lambda: box.sh(f"ls {ROOT}/study/s1/killed 2>/dev/null | wc -l")
-                     .stdout.strip() == "1", 30, "the first file to be published")
+                     .stdout.strip() == "4", 30, "the new directory to be published")
             box.box.run("systemctl", "kill", "-s", "KILL", "dittohead@s1.service")
             box.wait_inactive("dittohead@s1.service")
             assert box.prop("dittohead@s1.service", "Result") == "signal"
