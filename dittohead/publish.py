@@ -166,10 +166,13 @@ def _in_parallel_with_sync(fd: int, work: Callable[[], list[str]]) -> list[str]:
     return result
 
 
-def _is_ours(st: os.stat_result, state: State, f: FilePlan, staging: Staging) -> bool:
+def _is_ours(st: os.stat_result, state: State, f: FilePlan) -> bool:
     # An inode number alone could be reused once ours is freed (renamed over);
-    # with the size and the nanosecond mtime we gave it, that cannot pass by chance.
-    return (st.st_ino == state.inode(f.index) and st.st_dev == staging.dev
+    # with the size and the nanosecond mtime we gave it, that cannot pass by
+    # chance. st_dev is not compared: overlayfs reports a file's st_dev from
+    # its layer but a directory's from the overlay, and publishing renamed
+    # within one filesystem anyway (a rename cannot cross one).
+    return (st.st_ino == state.inode(f.index)
             and st.st_size == f.size and st.st_mtime_ns == f.mtime_ns)
 
 
@@ -185,7 +188,7 @@ def _check_names(plan: Plan, staging: Staging) -> list[str]:
             for r in plan.placed(state):
                 if isinstance(r, DirPlan):
                     d = r
-                    if d.root and not _is_our_dir(d, state, staging, dest):
+                    if d.root and not _is_our_dir(d, state, dest):
                         wrong.append(d.rel + "/")
                     continue
                 if not isinstance(r, FilePlan) or d is None:
@@ -193,7 +196,7 @@ def _check_names(plan: Plan, staging: Staging) -> list[str]:
                 flags = state.flags(r.index)
                 if not flags & (COPIED | PRESENT):
                     continue
-                if flags & COPIED and not d.new and not _is_our_file(d, r, state, staging, dest):
+                if flags & COPIED and not d.new and not _is_our_file(d, r, state, dest):
                     wrong.append(join(d.rel, r.name))
                 manifest.add(d.rel, r.name, state.digest(r.index))
     finally:
@@ -201,22 +204,21 @@ def _check_names(plan: Plan, staging: Staging) -> list[str]:
     return wrong[:LIST_MAX]
 
 
-def _is_our_dir(d: DirPlan, state: State, staging: Staging, dest: DirCache) -> bool:
+def _is_our_dir(d: DirPlan, state: State, dest: DirCache) -> bool:
     parent, _, name = d.rel.rpartition("/")
     try:
         st = os.stat(name, dir_fd=dest.dir_fd(parent), follow_symlinks=False)
     except FileNotFoundError:
         return False
-    return st.st_ino == state.inode(d.index) and st.st_dev == staging.dev
+    return st.st_ino == state.inode(d.index)
 
 
-def _is_our_file(d: DirPlan, f: FilePlan, state: State, staging: Staging,
-                 dest: DirCache) -> bool:
+def _is_our_file(d: DirPlan, f: FilePlan, state: State, dest: DirCache) -> bool:
     try:
         st = os.stat(f.name, dir_fd=dest.dir_fd(d.rel), follow_symlinks=False)
     except FileNotFoundError:
         return False
-    return _is_ours(st, state, f, staging)
+    return _is_ours(st, state, f)
 
 
 def _destination_moved(staging: Staging) -> str | None:
@@ -246,8 +248,7 @@ def rollback(plan: Plan, staging: Staging) -> None:
                 continue
             try:
                 dfd = dest.dir_fd(d.rel)
-                if _is_ours(os.stat(f.name, dir_fd=dfd, follow_symlinks=False), state, f,
-                            staging):
+                if _is_ours(os.stat(f.name, dir_fd=dfd, follow_symlinks=False), state, f):
                     os.unlink(f.name, dir_fd=dfd)
             except OSError:
                 pass  # not published, or its directory is gone

@@ -107,7 +107,6 @@ class Staging:
     name: str
     fd: int
     destination: str  # the configured path, to check it still leads to dest_fd
-    dev: int  # st_dev of the staging directory: that of every staged inode
     copied: int = 0
 
 
@@ -133,7 +132,7 @@ def stage(study: StudyConfig, plan: Plan, dest_fd: int, owner: Ownership) -> Sta
     os.mkdir(name, 0o700, dir_fd=dest_fd)
     fd = os.open(name, DIR_FLAGS, dir_fd=dest_fd)
     staging = Staging(dest_fd=dest_fd, name=name, fd=fd, destination=str(study.destination),
-                      dev=os.fstat(fd).st_dev)
+)
     try:
         with plan.state() as state:
             _make_dirs(plan, state, fd, owner)
