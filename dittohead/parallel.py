@@ -1,12 +1,14 @@
-"""Run the copying of one entry in several forked processes.
+"""Split the walk and the copy of one big entry across forked processes.
 
-Copying many small files is bound by per-file work: system calls and the
-interpreter around them, about 40 us a file. Threads would serialise on the
-GIL; forked processes do not, and each one takes its share of the files (see
-Shares) with its own buffers and hashing thread. They write their results
-into the plan's shared, mmapped state file (plan.State) and report only a
-result (a count, a walk's summary) or the error that stopped them, through a
-pipe each.
+Walking and copying many small files is bound by per-file work: system
+calls and the interpreter around them, 50-60 us a file here. Threads would
+serialise on the GIL; forked processes do not. The walk gives each worker
+every n-th top-level directory (check.py joins their parts of the plan in
+walk order); the copy gives each worker its share of the files (Shares),
+with its own buffers and hashing thread, and the workers write digests into
+the plan's shared, mmapped state file (plan.State). Each reports a result
+(a count, a walk's summary) or the error that stopped it through a pipe of
+its own.
 
 Workers die with the parent (PR_SET_PDEATHSIG): a killed run never leaves
 one writing into a staging directory the next run is removing. The first
