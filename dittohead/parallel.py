@@ -4,11 +4,11 @@ Walking and copying many small files is bound by per-file work: system
 calls and the interpreter around them, 50-60 us a file here. Threads would
 serialise on the GIL; forked processes do not. The walk gives each worker
 every n-th top-level directory (check.py joins their parts of the plan in
-walk order); the copy gives each worker its share of the files (Shares),
-with its own buffers and hashing thread, and the workers write digests into
-the plan's shared, mmapped state file (plan.State). Each reports a result
-(a count, a walk's summary) or the error that stopped it through a pipe of
-its own.
+walk order). The copy gives each worker a contiguous run of the files of
+about equal cost (stage.py), with its own buffers and hashing thread; the
+workers write digests into the plan's shared, mmapped state file
+(plan.State). Each reports a result (a count, a walk's summary) or the
+error that stopped it through a pipe of its own.
 
 Workers die with the parent (PR_SET_PDEATHSIG): a killed run never leaves
 one writing into a staging directory the next run is removing. The first
@@ -28,24 +28,21 @@ from typing import Any, TypeVar
 from . import faults
 from .errors import ConfigError, EntryFailed, TemporaryError
 from .fsops import die_with_parent
-from .plan import FilePlan, Plan
+from .plan import Plan
 
 T = TypeVar("T")
 MAX_WORKERS = 4
 MIN_FILES = 500  # fewer files are not worth a fork
 # A file costs about as much as copying this many bytes, plus its size.
 FILE_COST = 64 << 10
-# How far a worker may run ahead of the least loaded one before the next
-# files go to that one instead: keeps a directory's files together (creates
-# in one directory serialise on its lock) while balancing the whole.
-SWITCH = 16 << 20
+BIG_ENTRY = 32 << 20  # bytes that are worth splitting even across few files
 
 
 def workers_for(plan: Plan) -> int:
     """How many processes should copy this plan's files."""
     if faults.enabled():
         return 1  # the crash tests' kill points must kill the run itself
-    if plan.files < MIN_FILES and plan.nbytes < 2 * SWITCH:
+    if plan.files < MIN_FILES and plan.nbytes < BIG_ENTRY:
         return 1
     return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0)), plan.files))
 
@@ -55,27 +52,6 @@ def walkers_for(subdirs: int) -> int:
     if subdirs < 2:
         return 1
     return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0)), subdirs))
-
-
-class Shares:
-    """Which worker copies which file: the same answer in every worker.
-
-    Each worker replays the same sequence of files, so no list of
-    assignments is kept or sent; memory stays flat.
-    """
-
-    def __init__(self, workers: int) -> None:
-        self.loads = [0] * workers
-        self.current = 0
-
-    def worker_of(self, f: FilePlan) -> int:
-        loads = self.loads
-        if len(loads) > 1:
-            least = loads.index(min(loads))
-            if loads[self.current] - loads[least] > SWITCH:
-                self.current = least
-            loads[self.current] += FILE_COST + f.size
-        return self.current
 
 
 def run(workers: int, work: Callable[[int], T]) -> list[T]:

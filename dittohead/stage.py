@@ -135,10 +135,11 @@ def stage(study: StudyConfig, plan: Plan, dest_fd: int, owner: Ownership) -> Sta
 )
     try:
         with plan.state() as state:
-            _make_dirs(plan, state, fd, owner)
             n = parallel.workers_for(plan)
+            bounds = _make_dirs(plan, state, fd, owner, n)
             staging.copied = sum(parallel.run(
-                n, lambda k: _copy_share(study, plan, state, fd, owner, k, n)))
+                n, lambda k: _copy_share(study, plan, state, fd, owner, bounds[k],
+                                         bounds[k + 1])))
     except BaseException:
         # ENOSPC, a vanished destination, a changed file: nothing was published
         # yet, so dropping the staging directory undoes everything.
@@ -148,10 +149,22 @@ def stage(study: StudyConfig, plan: Plan, dest_fd: int, owner: Ownership) -> Sta
     return staging
 
 
-def _make_dirs(plan: Plan, state: State, staging_fd: int, owner: Ownership) -> None:
-    """Make the staged new directories, and a bucket for each existing one with files to copy."""
+def _make_dirs(plan: Plan, state: State, staging_fd: int, owner: Ownership,
+               shares: int) -> list[int]:
+    """Make the staged new directories and a bucket for each existing one with files to copy.
+
+    Returns where the shares of the copy start and end: shares + 1 record
+    numbers cutting the files into contiguous runs of about equal cost, so
+    each worker mostly has directories to itself (creates in one directory
+    serialise on its lock).
+    """
     d: DirPlan | None = None
     bucket_made = True
+    # The cost of every file (a few already delivered count too: close enough).
+    total = plan.files * parallel.FILE_COST + plan.nbytes
+    cuts = [total * k // shares for k in range(1, shares)]
+    bounds = [0]
+    cost = 0
     for r in plan.placed(state):
         if isinstance(r, DirPlan):
             d = r
@@ -160,28 +173,35 @@ def _make_dirs(plan: Plan, state: State, staging_fd: int, owner: Ownership) -> N
                 if d.root:
                     state.set_inode(d.index, inode)
             bucket_made = d.new
-        elif not bucket_made and isinstance(r, FilePlan) and not state.flags(r.index) & PRESENT:
-            assert d is not None
-            os.mkdir(d.staged, 0o700, dir_fd=staging_fd)
-            bucket_made = True
+        elif isinstance(r, FilePlan) and not state.flags(r.index) & PRESENT:
+            if not bucket_made:
+                assert d is not None
+                os.mkdir(d.staged, 0o700, dir_fd=staging_fd)
+                bucket_made = True
+            while len(bounds) < shares and cost >= cuts[len(bounds) - 1]:
+                bounds.append(r.index)
+            cost += parallel.FILE_COST + r.size
+    bounds += [1 << 62] * (shares + 1 - len(bounds))
+    return bounds
 
 
 def _copy_share(study: StudyConfig, plan: Plan, state: State, staging_fd: int, owner: Ownership,
-                share: int, shares: int) -> int:
-    """Copy the files of one share (all of them when shares == 1); return how many."""
+                lo: int, hi: int) -> int:
+    """Copy the files whose record numbers are in [lo, hi); return how many."""
     copied = 0
-    assign = parallel.Shares(shares)
     with Source(study, plan) as src, DirCache(staging_fd) as staged, \
             _Copier(staging_fd) as copier:
         d: DirPlan | None = None
         for r in plan.placed(state):
             if isinstance(r, DirPlan):
-                d = r
+                d = r  # (those before lo too: placement needs every directory)
                 continue
-            if not isinstance(r, FilePlan) or state.flags(r.index) & PRESENT:
-                continue  # skipped by an ignore pattern, or already delivered
-            if assign.worker_of(r) != share:
+            if not isinstance(r, FilePlan) or r.index < lo:
                 continue
+            if r.index >= hi:
+                break
+            if state.flags(r.index) & PRESENT:
+                continue  # already delivered
             assert d is not None
             digest, inode = copier.copy(src.dir_fd(d.rel), r.src_name(plan), r,
                                         staged.dir_fd(d.staged), d.staged_name(r), owner, d.rel)
