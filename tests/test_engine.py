@@ -346,3 +346,16 @@ def test_upload_wait_reports_the_outcome(env: Env, tmp_path: Path) -> None:
     out, _ = up.communicate(timeout=30)
     assert up.returncode == 0
     assert "a.txt: delivered" in out
+
+
+def test_sizes_around_the_copy_chunk_are_delivered_exactly(env: Env) -> None:
+    from dittohead.check import CHUNK
+    from dittohead.stage import OVERLAP_MIN
+    sizes = [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 7, OVERLAP_MIN - 1, OVERLAP_MIN,
+             OVERLAP_MIN + 1]
+    files = {f"f{size}.bin": os.urandom(size) for size in sizes}
+    env.drop("sizes", files)
+    r = env.process()
+    assert r.returncode == 0, r.stderr
+    assert tree(env.study.destination) == files
+    manifest_verifies(env, env.done_receipts()[0])
