@@ -307,3 +307,51 @@ def test_destination_unmounted_during_delivery_is_rolled_back_and_kept(
     r = env.process()  # the destination is now the bare directory: delivered there
     assert r.returncode == 0, r.stderr
     assert tree(env.study.destination) == files
+
+
+def _hold_after_check(env: Env, waiting: list[subprocess.Popen[str]]
+                      ) -> tuple[subprocess.Popen[str], Path]:
+    go = env.base / "go-after-check"
+    p = start_held(env, f"checked=wait:{go}", waiting)
+    for _ in range(500):  # the state file is written when the walk ends; the check is quick
+        if list(env.study.processing.glob(".*.state")):
+            break
+        time.sleep(0.02)
+    time.sleep(0.5)
+    return p, go
+
+
+def test_directory_appearing_during_delivery_is_rolled_back_then_merged_into(
+        env: Env, waiting: list[subprocess.Popen[str]]) -> None:
+    files = {"top.txt": b"top", "new/a.txt": b"a", "new/sub/b.txt": b"b"}
+    env.drop("e", files)
+    p, go = _hold_after_check(env, waiting)
+    (env.study.destination / "new").mkdir()  # someone else makes it meanwhile
+    (env.study.destination / "new" / "theirs.txt").write_bytes(b"theirs")
+    go.touch()
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 75, err
+    assert "new/ appeared in the destination during the delivery" in err
+    assert tree(env.study.destination) == {"new/theirs.txt": b"theirs"}  # top.txt rolled back
+    r = env.process()
+    assert r.returncode == 0, r.stderr
+    assert tree(env.study.destination) == {**files, "new/theirs.txt": b"theirs"}
+    manifest_verifies(env, env.done_receipts()[0])
+    no_leftovers(env)
+
+
+def test_file_appearing_during_delivery_is_a_conflict_and_nothing_is_delivered(
+        env: Env, waiting: list[subprocess.Popen[str]]) -> None:
+    (env.study.destination / "old").mkdir()
+    files = {"old/a.txt": b"a", "old/b.txt": b"b", "fresh/c.txt": b"c"}
+    env.drop("e", files)
+    p, go = _hold_after_check(env, waiting)
+    (env.study.destination / "old" / "b.txt").write_bytes(b"someone else's")
+    go.touch()
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert "old/b.txt appeared in the destination during the delivery" in err
+    assert tree(env.study.destination) == {"old/b.txt": b"someone else's"}
+    assert not (env.study.destination / "fresh").exists()  # published, then rolled back
+    assert len(env.failed_receipts()) == 1
+    no_leftovers(env)
