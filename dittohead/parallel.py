@@ -60,17 +60,27 @@ def run(workers: int, work: Callable[[int], T]) -> list[T]:
         return [work(0)]
     pipes: list[int] = []
     pids: list[int] = []
+    local = [0]  # the shares done here: 0, and any no process could be forked for
     try:
         for k in range(1, workers):
             r, w = os.pipe()
-            pipes.append(r)
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.ENOMEM):
+                    raise
+                # TasksMax= or memory: slower, but not a reason to stop a delivery.
+                os.close(r)
+                os.close(w)
+                local += range(k, workers)
+                break
             if pid == 0:  # pragma: no cover - runs in the child
                 _child(k, work, w)
+            pipes.append(r)
             os.close(w)
             pids.append(pid)
         try:
-            mine = work(0)
+            done_here = {k: work(k) for k in local}
         except BaseException:
             _stop(pids)
             raise
@@ -82,12 +92,11 @@ def run(workers: int, work: Callable[[int], T]) -> list[T]:
             reports.append(pickle.loads(data) if data else ("other", "no report"))
         _reap(pids)
         pids = []
-        results = [mine]
         for report in reports:
             if report[0] != "ok":
                 raise _rebuild(report)
-            results.append(report[1])
-        return results
+        forked = iter(report[1] for report in reports)
+        return [done_here[k] if k in done_here else next(forked) for k in range(workers)]
     finally:
         _stop(pids)
         for r in pipes:

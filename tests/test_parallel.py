@@ -137,3 +137,20 @@ def test_many_files_are_delivered_by_workers_byte_exact(env: Env) -> None:
     [rc] = env.done_receipts()
     manifest_verifies(env, rc)
     no_leftovers(env)
+
+
+def test_when_no_process_can_be_forked_the_shares_run_here(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    real_fork = os.fork
+    forks = []
+
+    def fork() -> int:
+        forks.append(1)
+        if len(forks) > 1:  # TasksMax= reached after the first worker
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        return real_fork()
+
+    monkeypatch.setattr(os, "fork", fork)
+    assert [r[0] for r in parallel.run(4, lambda k: (k, os.getpid()))] == [0, 1, 2, 3]
+    pids = [r[1] for r in parallel.run(3, lambda k: (k, os.getpid()))]
+    assert pids[0] == pids[2] == os.getpid()  # share 2 ran here, after the failed fork
