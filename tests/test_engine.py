@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -11,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from .conftest import IS_ROOT, Env, needs_root
 
@@ -359,3 +362,33 @@ def test_sizes_around_the_copy_chunk_are_delivered_exactly(env: Env) -> None:
     assert r.returncode == 0, r.stderr
     assert tree(env.study.destination) == files
     manifest_verifies(env, env.done_receipts()[0])
+
+
+def test_without_rename_noreplace_files_are_linked_and_directories_renamed_onto_new_ones(
+        tmp_path: Path) -> None:
+    from dittohead import publish
+    (tmp_path / "staging" / "d").mkdir(parents=True)
+    (tmp_path / "staging" / "7").write_bytes(b"seven")
+    (tmp_path / "staging" / "d" / "x").write_bytes(b"x")
+    (tmp_path / "dest").mkdir()
+    (tmp_path / "dest" / "taken").write_bytes(b"theirs")
+    src = os.open(tmp_path / "staging", os.O_RDONLY | os.O_DIRECTORY)
+    dst = os.open(tmp_path / "dest", os.O_RDONLY | os.O_DIRECTORY)
+
+    def no_flag(*args: object) -> None:
+        raise OSError(errno.EINVAL, "Invalid argument")  # NFS, some FUSE
+
+    try:
+        used = publish._move(no_flag, publish._link, "7", "seven.txt", src, dst)
+        assert used is publish._link and (tmp_path / "dest" / "seven.txt").read_bytes() == b"seven"
+        with pytest.raises(FileExistsError):
+            publish._move(used, publish._link, "7", "taken", src, dst)
+        assert (tmp_path / "dest" / "taken").read_bytes() == b"theirs"
+        used = publish._move(no_flag, publish._mkdir_rename, "d", "new", src, dst)
+        assert (tmp_path / "dest" / "new" / "x").read_bytes() == b"x"
+        (tmp_path / "staging" / "e").mkdir()
+        with pytest.raises(FileExistsError):
+            publish._move(used, publish._mkdir_rename, "e", "taken", src, dst)
+    finally:
+        os.close(src)
+        os.close(dst)
