@@ -101,13 +101,12 @@ class Ownership:
 
 @dataclass
 class Staging:
-    """The staging directory of one delivery: staged file names are plan record numbers."""
+    """The staging directory of one delivery (its layout: this module's docstring)."""
 
     dest_fd: int
     name: str
     fd: int
     destination: str  # the configured path, to check it still leads to dest_fd
-    copied: int = 0
 
 
 def staging_name(claim_id: str) -> str:
@@ -137,9 +136,8 @@ def stage(study: StudyConfig, plan: Plan, dest_fd: int, owner: Ownership) -> Sta
         with plan.state() as state:
             n = parallel.workers_for(plan)
             bounds = _make_dirs(plan, state, fd, owner, n)
-            staging.copied = sum(parallel.run(
-                n, lambda k: _copy_share(study, plan, state, fd, owner, bounds[k],
-                                         bounds[k + 1])))
+            parallel.run(n, lambda k: _copy_share(study, plan, state, fd, owner, bounds[k],
+                                                  bounds[k + 1]))
     except BaseException:
         # ENOSPC, a vanished destination, a changed file: nothing was published
         # yet, so dropping the staging directory undoes everything.
