@@ -9,6 +9,7 @@ import pwd
 import shutil
 import stat
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from . import layout
 from .config import Config, StudyConfig
 from .errors import ConfigError, DittoheadError
 from .fsops import rename_noreplace, used_percent
+from .stage import STAGING_PREFIX
 
 
 def _systemd_booted() -> bool:
@@ -97,6 +99,37 @@ def status_text(data: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+STALE_MAIL = 24 * 3600  # seconds a queued mail may wait before `check` says so
+
+
+def leftovers(study: StudyConfig) -> list[str]:
+    """Staging directories no claim will clean up, and mail that is not going out."""
+    found = []
+    for name in _names(study.destination):
+        if name.startswith(STAGING_PREFIX) and \
+                not (study.processing / f"{name[len(STAGING_PREFIX):]}.json").exists():
+            # A claim removes its own staging directory when it resumes; without
+            # one (removed by hand?) nothing ever will. Nothing in it is delivered.
+            found.append(f"{study.destination / name} belongs to no claim in processing/: "
+                         "an abandoned staging directory, nothing in it was delivered; "
+                         f"remove it (rm -r {study.destination / name})")
+    queued = list((study.processing / ".mail").glob("*.eml"))
+    now = time.time()
+    stale = [p for p in queued if now - _mtime(p) > STALE_MAIL]
+    if stale:
+        found.append(f"{len(stale)} of {len(queued)} queued mails are more than a day old: "
+                     "is the SMTP server reachable? (journalctl -u "
+                     f"dittohead-mail@{study.name}.service; dittohead mail {study.name})")
+    return found
+
+
+def _mtime(p: Path) -> float:
+    try:
+        return p.stat().st_mtime
+    except FileNotFoundError:
+        return time.time()  # sent meanwhile
+
+
 def check(cfg: Config, studies: list[StudyConfig]) -> list[str]:
     """Every problem found with the config's users, groups, layout, destination and units."""
     found: list[str] = []
@@ -127,6 +160,7 @@ def check(cfg: Config, studies: list[StudyConfig]) -> list[str]:
         disk = disk_use(study.destination)
         if disk and study.disk_warn_percent and disk["percent"] >= study.disk_warn_percent[0]:
             found.append(p + f"destination is {disk['percent']}% full")
+        found += [p + x for x in leftovers(study)]
         if _systemd_booted():
             for unit in (f"dittohead@{study.name}.path", f"dittohead@{study.name}.timer"):
                 r = subprocess.run(["systemctl", "is-enabled", unit], capture_output=True,

@@ -392,3 +392,20 @@ def test_without_rename_noreplace_files_are_linked_and_directories_renamed_onto_
     finally:
         os.close(src)
         os.close(dst)
+
+
+def test_check_reports_abandoned_staging_and_stale_mail_only(env: Env) -> None:
+    dest, processing = env.study.destination, env.study.processing
+    (dest / ".incoming-20260101T000000Z-gone-000000" / "3").mkdir(parents=True)
+    (dest / ".incoming-20260101T000000Z-live-000000").mkdir()
+    (processing / "20260101T000000Z-live-000000.json").write_text("{}")  # will resume
+    (processing / ".mail").mkdir()
+    for i, age in enumerate((3 * 86400, 60)):
+        m = processing / ".mail" / f"{i}.eml"
+        m.write_bytes(b"Subject: x\n\nx\n")
+        os.utime(m, (time.time() - age, time.time() - age))
+    r = env.run("check", "s1")
+    assert r.returncode == 1
+    assert ".incoming-20260101T000000Z-gone-000000 belongs to no claim" in r.stdout
+    assert "live-000000" not in r.stdout
+    assert "1 of 2 queued mails are more than a day old" in r.stdout
