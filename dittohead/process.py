@@ -150,10 +150,12 @@ def _ownership(config: Config, study: StudyConfig) -> Ownership:
 
 def deliver(config: Config, study: StudyConfig, c: Claim, owner: Ownership) -> str:
     """Deliver one claimed entry; return its outcome (delivered, failed, rejected, retry-later)."""
+    # The spooled plan (and manifest) is rebuilt by every attempt: never reuse
+    # what a killed one left; filing removes it already.
+    remove_spool(study.processing, c.id)
     try:
         return _deliver(config, study, c, owner)
     finally:
-        # The spooled plan is rebuilt by every attempt; filing removed it already.
         remove_spool(study.processing, c.id)
 
 
