@@ -1,13 +1,14 @@
 """The delivery plan, spooled to disk so memory stays flat whatever the file count.
 
-The walk of an entry appends one record per directory (parents first) and
-per file to `processing/.<id>.plan`; each later pass (destination check,
-stage, publish, verify, manifest) streams it back. What the passes learn
-about each record (already in the destination? its sha256; directory
-created by us?) goes into a fixed-size slot of `processing/.<id>.state`,
-written in place, so nothing grows with the entry but these two files.
-Both belong to the claim and are removed when the entry is filed; a resumed
-claim walks the entry again and writes them anew.
+The walk of an entry appends one record per directory (parents first, a
+subtree contiguous) and per file to `processing/.<id>.plan`; each later
+pass (destination check, stage, publish, final check and manifest) streams
+it back. What the passes learn about each record (already in the
+destination? its sha256 and staged inode; directory created by us?) goes
+into a fixed-size slot of `processing/.<id>.state`, mmapped and shared with
+forked workers, so nothing grows with the entry but these files (and the
+manifest, `.<id>.sha256`, until it is filed). They belong to the claim and
+are removed when the entry is filed; each attempt writes them anew.
 """
 
 from __future__ import annotations

@@ -21,9 +21,11 @@ that of the staged copy as the filesystem returns it, and that copy is
 proven equal to the source as read. A second, separate sha256 pass would
 read the same page-cache pages again and prove nothing more, at the cost of
 a whole extra pass over the data (sha256 alone runs at about the speed of
-`cp` here). Every file big enough to matter is hashed on a second thread
-while the main one copies, and its writeback is started as it goes, so the
-syncfs before publishing has little left to wait for.
+`cp` here). A file of OVERLAP_MIN or more is hashed on a second thread
+while the main one copies, and every WRITEBACK_EVERY bytes a background
+syncfs starts writing back what is staged, so the syncfs before publishing
+has little left to wait for. Entries with many files are copied by forked
+workers (parallel.py), each a contiguous share.
 """
 
 from __future__ import annotations
