@@ -435,6 +435,20 @@ class TestOnSystemd:
         owner = box.sh(f"stat -c '%U %G %a' {ROOT}/study/s1/eprime-{umask:o}/deep/s02.txt")
         assert owner.stdout.split() == ["dittohead", "sbxs1", "640"]
 
+    def test_many_files_are_walked_and_copied_by_workers_inside_the_sandbox(self,
+                                                                            box: Box) -> None:
+        # 3 top-level directories and 600 files: forked walkers and copiers, under
+        # the unit's system-call filter and capabilities.
+        files = {f"{d}/trial{i:03d}.txt": 100 + i for d in ("eprime", "biopac", "mri")
+                 for i in range(200)}
+        box.upload("s1", [("many", files)])
+        got = box.wait_delivered("s1", ["many"])
+        assert got.get("many") == 1, got
+        (r,) = [r for r in box.receipts("s1")["done"] if r["entry"] == "many"]
+        assert r["files"] == 600
+        box.sh(f'cd {ROOT}/study/s1 && sha256sum --quiet -c "$1"',
+               f"{ROOT}/dropbox/s1/done/{r['id']}.sha256")
+
     def test_entry_renamed_during_a_busy_run_is_delivered(self, box: Box) -> None:
         # The run holds (a fault hook) after staging the large entry's first file.
         box.dropin("dittohead@s1.service", "90-hold",
