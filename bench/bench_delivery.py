@@ -49,6 +49,12 @@ Peak RSS and CPU time come from wait4() on each child (ru_maxrss, KiB on Linux).
 child's ru_maxrss is never below the spawner's own peak RSS, so the table marks
 values at that floor with "<=" (cp's and rsync's real peak is a few MB).
 
+Repeatable numbers: a filesystem that has freed many inodes lately (a test run) or
+that holds earlier benches' trash makes creates slow and noisy. The steadiest
+small-file numbers came from a fresh ext4 image, loop-mounted (as root):
+  truncate -s 12G /var/tmp/b.img && mkfs.ext4 -q -F -N 3000000 /var/tmp/b.img
+  mkdir -p /mnt/b && mount -o loop /var/tmp/b.img /mnt/b   # then --dir /mnt/b
+
 Everything lives in a fresh directory under --dir (default /var/tmp), removed at the
 end. Standard library only. Example:  .venv/bin/python bench/bench_delivery.py
 Quick run:  .venv/bin/python bench/bench_delivery.py --big-mib 64 --small-files 2000
