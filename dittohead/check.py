@@ -283,21 +283,23 @@ def _walk_share(study: StudyConfig, top_fd: int, plan: Plan, subdirs: list[str],
     done = []
     try:
         for i in range(k, len(subdirs), n):
-            before = (out.tell(), part.records_written, part.files, part.nbytes, part.dirs,
-                      part.skipped)
+            start, before = out.tell(), _counts(part)
             part.skipped_sample = []
             found = Findings()
             est = os.stat(subdirs[i], dir_fd=top_fd, follow_symlinks=False)
             _walk(study, top_fd, subdirs[i], subdirs[i], est, part, found)
-            after = (out.tell(), part.records_written, part.files, part.nbytes, part.dirs,
-                     part.skipped)
-            start, records, files, nbytes, dirs, skipped = before
-            done.append(_Subtree(i, k, start, after[0], after[1] - records, after[2] - files,
-                                 after[3] - nbytes, after[4] - dirs, after[5] - skipped,
-                                 part.skipped_sample, found.kinds))
+            records, files, nbytes, dirs, skipped = (
+                now - then for now, then in zip(_counts(part), before, strict=True))
+            done.append(_Subtree(i, k, start, out.tell(), records, files, nbytes, dirs,
+                                 skipped, part.skipped_sample, found.kinds))
     finally:
         out.close()
     return done
+
+
+def _counts(p: Plan) -> tuple[int, int, int, int, int]:
+    """The running totals a _Subtree carries, in its order."""
+    return p.records_written, p.files, p.nbytes, p.dirs, p.skipped
 
 
 def _merge(plan: Plan, bad: Findings, subtrees: list[_Subtree]) -> None:

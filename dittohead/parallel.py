@@ -44,14 +44,19 @@ def workers_for(plan: Plan) -> int:
         return 1  # the crash tests' kill points must kill the run itself
     if plan.files < MIN_FILES and plan.nbytes < BIG_ENTRY:
         return 1
-    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0)), plan.files))
+    return _processes(plan.files)
 
 
 def walkers_for(subdirs: int) -> int:
     """How many processes should walk an entry whose top has this many directories."""
     if subdirs < 2:
         return 1
-    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0)), subdirs))
+    return _processes(subdirs)
+
+
+def _processes(shares: int) -> int:
+    """One per CPU this process may use, at most MAX_WORKERS, no more than the shares."""
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0)), shares))
 
 
 def run(workers: int, work: Callable[[int], T]) -> list[T]:

@@ -166,7 +166,8 @@ def _deliver(config: Config, study: StudyConfig, c: Claim, owner: Ownership) -> 
     try:
         dest_fd = open_destination(study)
         try:
-            # A crash may have left this delivery's staging directory behind.
+            # A killed attempt may have left this claim's staging directory:
+            # removed before the space check, which it would otherwise fail.
             remove_staging(dest_fd, c.id)
             if owner.gid < 0:
                 owner = replace(owner, gid=os.fstat(dest_fd).st_gid)

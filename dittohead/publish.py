@@ -166,16 +166,6 @@ def _in_parallel_with_sync(fd: int, work: Callable[[], list[str]]) -> list[str]:
     return result
 
 
-def _is_ours(st: os.stat_result, state: State, f: FilePlan) -> bool:
-    # An inode number alone could be reused once ours is freed (renamed over);
-    # with the size and the nanosecond mtime we gave it, that cannot pass by
-    # chance. st_dev is not compared: overlayfs reports a file's st_dev from
-    # its layer but a directory's from the overlay, and publishing renamed
-    # within one filesystem anyway (a rename cannot cross one).
-    return (st.st_ino == state.inode(f.index)
-            and st.st_size == f.size and st.st_mtime_ns == f.mtime_ns)
-
-
 def _check_names(plan: Plan, staging: Staging) -> list[str]:
     # A new directory is checked as a whole (it is the staged inode, so every
     # name in it is the one staged in a 0700 directory nobody else could
@@ -218,7 +208,13 @@ def _is_our_file(d: DirPlan, f: FilePlan, state: State, dest: DirCache) -> bool:
         st = os.stat(f.name, dir_fd=dest.dir_fd(d.rel), follow_symlinks=False)
     except FileNotFoundError:
         return False
-    return _is_ours(st, state, f)
+    # An inode number alone could be reused once ours is freed (renamed over);
+    # with the size and the nanosecond mtime we gave it, that cannot pass by
+    # chance. st_dev is not compared: overlayfs reports a file's st_dev from
+    # its layer but a directory's from the overlay, and publishing renamed
+    # within one filesystem anyway (a rename cannot cross one).
+    return (st.st_ino == state.inode(f.index)
+            and st.st_size == f.size and st.st_mtime_ns == f.mtime_ns)
 
 
 def _destination_moved(staging: Staging) -> str | None:
@@ -247,9 +243,8 @@ def rollback(plan: Plan, staging: Staging) -> None:
             if not state.flags(f.index) & COPIED:
                 continue
             try:
-                dfd = dest.dir_fd(d.rel)
-                if _is_ours(os.stat(f.name, dir_fd=dfd, follow_symlinks=False), state, f):
-                    os.unlink(f.name, dir_fd=dfd)
+                if _is_our_file(d, f, state, dest):
+                    os.unlink(f.name, dir_fd=dest.dir_fd(d.rel))
             except OSError:
                 pass  # not published, or its directory is gone
         created = [dp.rel for dp in plan.iter_dirs() if state.flags(dp.index) & CREATED]

@@ -20,7 +20,7 @@ from .config import StudyConfig
 from .faults import point
 from .fsops import write_atomic
 from .log import printable
-from .plan import COPIED, PRESENT, Plan
+from .plan import Plan
 
 
 @dataclass(frozen=True)
@@ -60,16 +60,7 @@ class Manifest:
 
 
 def write_manifest(path: Path, plan: Plan) -> None:
-    """Put `<id>.sha256` in place, durably: the one finish() wrote, or one made now."""
-    if not plan.manifest_path.exists():
-        m = Manifest(plan.manifest_path)
-        try:
-            with plan.state() as state:
-                for d, f in plan.iter_files():
-                    if state.flags(f.index) & (PRESENT | COPIED):
-                        m.add(d.rel, f.name, state.digest(f.index))
-        finally:
-            m.close()
+    """Put `<id>.sha256`, which publish.finish() wrote in this attempt, in place durably."""
     fd = os.open(plan.manifest_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fchmod(fd, 0o640)

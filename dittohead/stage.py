@@ -127,13 +127,14 @@ def remove_staging(dest_fd: int, claim_id: str) -> bool:
 
 
 def stage(study: StudyConfig, plan: Plan, dest_fd: int, owner: Ownership) -> Staging:
-    """Copy, hash and verify every file not yet in the destination; return the staging."""
-    remove_staging(dest_fd, plan.claim_id)
+    """Copy, hash and verify every file not yet in the destination; return the staging.
+
+    The caller has removed any staging directory a killed attempt left.
+    """
     name = staging_name(plan.claim_id)
     os.mkdir(name, 0o700, dir_fd=dest_fd)
     fd = os.open(name, DIR_FLAGS, dir_fd=dest_fd)
-    staging = Staging(dest_fd=dest_fd, name=name, fd=fd, destination=str(study.destination),
-)
+    staging = Staging(dest_fd=dest_fd, name=name, fd=fd, destination=str(study.destination))
     try:
         with plan.state() as state:
             n = parallel.workers_for(plan)
@@ -186,8 +187,8 @@ def _make_dirs(plan: Plan, state: State, staging_fd: int, owner: Ownership,
 
 
 def _copy_share(study: StudyConfig, plan: Plan, state: State, staging_fd: int, owner: Ownership,
-                lo: int, hi: int) -> int:
-    """Copy the files whose record numbers are in [lo, hi); return how many."""
+                lo: int, hi: int) -> None:
+    """Copy the files whose record numbers are in [lo, hi)."""
     copied = 0
     with Source(study, plan) as src, DirCache(staging_fd) as staged, \
             _Copier(staging_fd) as copier:
@@ -209,7 +210,6 @@ def _copy_share(study: StudyConfig, plan: Plan, state: State, staging_fd: int, o
             copied += 1
             if faults.enabled():
                 point(f"staged:{copied}")
-    return copied
 
 
 def _make_dir(staging_fd: int, staged: str, owner: Ownership) -> int:
@@ -294,26 +294,14 @@ class _Copier:
         # one byte more to see its end) is cheaper than slicing fixed buffers.
         want = min(size + 1, CHUNK)
         data = os.read(src, want)
-        n = len(data)
-        if n < want:  # the whole file in one read: the usual case, kept short
-            written = os.write(dst, data)
-            if written != n:
-                _write_all(dst, memoryview(data)[written:])
-            back = os.pread(dst, n, 0)
-            if back != data:
-                raise EntryFailed(_MISMATCH)
-            return sha256(back).digest(), n
+        if len(data) < want:  # the whole file in one read: the usual case, kept short
+            return sha256(_write_checked(dst, data, 0)).digest(), len(data)
         h = sha256()
         total = 0
         while data:
-            n = len(data)
-            _write_all(dst, memoryview(data))
-            back = os.pread(dst, n, total)
-            if back != data:
-                raise EntryFailed(_MISMATCH)
-            h.update(back)
-            total += n
-            if n < want:
+            h.update(_write_checked(dst, data, total))
+            total += len(data)
+            if len(data) < want:
                 break  # a short read of a regular file is its end: no read() just for EOF
             data = os.read(src, want)
         return h.digest(), total
@@ -356,6 +344,15 @@ def _sync_quietly(fd: int) -> None:
         syncfs(fd)
     except OSError:
         pass  # an early start only: the syncfs before publishing reports any error
+
+
+def _write_checked(dst: int, data: bytes, offset: int) -> bytes:
+    """Write data at dst's end (offset), read it back, and return it if it is the same."""
+    _write_all(dst, memoryview(data))
+    back = os.pread(dst, len(data), offset)
+    if back != data:
+        raise EntryFailed(_MISMATCH)
+    return back
 
 
 def _check_back(dst: int, buf: bytearray, back: bytearray, n: int, offset: int) -> None:
