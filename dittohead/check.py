@@ -423,7 +423,20 @@ def check_destination(study: StudyConfig, plan: Plan) -> None:
             d: DirPlan | None = None
             dfd = -1  # the destination directory of d; -1: it does not exist yet
             for r in plan.records():
-                if isinstance(r, DirPlan):
+                if isinstance(r, FilePlan):
+                    if d is None:
+                        continue
+                    if dfd < 0:  # a new directory: every file in it is new
+                        need += r.size
+                        new_inodes += 1
+                        continue
+                    conflict = _compare(plan, src, state, d, r, dfd)
+                    if conflict is not None:
+                        conflicts.add("c", join(d.rel, r.name) + conflict)
+                    elif not state.flags(r.index) & PRESENT:
+                        need += r.size
+                        new_inodes += 1
+                elif isinstance(r, DirPlan):
                     d = r
                     try:
                         dfd = dest.dir_fd(r.rel)
@@ -436,13 +449,6 @@ def check_destination(study: StudyConfig, plan: Plan) -> None:
                             raise
                         conflicts.add("c", r.rel + "/ (not a directory in the destination)")
                         d = None  # its files are covered by that conflict
-                elif isinstance(r, FilePlan) and d is not None:
-                    conflict = _compare(plan, src, state, d, r, dfd) if dfd >= 0 else None
-                    if conflict is not None:
-                        conflicts.add("c", join(d.rel, r.name) + conflict)
-                    elif not state.flags(r.index) & PRESENT:
-                        need += r.size
-                        new_inodes += 1
         if conflicts:
             raise EntryFailed(f"conflicts with files already in {study.destination} "
                               f"(different content, never overwritten): {conflicts.text('c')}."

@@ -25,7 +25,6 @@ import fcntl
 import json
 import os
 import re
-import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +75,7 @@ def new_id(study: StudyConfig, entry: str) -> str:
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", entry).strip("._-")[:40] or "entry"
     while True:
-        candidate = f"{stamp}-{slug}-{secrets.token_hex(3)}"
+        candidate = f"{stamp}-{slug}-{os.urandom(3).hex()}"
         if not any(os.path.lexists(d / n) for d in (study.processing, study.done, study.failed)
                    for n in (candidate, candidate + ".json")):
             return candidate

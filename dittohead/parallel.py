@@ -7,7 +7,8 @@ every n-th top-level directory (check.py joins their parts of the plan in
 walk order). The copy gives each worker a contiguous run of the files of
 about equal cost (stage.py), with its own buffers and hashing thread; the
 workers write digests into the plan's shared, mmapped state file
-(plan.State). Each reports a result (a count, a walk's summary) or the
+(plan.State) and their shares' manifest lines into part files, joined in
+order afterwards. Each reports a result (a count, a walk's summary) or the
 error that stopped it through a pipe of its own.
 
 Workers die with the parent (PR_SET_PDEATHSIG): a killed run never leaves

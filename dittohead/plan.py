@@ -2,8 +2,8 @@
 
 The walk of an entry appends one record per directory (parents first, a
 subtree contiguous) and per file to `processing/.<id>.plan`; each later
-pass (destination check, stage, publish, final check and manifest) streams
-it back. What the passes learn about each record (already in the
+pass (destination check, stage with the manifest, publish, final check)
+streams it back. What the passes learn about each record (already in the
 destination? its sha256 and staged inode; directory created by us?) goes
 into a fixed-size slot of `processing/.<id>.state`, mmapped and shared with
 forked workers, so nothing grows with the entry but these files (and the
@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import struct
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import BinaryIO
 _DIR = struct.Struct("<cHqq")  # kind, name length, atime_ns, mtime_ns
 _FILE = struct.Struct("<cHQqq?")  # kind, name length, size, atime_ns, mtime_ns, executable
 _SKIP = struct.Struct("<cH")
+_D, _F, _S = b"DFS"  # record kinds, as the ints bytes indexing gives
 _MAX_RECORD = _FILE.size + 65536  # the longest record: a header and a u16-long name
 # A record's state slot: a flag byte, a sha256 digest and, for a staged file,
 # its inode number (how publish, finish and rollback know a final name is ours).
@@ -45,8 +48,14 @@ def spool_files(processing: Path, claim_id: str) -> tuple[Path, Path, Path]:
 
 
 def remove_spool(processing: Path, claim_id: str) -> None:
+    """Remove the claim's spool files, and the part files workers write (`.<id>.<k>.*`)."""
     for p in spool_files(processing, claim_id):
         p.unlink(missing_ok=True)
+    part = re.compile(re.escape(f".{claim_id}.") + r"[0-9]+\.(plan|sha256)")
+    with os.scandir(processing) as it:
+        parts = [e.name for e in it if part.fullmatch(e.name)]
+    for name in parts:
+        (processing / name).unlink(missing_ok=True)
 
 
 @dataclass(slots=True)
@@ -114,6 +123,10 @@ class Plan:
         """The part file a walking worker writes (check.py puts the parts together)."""
         return self.path.with_suffix(f".{worker}.plan")
 
+    def manifest_part(self, worker: int) -> Path:
+        """The manifest lines of one copying worker's share (stage.py puts them together)."""
+        return self.path.with_suffix(f".{worker}.sha256")
+
     def append_raw(self, data: bytes) -> None:
         """Append records another Plan wrote (count them with add_totals)."""
         out = self._out
@@ -170,7 +183,7 @@ class Plan:
 
     @property
     def manifest_path(self) -> Path:
-        """Where publish.finish() writes the manifest; record.py files it in done/."""
+        """Where stage() puts the manifest together; record.py files it in done/."""
         return self.path.with_suffix(".sha256")
 
     def records(self) -> Iterator[DirPlan | FilePlan | str]:
@@ -185,9 +198,12 @@ class Plan:
             yield from self._parse()
 
     def _parse(self) -> Iterator[DirPlan | FilePlan | str]:
+        # Runs once per record of every plan: kinds compared as ints and names
+        # decoded directly (os.fsdecode's checks cost as much as the decoding).
         unpack_dir, unpack_file, unpack_skip = _DIR.unpack_from, _FILE.unpack_from, \
             _SKIP.unpack_from
-        fsdecode = os.fsdecode
+        dir_size, file_size, skip_size = _DIR.size, _FILE.size, _SKIP.size
+        enc = sys.getfilesystemencoding()
         with open(self.path, "rb") as f:
             buf = b""
             pos = 0
@@ -200,19 +216,21 @@ class Plan:
                     pos = 0
                     if not buf:
                         return
-                kind = buf[pos:pos + 1]
-                if kind == b"D":
-                    _, n, atime, mtime = unpack_dir(buf, pos)
-                    pos += _DIR.size
-                    yield DirPlan(index, fsdecode(buf[pos:pos + n]), atime, mtime)
-                elif kind == b"F":
+                kind = buf[pos]
+                if kind == _F:
                     _, n, size, atime, mtime, ex = unpack_file(buf, pos)
-                    pos += _FILE.size
-                    yield FilePlan(index, fsdecode(buf[pos:pos + n]), size, atime, mtime, ex)
-                elif kind == b"S":
+                    pos += file_size
+                    yield FilePlan(index, buf[pos:pos + n].decode(enc, "surrogateescape"),
+                                   size, atime, mtime, ex)
+                elif kind == _D:
+                    _, n, atime, mtime = unpack_dir(buf, pos)
+                    pos += dir_size
+                    yield DirPlan(index, buf[pos:pos + n].decode(enc, "surrogateescape"),
+                                  atime, mtime)
+                elif kind == _S:
                     _, n = unpack_skip(buf, pos)
-                    pos += _SKIP.size
-                    yield fsdecode(buf[pos:pos + n])
+                    pos += skip_size
+                    yield buf[pos:pos + n].decode(enc, "surrogateescape")
                 else:
                     raise ValueError(f"{self.path}: corrupt plan record {kind!r}")
                 pos += n

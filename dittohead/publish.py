@@ -32,8 +32,7 @@ from .errors import EntryFailed, TemporaryError
 from .faults import point
 from .fsops import is_enospc, rename_noreplace, syncfs
 from .log import printable
-from .plan import COPIED, CREATED, PRESENT, DirPlan, FilePlan, Plan, State
-from .record import Manifest
+from .plan import COPIED, CREATED, DirPlan, FilePlan, Plan, State
 from .stage import Staging
 
 
@@ -130,10 +129,7 @@ def _mkdir_rename(src: str, dst: str, src_fd: int, dst_fd: int) -> None:
 
 
 def finish(plan: Plan, staging: Staging) -> None:
-    """Check every final name is its staged inode, sync the names; roll back if not.
-
-    The same pass writes the manifest (plan.manifest_path), for record.py to file.
-    """
+    """Check every final name is its staged inode, sync the names; roll back if not."""
     wrong = _in_parallel_with_sync(staging.dest_fd, lambda: _check_names(plan, staging))
     moved = _destination_moved(staging)
     if wrong or moved:
@@ -171,26 +167,17 @@ def _check_names(plan: Plan, staging: Staging) -> list[str]:
     # name in it is the one staged in a 0700 directory nobody else could
     # enter); a file published into an existing directory, one by one.
     wrong: list[str] = []
-    manifest = Manifest(plan.manifest_path)
-    try:
-        with plan.state() as state, DirCache(staging.dest_fd) as dest:
-            d: DirPlan | None = None
-            for r in plan.placed(state):
-                if isinstance(r, DirPlan):
-                    d = r
-                    if d.root and not _is_our_dir(d, state, dest):
-                        wrong.append(d.rel + "/")
-                    continue
-                if not isinstance(r, FilePlan) or d is None:
-                    continue
-                flags = state.flags(r.index)
-                if not flags & (COPIED | PRESENT):
-                    continue
-                if flags & COPIED and not d.new and not _is_our_file(d, r, state, dest):
+    with plan.state() as state, DirCache(staging.dest_fd) as dest:
+        d: DirPlan | None = None
+        for r in plan.placed(state):
+            if isinstance(r, FilePlan):
+                if d is not None and not d.new and state.flags(r.index) & COPIED \
+                        and not _is_our_file(d, r, state, dest):
                     wrong.append(join(d.rel, r.name))
-                manifest.add(d.rel, r.name, state.digest(r.index))
-    finally:
-        manifest.close()
+            elif isinstance(r, DirPlan):
+                d = r
+                if d.root and not _is_our_dir(d, state, dest):
+                    wrong.append(d.rel + "/")
     return wrong[:LIST_MAX]
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+from binascii import hexlify
 from dataclasses import dataclass
 from pathlib import Path
 
-from .check import join
 from .claim import Claim, now_iso, release
 from .config import StudyConfig
 from .faults import point
@@ -37,13 +37,12 @@ class Outcome:
     reason: str | None = None
 
 
-def manifest_line(path: str, digest: str) -> bytes:
+def manifest_line(path: bytes, digest: bytes) -> bytes:
     """One line in `sha256sum` format, escaping names the way coreutils does."""
-    raw = os.fsencode(path)
-    if any(c in raw for c in b"\\\n\r"):
-        raw = raw.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b"\r", b"\\r")
-        return b"\\" + digest.encode() + b"  " + raw + b"\n"
-    return digest.encode() + b"  " + raw + b"\n"
+    if b"\\" in path or b"\n" in path or b"\r" in path:
+        path = path.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b"\r", b"\\r")
+        return b"\\%s  %s\n" % (hexlify(digest), path)
+    return b"%s  %s\n" % (hexlify(digest), path)
 
 
 class Manifest:
@@ -51,16 +50,28 @@ class Manifest:
 
     def __init__(self, path: Path) -> None:
         self.out = open(path, "wb")  # noqa: SIM115 - closed by close()
+        # One line per file, in plan order: the directory's part is encoded
+        # once per directory.
+        self.rel: str | None = None
+        self.prefix = b""
 
     def add(self, rel: str, name: str, digest: bytes) -> None:
-        self.out.write(manifest_line(join(rel, name), digest.hex()))
+        if rel != self.rel:
+            self.rel, self.prefix = rel, os.fsencode(rel) + b"/" if rel else b""
+        self.out.write(manifest_line(self.prefix + os.fsencode(name), digest))
 
     def close(self) -> None:
         self.out.close()
 
+    def __enter__(self) -> Manifest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def write_manifest(path: Path, plan: Plan) -> None:
-    """Put `<id>.sha256`, which publish.finish() wrote in this attempt, in place durably."""
+    """Put `<id>.sha256`, which stage() wrote in this attempt, in place durably."""
     fd = os.open(plan.manifest_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fchmod(fd, 0o640)

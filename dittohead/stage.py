@@ -37,6 +37,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from hashlib import sha256
+from pathlib import Path
 
 from . import faults, parallel
 from .check import CHUNK, DIR_FLAGS, FILE_FLAGS, DirCache, Source
@@ -46,6 +47,7 @@ from .faults import point
 from .fsops import syncfs
 from .log import printable
 from .plan import PRESENT, DirPlan, FilePlan, Plan, State
+from .record import Manifest
 
 STAGING_PREFIX = ".incoming-"
 # Files at least this big are hashed on a second thread while the main one
@@ -129,7 +131,10 @@ def remove_staging(dest_fd: int, claim_id: str) -> bool:
 def stage(study: StudyConfig, plan: Plan, dest_fd: int, owner: Ownership) -> Staging:
     """Copy, hash and verify every file not yet in the destination; return the staging.
 
-    The caller has removed any staging directory a killed attempt left.
+    Also writes the manifest to plan.manifest_path: a line for every file,
+    those already delivered included, in plan order (the copying workers
+    write their shares' lines as they go). The caller has removed any
+    staging directory a killed attempt left.
     """
     name = staging_name(plan.claim_id)
     os.mkdir(name, 0o700, dir_fd=dest_fd)
@@ -140,7 +145,8 @@ def stage(study: StudyConfig, plan: Plan, dest_fd: int, owner: Ownership) -> Sta
             n = parallel.workers_for(plan)
             bounds = _make_dirs(plan, state, fd, owner, n)
             parallel.run(n, lambda k: _copy_share(study, plan, state, fd, owner, bounds[k],
-                                                  bounds[k + 1]))
+                                                  bounds[k + 1], plan.manifest_part(k)))
+        _join_manifest(plan, n)
     except BaseException:
         # ENOSPC, a vanished destination, a changed file: nothing was published
         # yet, so dropping the staging directory undoes everything.
@@ -187,11 +193,15 @@ def _make_dirs(plan: Plan, state: State, staging_fd: int, owner: Ownership,
 
 
 def _copy_share(study: StudyConfig, plan: Plan, state: State, staging_fd: int, owner: Ownership,
-                lo: int, hi: int) -> None:
-    """Copy the files whose record numbers are in [lo, hi)."""
+                lo: int, hi: int, manifest_part: Path) -> None:
+    """Copy the files whose record numbers are in [lo, hi); write their manifest lines.
+
+    The lines of files already delivered are written too, so the parts of
+    all shares, joined in order, are the whole manifest in plan order.
+    """
     copied = 0
     with Source(study, plan) as src, DirCache(staging_fd) as staged, \
-            _Copier(staging_fd) as copier:
+            _Copier(staging_fd) as copier, Manifest(manifest_part) as manifest:
         d: DirPlan | None = None
         for r in plan.placed(state):
             if isinstance(r, DirPlan):
@@ -201,15 +211,27 @@ def _copy_share(study: StudyConfig, plan: Plan, state: State, staging_fd: int, o
                 continue
             if r.index >= hi:
                 break
-            if state.flags(r.index) & PRESENT:
-                continue  # already delivered
             assert d is not None
+            if state.flags(r.index) & PRESENT:
+                manifest.add(d.rel, r.name, state.digest(r.index))
+                continue  # already delivered
             digest, inode = copier.copy(src.dir_fd(d.rel), r.src_name(plan), r,
                                         staged.dir_fd(d.staged), d.staged_name(r), owner, d.rel)
             state.set_copied(r.index, digest, inode)
+            manifest.add(d.rel, r.name, digest)
             copied += 1
             if faults.enabled():
                 point(f"staged:{copied}")
+
+
+def _join_manifest(plan: Plan, parts: int) -> None:
+    """Put the shares' manifest parts together, in order, as plan.manifest_path."""
+    with open(plan.manifest_path, "wb") as out:
+        for k in range(parts):
+            part = plan.manifest_part(k)
+            with open(part, "rb") as f:
+                shutil.copyfileobj(f, out)
+            part.unlink()
 
 
 def _make_dir(staging_fd: int, staged: str, owner: Ownership) -> int:

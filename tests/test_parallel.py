@@ -139,6 +139,24 @@ def test_many_files_are_delivered_by_workers_byte_exact(env: Env) -> None:
     no_leftovers(env)
 
 
+def test_a_manifest_written_by_workers_lists_every_file_once_in_plan_order(env: Env) -> None:
+    # Files already delivered (PRESENT) sit in every worker's share: each
+    # share writes their lines too, and the parts are joined in order.
+    files = {f"s{d:02d}/run{i:03d}.txt": f"{d} {i}\n".encode() * (i % 7)
+             for d in range(12) for i in range(60)}
+    env.drop("first", {k: v for k, v in files.items() if k[1:3] in ("00", "03", "07", "11")})
+    assert env.process().returncode == 0
+    env.drop("all", files)
+    r = env.process()
+    assert r.returncode == 0, r.stderr
+    assert tree(env.study.destination) == files
+    rc = next(p for p in env.done_receipts() if "-all-" in p.name)
+    manifest_verifies(env, rc)
+    lines = rc.with_suffix(".sha256").read_text().splitlines()
+    assert [line.split("  ", 1)[1] for line in lines] == sorted(files)
+    no_leftovers(env)
+
+
 def test_when_no_process_can_be_forked_the_shares_run_here(
         monkeypatch: pytest.MonkeyPatch) -> None:
     real_fork = os.fork

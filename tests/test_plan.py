@@ -49,3 +49,12 @@ def test_records_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         assert s.flags(f.index) == COPIED | PRESENT and s.digest(f.index) == b"\1" * 32
     remove_spool(tmp_path, "x")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_removing_a_spool_takes_the_workers_parts_and_nothing_else(tmp_path: Path) -> None:
+    ours = [".x.plan", ".x.state", ".x.sha256", ".x.0.plan", ".x.3.plan", ".x.1.sha256"]
+    others = [".x.0.y-abc.plan", ".xy.0.plan", ".x.plan.tmp", "x.json", ".x.a.sha256"]
+    for name in ours + others:
+        (tmp_path / name).write_bytes(b"")
+    remove_spool(tmp_path, "x")
+    assert sorted(os.listdir(tmp_path)) == sorted(others)
