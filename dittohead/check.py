@@ -205,11 +205,12 @@ def _scan(study: StudyConfig, fd: int, rel: str, st: os.stat_result, plan: Plan,
     """Add a directory and its files to the plan; return its subdirectories' names."""
     plan.add_dir(rel, st.st_atime_ns, st.st_mtime_ns)
     subdirs = []
+    ignored = _ignore_matcher(study.ignore)
     with os.scandir(fd) as it:
         names = sorted(de.name for de in it)
     for name in names:
         path = join(rel, name)
-        if _ignored(study, name):
+        if ignored(name) is not None:
             plan.add_skipped(path)
             continue
         try:
