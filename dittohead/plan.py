@@ -208,14 +208,17 @@ class Plan:
             buf = b""
             pos = 0
             index = 0
+            eof = False
             while True:
-                # Parse from an in-memory window; refill when a record may straddle it.
-                if len(buf) - pos < _MAX_RECORD:
+                # Parse from an in-memory window; refill when a record may straddle
+                # it, until the end of the file (not again for each record after).
+                if not eof and len(buf) - pos < _MAX_RECORD:
                     more = f.read(1 << 20)
+                    eof = not more
                     buf = buf[pos:] + more
                     pos = 0
-                    if not buf:
-                        return
+                if pos >= len(buf):
+                    return
                 kind = buf[pos]
                 if kind == _F:
                     _, n, size, atime, mtime, ex = unpack_file(buf, pos)

@@ -31,9 +31,11 @@ def make(tmp_path: Path, n: int) -> Plan:
 def test_records_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                             cache_max: int) -> None:
     monkeypatch.setattr(planmod, "CACHE_MAX", cache_max)
-    p = make(tmp_path, 3000)
+    p = make(tmp_path, 8000)  # about 1.3 MB: more than one read window of the parser
+    assert p.path.stat().st_size > 1 << 20
     files = list(p.iter_files())
-    assert len(files) == p.files == 3000
+    assert len(files) == p.files == 8000
+    assert all(r.index == i for i, r in enumerate(p.records()) if not isinstance(r, str))
     d, f = files[1234]
     assert isinstance(d, DirPlan) and isinstance(f, FilePlan)
     assert d.rel == "d1200/\udcff\n" and d.atime_ns == -5 and d.mtime_ns == 2**62
@@ -41,7 +43,7 @@ def test_records_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert (f.size, f.atime_ns, f.mtime_ns, f.executable) == (1234000, -(10**18),
                                                               10**18 + 1234, True)
     assert list(p.iter_skipped())[:2] == ["skip0", "skip97"]
-    assert p.nbytes == sum(i * 1000 for i in range(3000))
+    assert p.nbytes == sum(i * 1000 for i in range(8000))
     with p.state() as s:
         s.set(f.index, COPIED, b"\1" * 32)
         s.add_flag(f.index, PRESENT)
