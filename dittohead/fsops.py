@@ -37,11 +37,12 @@ def rename_noreplace(src: Path | str, dst: Path | str, src_dir_fd: int = AT_FDCW
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
-    """Have the kernel SIGKILL this (forked) process when its parent dies."""
-    parent = os.getppid()
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this forked process when its parent (pid before fork) dies."""
     if _libc.prctl(_PR_SET_PDEATHSIG, 9, 0, 0, 0) != 0:
         _raise_errno()
+    # The parent's pid as it was before fork(): asked only here, getppid()
+    # would already name the reaper had the parent died in between.
     if os.getppid() != parent:  # it died before the prctl
         os._exit(1)
 

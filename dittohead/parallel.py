@@ -67,6 +67,7 @@ def run(workers: int, work: Callable[[int], T]) -> list[T]:
     pipes: list[int] = []
     pids: list[int] = []
     local = [0]  # the shares done here: 0, and any no process could be forked for
+    parent = os.getpid()
     try:
         for k in range(1, workers):
             r, w = os.pipe()
@@ -81,7 +82,7 @@ def run(workers: int, work: Callable[[int], T]) -> list[T]:
                 local += range(k, workers)
                 break
             if pid == 0:  # pragma: no cover - runs in the child
-                _child(k, work, w)
+                _child(k, work, w, parent)
             pipes.append(r)
             os.close(w)
             pids.append(pid)
@@ -109,10 +110,10 @@ def run(workers: int, work: Callable[[int], T]) -> list[T]:
             os.close(r)
 
 
-def _child(k: int, work: Callable[[int], T], w: int) -> None:  # pragma: no cover
+def _child(k: int, work: Callable[[int], T], w: int, parent: int) -> None:  # pragma: no cover
     code = 0
     try:
-        die_with_parent()
+        die_with_parent(parent)
         report: tuple[object, ...] = ("ok", work(k))
     except EntryFailed as e:
         report, code = ("failed", e.reason, e.outcome), 1

@@ -6,6 +6,9 @@ import errno
 import os
 import pwd
 import random
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from dittohead import check, parallel
 from dittohead.errors import EntryFailed, TemporaryError
 from dittohead.plan import DirPlan, FilePlan, Plan
 
-from .conftest import Env
+from .conftest import REPO, Env
 from .test_engine import manifest_verifies, no_leftovers, tree
 
 
@@ -155,6 +158,47 @@ def test_a_manifest_written_by_workers_lists_every_file_once_in_plan_order(env: 
     lines = rc.with_suffix(".sha256").read_text().splitlines()
     assert [line.split("  ", 1)[1] for line in lines] == sorted(files)
     no_leftovers(env)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # dead, not yet reaped
+    except FileNotFoundError:
+        return True
+
+
+def test_workers_die_when_the_run_is_killed(tmp_path: Path) -> None:
+    # A killed run must not leave a worker writing into a staging directory
+    # the next run removes.
+    pidfile = tmp_path / "worker"
+    code = f"""
+import os, sys, time
+sys.path.insert(0, {str(REPO)!r})
+from dittohead import parallel
+def work(k):
+    if k == 1:
+        with open({str(pidfile)!r} + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.rename({str(pidfile)!r} + ".tmp", {str(pidfile)!r})
+    time.sleep(60)
+parallel.run(2, work)
+"""
+    run = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 20
+        while not pidfile.exists():
+            assert time.monotonic() < deadline and run.poll() is None, "no worker started"
+            time.sleep(0.02)
+        worker = int(pidfile.read_text())
+        assert not _gone(worker)
+    finally:
+        run.kill()
+        run.wait()
+    deadline = time.monotonic() + 10
+    while not _gone(worker):
+        assert time.monotonic() < deadline, f"worker {worker} outlived the killed run"
+        time.sleep(0.02)
 
 
 def test_when_no_process_can_be_forked_the_shares_run_here(
