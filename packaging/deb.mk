@@ -43,7 +43,8 @@
 # .buildinfo/.changes in build/deb/, the .deb in dist/ (both .gitignore'd).
 # The source tree is made fresh from the checkout each time (the working
 # tree, committed or not): the package's code, units, config.yaml,
-# pyproject.toml, README.md, packaging/install.mk, and packaging/debian as
+# pyproject.toml, README.md, packaging/install.mk, the manual page
+# (packaging/dittohead.8), and packaging/debian as
 # debian/, plus a debian/changelog written from pyproject.toml's version
 # (a native package: no separate Debian revision), the Maintainer of
 # debian/control and the date of the last commit.
@@ -65,7 +66,7 @@ deb: deb-deps
 	cp -p dittohead/*.py $(DEB_SRCDIR)/dittohead/
 	cp -p units/* $(DEB_SRCDIR)/units/
 	cp -p config.yaml pyproject.toml README.md $(DEB_SRCDIR)/
-	cp -p packaging/install.mk $(DEB_SRCDIR)/packaging/
+	cp -p packaging/install.mk packaging/dittohead.8 $(DEB_SRCDIR)/packaging/
 	cp -pR packaging/debian $(DEB_SRCDIR)/debian
 	@maint=$$(sed -n 's/^Maintainer: *//p' packaging/debian/control); \
 	date=$$(git log -1 --format=%cD 2>/dev/null || date -R); \

@@ -7,9 +7,9 @@
 # Installs the package for Debian's /usr/bin/python3 without pip (its
 # runtime dependencies are the Debian packages python3-yaml and
 # python3-systemd: installed with apt-get when missing and DESTDIR is empty),
-# the `dittohead` command, the systemd units, the generator, the sysusers.d
-# and tmpfiles.d files, the journal catalog, and /etc/dittohead/config.yaml
-# when there is none yet. Then, when DESTDIR is empty: systemd-sysusers (the
+# the `dittohead` command and its manual page, the systemd units, the
+# generator, the sysusers.d and tmpfiles.d files, the journal catalog, and
+# /etc/dittohead/config.yaml when there is none yet. Then, when DESTDIR is empty: systemd-sysusers (the
 # dittohead user and group), systemd-tmpfiles --create dittohead.conf,
 # journalctl --update-catalog, and, when systemd is the running init,
 # systemctl daemon-reload (which runs the generator).
@@ -33,6 +33,7 @@ GENERATORDIR ?= $(PREFIX)/lib/systemd/system-generators
 SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
 TMPFILESDIR ?= $(PREFIX)/lib/tmpfiles.d
 CATALOGDIR ?= /usr/lib/systemd/catalog
+MANDIR ?= $(PREFIX)/share/man
 SYSCONFDIR ?= /etc
 
 DITTOHEAD_UNITS := dittohead@.path dittohead@.service dittohead@.timer dittohead-notify@.service \
@@ -104,6 +105,7 @@ install-files:
 	install -m 0644 units/dittohead.sysusers $(DESTDIR)$(SYSUSERSDIR)/dittohead.conf
 	install -m 0644 units/dittohead.tmpfiles $(DESTDIR)$(TMPFILESDIR)/dittohead.conf
 	install -m 0644 units/dittohead.catalog $(DESTDIR)$(CATALOGDIR)/dittohead.catalog
+	install -D -m 0644 packaging/dittohead.8 $(DESTDIR)$(MANDIR)/man8/dittohead.8
 	@if [ -e $(DESTDIR)$(SYSCONFDIR)/dittohead/config.yaml ]; then \
 	    echo "keeping $(DESTDIR)$(SYSCONFDIR)/dittohead/config.yaml"; \
 	else \
@@ -120,7 +122,7 @@ uninstall:
 	rm -rf $(DESTDIR)$(LIBDIR)
 	for u in $(DITTOHEAD_UNITS); do rm -f $(DESTDIR)$(UNITDIR)/$$u; done
 	rm -f $(DESTDIR)$(SYSUSERSDIR)/dittohead.conf $(DESTDIR)$(TMPFILESDIR)/dittohead.conf \
-	    $(DESTDIR)$(CATALOGDIR)/dittohead.catalog
+	    $(DESTDIR)$(CATALOGDIR)/dittohead.catalog $(DESTDIR)$(MANDIR)/man8/dittohead.8
 	@if [ -z "$(DESTDIR)" ]; then \
 	    journalctl --update-catalog; \
 	    if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi; \

@@ -38,6 +38,7 @@ FILES = (
     "./usr/lib/sysusers.d/dittohead.conf",
     "./usr/lib/tmpfiles.d/dittohead.conf",
     "./usr/lib/systemd/catalog/dittohead.catalog",
+    "./usr/share/man/man8/dittohead.8.gz",
     "./etc/dittohead/config.yaml",
 )
 DEPENDS = ("python3 (>= 3.11)", "python3-yaml", "python3-systemd", "systemd")
