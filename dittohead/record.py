@@ -57,7 +57,8 @@ class Manifest:
 
     def add(self, rel: str, name: str, digest: bytes) -> None:
         if rel != self.rel:
-            self.rel, self.prefix = rel, os.fsencode(rel) + b"/" if rel else b""
+            self.rel = rel
+            self.prefix = os.fsencode(rel) + b"/" if rel else b""
         self.out.write(manifest_line(self.prefix + os.fsencode(name), digest))
 
     def close(self) -> None:

@@ -226,6 +226,9 @@ def _copy_share(study: StudyConfig, plan: Plan, state: State, staging_fd: int, o
 
 def _join_manifest(plan: Plan, parts: int) -> None:
     """Put the shares' manifest parts together, in order, as plan.manifest_path."""
+    if parts == 1:
+        plan.manifest_part(0).rename(plan.manifest_path)
+        return
     with open(plan.manifest_path, "wb") as out:
         for k in range(parts):
             part = plan.manifest_part(k)
