@@ -34,10 +34,10 @@ import os
 import shutil
 import stat
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import faults, parallel
 from .check import CHUNK, DIR_FLAGS, FILE_FLAGS, DirCache, Source
@@ -48,6 +48,9 @@ from .fsops import syncfs
 from .log import printable
 from .plan import PRESENT, DirPlan, FilePlan, Plan, State
 from .record import Manifest
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 STAGING_PREFIX = ".incoming-"
 # Files at least this big are hashed on a second thread while the main one
@@ -252,11 +255,12 @@ class _Copier:
     """Buffers and helper threads shared by every file of one delivery."""
 
     def __init__(self, staging_fd: int) -> None:
-        self.buf = bytearray(CHUNK)  # what was read from the source
-        self.ring: list[bytearray] = []  # read-back buffers of big files, made on first use
-        # Threads start on the first submit: small entries never start them.
-        self.hasher = ThreadPoolExecutor(1, "sha256")
-        self.flusher = ThreadPoolExecutor(1, "writeback")
+        # Buffers and thread pools of big files and of writeback are made on
+        # first use: an entry of a few small files (what users wait for most
+        # often) neither allocates them nor imports concurrent.futures.
+        self.buf = bytearray()  # what was read from the source
+        self.ring: list[bytearray] = []  # read-back buffers
+        self._pools: dict[str, ThreadPoolExecutor] = {}
         # The background syncs use their own open file: syncfs() reports a
         # writeback error once per open file, and the one that counts, before
         # publishing, must still see it (publish.py syncs staging.fd).
@@ -269,15 +273,22 @@ class _Copier:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.hasher.shutdown()
-        self.flusher.shutdown()
+        for pool in self._pools.values():
+            pool.shutdown()
         os.close(self.sync_fd)
+
+    def _pool(self, name: str) -> ThreadPoolExecutor:
+        """A one-thread pool for sha256 or writeback, made on first use."""
+        if name not in self._pools:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pools[name] = ThreadPoolExecutor(1, name)
+        return self._pools[name]
 
     def written(self, n: int) -> None:
         """Count staged bytes; start a background syncfs when enough are waiting."""
         self.unsynced += n
         if self.unsynced >= WRITEBACK_EVERY and (self.syncing is None or self.syncing.done()):
-            self.syncing = self.flusher.submit(_sync_quietly, self.sync_fd)
+            self.syncing = self._pool("writeback").submit(_sync_quietly, self.sync_fd)
             self.unsynced = 0
 
     def copy(self, src_dir: int, src_name: str, f: FilePlan, staging_fd: int, staged: str,
@@ -335,7 +346,9 @@ class _Copier:
         # The hasher digests read-back buffers in order while this thread reads,
         # writes and reads back the next ones.
         if not self.ring:
+            self.buf = bytearray(CHUNK)
             self.ring = [bytearray(CHUNK) for _ in range(RING)]
+        hasher = self._pool("sha256")
         h = sha256()
         buf = self.buf
         hashed: deque[Future[None]] = deque()
@@ -351,7 +364,7 @@ class _Copier:
                     break
                 _write_all(dst, memoryview(buf)[:n])
                 _check_back(dst, buf, back, n, total)
-                hashed.append(self.hasher.submit(h.update, memoryview(back)[:n]))
+                hashed.append(hasher.submit(h.update, memoryview(back)[:n]))
                 total += n
                 self.written(n)
                 i = (i + 1) % RING
