@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import errno
 import os
-import pickle
 import signal
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -64,6 +63,7 @@ def run(workers: int, work: Callable[[int], T]) -> list[T]:
     """[work(0), ..., work(workers - 1)]: share 0 in this process, the others forked."""
     if workers == 1:
         return [work(0)]
+    import pickle  # here: a delivery that forks nothing does not load it
     pipes: list[int] = []
     pids: list[int] = []
     local = [0]  # the shares done here: 0, and any no process could be forked for
@@ -125,7 +125,9 @@ def _child(k: int, work: Callable[[int], T], w: int, parent: int) -> None:  # pr
         report, code = ("os", e.errno, e.strerror, e.filename), 1
     except BaseException as e:
         report, code = ("other", repr(e)), 1
-    try:
+    try:  # whatever happens, this process ends here: it must never return
+        import pickle  # (the parent loaded it before it forked)
+
         data = memoryview(pickle.dumps(report))
         while data:
             data = data[os.write(w, data):]
