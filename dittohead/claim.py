@@ -138,7 +138,9 @@ def sweep_stale(study: StudyConfig) -> None:
 
     A run killed while writing a claim record leaves `.<id>.json.tmp`; its
     entry is still in the inbox and is claimed again under a new id. A plan
-    spooled for a claim that no longer exists is garbage too.
+    spooled for a claim that no longer exists is garbage too, and so is any
+    worker's part file (`.<id>.<k>.plan` or `.sha256`: no claim is named
+    `<id>.<k>`), since no attempt is under way while the lock is held.
     """
     for p in study.processing.glob(".*"):
         name = p.name

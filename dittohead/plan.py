@@ -271,7 +271,6 @@ class Plan:
         return State(self.state_path)
 
 
-
 def place(d: DirPlan, state: State, root: DirPlan | None) -> DirPlan | None:
     """Set where d is staged; return the new directory its subtree is staged under, if any.
 

@@ -57,8 +57,8 @@ _Mover = Callable[[str, str, int, int], None]
 
 
 def _publish(plan: Plan, state: State, staging: Staging) -> None:
-    move_file: _Mover = _rename
-    move_dir: _Mover = _rename
+    move_file: _Mover = rename_noreplace
+    move_dir: _Mover = rename_noreplace
     published = 0
     with DirCache(staging.dest_fd) as dest, DirCache(staging.fd) as staged:
         d: DirPlan | None = None
@@ -110,10 +110,6 @@ def _move(move: _Mover, fallback: _Mover, src: str, dst: str, src_fd: int,
             raise
     fallback(src, dst, src_fd, dst_fd)
     return fallback
-
-
-def _rename(src: str, dst: str, src_fd: int, dst_fd: int) -> None:
-    rename_noreplace(src, dst, src_fd, dst_fd)
 
 
 def _link(src: str, dst: str, src_fd: int, dst_fd: int) -> None:

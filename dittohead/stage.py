@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import faults, parallel
-from .check import CHUNK, DIR_FLAGS, FILE_FLAGS, DirCache, Source
+from .check import CHUNK, DIR_FLAGS, FILE_FLAGS, DirCache, Source, join
 from .config import StudyConfig
 from .errors import ConfigError, EntryFailed
 from .faults import point
@@ -412,5 +412,5 @@ def _write_all(fd: int, data: memoryview) -> None:
 
 
 def _changed(rel: str, f: FilePlan) -> str:
-    return (f"{printable(f'{rel}/{f.name}' if rel else f.name)} changed while it was being "
+    return (f"{printable(join(rel, f.name))} changed while it was being "
             "delivered; upload it again. Nothing of this entry was delivered.")

@@ -228,7 +228,7 @@ def available() -> str | None:
     return None
 
 
-def _stat(pid: int | str, field: int) -> str | None:
+def proc_stat(pid: int | str, field: int) -> str | None:
     """A field of /proc/PID/stat, counted from 3 (state) as in proc(5)."""
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
@@ -239,7 +239,7 @@ def _stat(pid: int | str, field: int) -> str | None:
 
 def _start_time(pid: int) -> str | None:
     """A process's start time, so a recycled PID is never mistaken for ours."""
-    return _stat(pid, 22)
+    return proc_stat(pid, 22)
 
 
 def _children(pid: int) -> list[int]:
@@ -248,7 +248,7 @@ def _children(pid: int) -> list[int]:
             return [int(p) for p in f.read().split()]
     except OSError:  # a kernel without CONFIG_PROC_CHILDREN: scan
         pass
-    return [int(d) for d in os.listdir("/proc") if d.isdigit() and _stat(d, 4) == str(pid)]
+    return [int(d) for d in os.listdir("/proc") if d.isdigit() and proc_stat(d, 4) == str(pid)]
 
 
 def _remove_stale_cgroups(cg_root: pathlib.Path) -> None:

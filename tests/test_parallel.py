@@ -8,7 +8,6 @@ import pwd
 import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,8 +16,10 @@ from dittohead import check, parallel
 from dittohead.errors import EntryFailed, TemporaryError
 from dittohead.plan import DirPlan, FilePlan, Plan
 
+from . import sysbox
 from .conftest import REPO, Env
 from .test_engine import manifest_verifies, no_leftovers, tree
+from .test_units import wait_for
 
 
 def test_run_gives_every_share_its_result_in_order() -> None:
@@ -161,11 +162,7 @@ def test_a_manifest_written_by_workers_lists_every_file_once_in_plan_order(env: 
 
 
 def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # dead, not yet reaped
-    except FileNotFoundError:
-        return True
+    return sysbox.proc_stat(pid, 3) in (None, "Z")  # no such process, or dead, not yet reaped
 
 
 def test_workers_die_when_the_run_is_killed(tmp_path: Path) -> None:
@@ -186,19 +183,14 @@ parallel.run(2, work)
 """
     run = subprocess.Popen([sys.executable, "-c", code])
     try:
-        deadline = time.monotonic() + 20
-        while not pidfile.exists():
-            assert time.monotonic() < deadline and run.poll() is None, "no worker started"
-            time.sleep(0.02)
+        wait_for(lambda: pidfile.exists() or run.poll() is not None, 20, "a worker to start")
+        assert pidfile.exists() and run.poll() is None, "no worker started"
         worker = int(pidfile.read_text())
         assert not _gone(worker)
     finally:
         run.kill()
         run.wait()
-    deadline = time.monotonic() + 10
-    while not _gone(worker):
-        assert time.monotonic() < deadline, f"worker {worker} outlived the killed run"
-        time.sleep(0.02)
+    wait_for(lambda: _gone(worker), 10, f"worker {worker} to die with the killed run")
 
 
 def test_when_no_process_can_be_forked_the_shares_run_here(
