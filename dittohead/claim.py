@@ -1,21 +1,12 @@
 """Scan the inbox and claim ready entries, exactly once.
 
-A claim is two steps in processing/: write `<id>.json` (the claim record:
-entry name, id, start time), then rename `inbox/<name>` to `processing/<id>`.
-The record comes first so a crash between the two leaves only a record whose
-entry is still in the inbox; `pending_claims` drops such a record and the
-entry is simply claimed again under a new id.
-
-Privilege: renaming another user's *directory* to a different parent needs
-write access to that directory itself (the kernel rewrites its `..`), which
-the service user does not have for an ordinary upload (umask 022 or 077).
-Rather than weakening the upload rule, the service runs with
-CAP_DAC_OVERRIDE, which allows that rename and also reading files uploaded
-0600 (CAP_DAC_READ_SEARCH on top was measured to add nothing; see
-units/dittohead@.service). Without it the claim fails with EACCES and the
-run says so, leaving the entry untouched in the inbox. The per-study lock is an
-flock on the processing directory, so two overlapping runs never claim one
-entry twice: the second waits, then finds nothing left to do.
+A claim writes the claim record `processing/<id>.json`, then renames
+`inbox/<name>` to `processing/<id>`. The record comes first, so a crash in
+between leaves a record whose entry is still in the inbox: `pending_claims`
+yields it, and the caller, finding no entry under its id, drops the record;
+the entry is then claimed again under a new id. A per-study flock on
+processing/ keeps two runs from claiming one entry twice. Why the service
+needs CAP_DAC_OVERRIDE to claim: docs/design.md, "Privileges".
 """
 
 from __future__ import annotations
@@ -33,6 +24,9 @@ from .config import StudyConfig
 from .errors import TemporaryError
 from .fsops import write_atomic
 from .plan import remove_spool
+
+# The claim record's "format" (see RECEIPT_FORMAT in record.py for the rules).
+CLAIM_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -159,6 +153,7 @@ def release(study: StudyConfig, c: Claim) -> None:
 
 
 def _write_record(path: Path, c: Claim) -> None:
-    data = {"id": c.id, "entry": os.fsencode(c.entry).decode("utf-8", "backslashreplace"),
+    data = {"format": CLAIM_FORMAT, "id": c.id,
+            "entry": os.fsencode(c.entry).decode("utf-8", "backslashreplace"),
             "entry_hex": os.fsencode(c.entry).hex(), "started": c.started}
     write_atomic(path, json.dumps(data).encode() + b"\n")

@@ -11,12 +11,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__, config, log
-from .errors import EXIT_UNEXPECTED, EXIT_USAGE, ConfigError, DittoheadError, UsageError
+from .errors import EXIT_UNEXPECTED, ConfigError, DittoheadError, Outcome, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message}")
+        # argparse's own way (usage, then "prog: error: ..."), but as an
+        # exception main() turns into exit 2.
+        self.print_usage(sys.stderr)
+        raise UsageError(message, prog=f"{self.prog}: error")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,8 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return _run(args)
     except ConfigError as e:
-        log.send(f"configuration error: {e}", priority=3,
+        log.send(f"configuration error: {e}", priority=3, tell_person=True,
                  message_id=log.MESSAGE_IDS["config-error"], DITTOHEAD_REASON=str(e))
+        return e.exit_code
+    except UsageError as e:
+        print(f"{e.prog}: {e}", file=sys.stderr)
         return e.exit_code
     except DittoheadError as e:
         print(f"dittohead: {e}", file=sys.stderr)
@@ -139,9 +145,8 @@ def _upload(args: argparse.Namespace) -> int:
         if r is None:
             print(f"{n}: claimed by the service (receipts are not readable for you)")
         else:
-            print(f"{n}: {r['outcome']} ({r['id']})" + (f": {r['reason']}" if r.get("reason")
-                                                        else ""))
-            worst = worst or (0 if r["outcome"] == "delivered" else 1)
+            print(f"{n}: {r.outcome} ({r.id})" + (f": {r.reason}" if r.reason else ""))
+            worst = worst or (0 if r.outcome is Outcome.DELIVERED else 1)
     return worst
 
 
@@ -152,5 +157,3 @@ def entry_point() -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
-
-__all__ = ["EXIT_USAGE", "main"]

@@ -1,6 +1,12 @@
-"""Exceptions that carry the exit code the command ends with (borg style)."""
+"""Exceptions that carry the exit code the command ends with (borg style), and outcomes.
+
+An entry's attempt ends in an Outcome; EntryFailed and EntryRejected carry
+theirs, TemporaryError means RETRY_LATER.
+"""
 
 from __future__ import annotations
+
+from enum import StrEnum
 
 # Exit codes of `dittohead process`, fixed by the contract; sysexits.h values
 # where one fits, so systemd and admins read them the usual way.
@@ -9,6 +15,16 @@ EXIT_UNEXPECTED = 1
 EXIT_USAGE = 2
 EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: entries were left for a later run
 EXIT_CONFIG = 78  # EX_CONFIG
+
+
+class Outcome(StrEnum):
+    """How one attempt at an entry ended (the value is what receipts and the journal say)."""
+
+    DELIVERED = "delivered"
+    FAILED = "failed"  # can never be delivered as it is (a conflict, a symlink, ...)
+    REJECTED = "rejected"  # its uploader may not deliver to the study
+    RETRY_LATER = "retry-later"  # kept in processing/ for a later run (no space, ...)
+    ERROR = "error"  # unexpected (a bug, EIO): kept in processing/, the run exits 1
 
 
 class DittoheadError(Exception):
@@ -21,6 +37,10 @@ class UsageError(DittoheadError):
     """The command line itself is wrong."""
 
     exit_code = EXIT_USAGE
+
+    def __init__(self, message: str, prog: str = "dittohead") -> None:
+        super().__init__(message)
+        self.prog = prog  # what the message is printed after
 
 
 class ConfigError(DittoheadError):
@@ -49,14 +69,14 @@ class TemporaryError(DittoheadError):
 class EntryFailed(DittoheadError):
     """The entry can never be delivered as it is; it goes to failed/ with this reason."""
 
-    def __init__(self, reason: str, outcome: str = "failed") -> None:
+    def __init__(self, reason: str, outcome: Outcome = Outcome.FAILED) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.outcome = outcome  # "failed" or "rejected"
+        self.outcome = outcome  # FAILED or REJECTED
 
 
 class EntryRejected(EntryFailed):
     """The uploader may not deliver to this study."""
 
     def __init__(self, reason: str) -> None:
-        super().__init__(reason, outcome="rejected")
+        super().__init__(reason, outcome=Outcome.REJECTED)

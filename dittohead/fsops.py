@@ -1,11 +1,23 @@
-"""Filesystem and process operations the standard library lacks or several stages share."""
+"""File-descriptor-level operations the standard library lacks or several stages share.
+
+Every pass over an entry or a destination works below directory file
+descriptors opened O_NOFOLLOW (DirCache), so a symlink swapped in after a
+check can never be followed (docs/design.md).
+"""
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import os
+import pwd
 from pathlib import Path
+
+CHUNK = 1 << 20  # bytes per read and write of file data
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO swapped in for a checked file cannot hang the open.
+FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
 
 _libc = ctypes.CDLL(None, use_errno=True)
 AT_FDCWD = -100
@@ -71,3 +83,97 @@ def used_percent(st: os.statvfs_result) -> float:
 def is_enospc(e: OSError) -> bool:
     """True for the errors that mean 'the filesystem is full'."""
     return e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def join(rel: str, name: str) -> str:
+    """rel/name, or name alone at the top ("")."""
+    return f"{rel}/{name}" if rel else name
+
+
+def user_name(uid: int) -> str:
+    """The user's name, or the numeric uid when it has none."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def hash_fd(fd: int, size_hint: int = CHUNK) -> bytes:
+    """sha256 of everything readable from fd."""
+    h = hashlib.sha256()
+    buf = bytearray(min(size_hint + 4096, CHUNK))
+    view = memoryview(buf)
+    while n := os.readv(fd, [buf]):
+        h.update(view[:n])
+        if n < len(buf):
+            break  # a short read of a regular file is its end: no read() just for EOF
+    return h.digest()
+
+
+def hash_at(dir_fd: int, name: str, size_hint: int = CHUNK) -> bytes:
+    """sha256 of the file `name` below dir_fd, opened without following a symlink."""
+    fd = os.open(name, FILE_FLAGS, dir_fd=dir_fd)
+    try:
+        return hash_fd(fd, size_hint)
+    finally:
+        os.close(fd)
+
+
+class DirCache:
+    """Opens directories below a root by walking with O_NOFOLLOW; keeps the last one open.
+
+    Passes stream the plan parents first, so a cache of one avoids re-opening
+    while never risking the fd limit.
+    """
+
+    def __init__(self, root_fd: int, top: str | None = None) -> None:
+        self.root_fd = root_fd
+        self.top = top  # a first component below root (the claim id), if any
+        self.rel: str | None = None
+        self.fd = -1
+
+    def dir_fd(self, rel: str) -> int:
+        """An fd on root/top/rel, valid until the next call or close()."""
+        if self.rel == rel:
+            return self.fd
+        self.close()
+        fd = os.dup(self.root_fd)
+        try:
+            parts = ([self.top] if self.top else []) + (rel.split("/") if rel else [])
+            for part in parts:
+                nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+        except BaseException:
+            os.close(fd)
+            raise
+        self.rel, self.fd = rel, fd
+        return fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.rel, self.fd = None, -1
+
+    def __enter__(self) -> DirCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Source(DirCache):
+    """A claimed entry's directories below processing/ (a plain-file entry is processing/<id>)."""
+
+    def __init__(self, processing: Path, claim_id: str, plain_file: bool) -> None:
+        self.proc_fd = os.open(processing, DIR_FLAGS)
+        super().__init__(self.proc_fd, None if plain_file else claim_id)
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+        if self.proc_fd >= 0:
+            os.close(self.proc_fd)
+            self.proc_fd = -1

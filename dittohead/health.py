@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import grp
-import json
 import os
 import pwd
 import shutil
@@ -15,8 +14,9 @@ from typing import Any
 
 from . import layout
 from .config import Config, StudyConfig
-from .errors import ConfigError, DittoheadError
+from .errors import DittoheadError
 from .fsops import rename_noreplace, used_percent
+from .record import ReceiptError, read_receipt
 from .stage import STAGING_PREFIX
 
 
@@ -64,8 +64,8 @@ def status(cfg: Config, study: StudyConfig) -> dict[str, Any]:
     done = sorted((n for n in _names(study.done) if n.endswith(".json")), reverse=True)
     if done:
         try:
-            last = json.loads((study.done / done[0]).read_text())
-        except (OSError, ValueError):
+            last = read_receipt(study.done / done[0]).to_dict()
+        except (OSError, ReceiptError):
             last = None
     return {
         "study": study.name,
@@ -184,13 +184,12 @@ def retry(study: StudyConfig, delivery: str) -> str:
         raise DittoheadError(f"{delivery}: not a delivery id")
     receipt = study.failed / f"{delivery}.json"
     try:
-        data = json.loads(receipt.read_text())
-        entry_hex = data.get("entry_hex")
-        name = os.fsdecode(bytes.fromhex(entry_hex)) if entry_hex else str(data["entry"])
+        name = read_receipt(receipt).entry
     except FileNotFoundError:
         raise DittoheadError(f"no failed delivery {delivery} in {study.failed}") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{receipt}: unreadable receipt ({e})") from None
+    except (OSError, ReceiptError) as e:
+        raise DittoheadError(f"{receipt}: cannot read the receipt ({e}); nothing was "
+                             "changed") from None
     if not os.path.lexists(study.failed / delivery):
         raise DittoheadError(f"{study.failed / delivery} is gone; nothing to retry")
     try:

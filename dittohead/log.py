@@ -2,8 +2,10 @@
 
 Each kind of event has a fixed MESSAGE_ID, explained in the shipped catalog
 (units/dittohead.catalog), so `journalctl MESSAGE_ID=... DITTOHEAD_STUDY=...`
-finds them. Without a journal socket (a test, a container, a demo without
-systemd) the same event goes to stderr as one line of KEY=value pairs.
+finds them. Without a journal socket (a container, a host without systemd)
+the message goes to stderr as a plain sentence; DITTOHEAD_LOG=stderr sends
+every event there instead of the journal, as one line ending in its
+KEY=value fields (for tests and scripts).
 """
 
 from __future__ import annotations
@@ -50,15 +52,25 @@ def event(kind: str, message: str, **fields: Any) -> None:
     """Record one event; `fields` become DITTOHEAD_<NAME> journal fields."""
     journal_fields = {f"DITTOHEAD_{k.upper()}": _text(v) for k, v in fields.items()
                       if v is not None}
-    send(message, priority=_PRIORITY[kind], message_id=MESSAGE_IDS[kind], **journal_fields)
+    journal_fields["MESSAGE_ID"] = MESSAGE_IDS[kind]
+    _emit(message, _PRIORITY[kind], journal_fields, tell_person=False)
 
 
 def send(message: str, *, priority: int, message_id: str | None = None,
-         **fields: str) -> None:
-    """Send to the journal when it is there, else one line on stderr."""
+         tell_person: bool = False, **fields: str) -> None:
+    """Send to the journal when it is there, else one line on stderr.
+
+    tell_person: also print the message on stderr when that is not the
+    journal itself (a person at a terminal must see a config error).
+    """
     if message_id:
         fields["MESSAGE_ID"] = message_id
-    if os.environ.get("DITTOHEAD_LOG") != "stderr" and os.path.exists(JOURNAL_SOCKET):
+    _emit(message, priority, fields, tell_person)
+
+
+def _emit(message: str, priority: int, fields: dict[str, str], tell_person: bool) -> None:
+    wanted = os.environ.get("DITTOHEAD_LOG")
+    if wanted != "stderr" and os.path.exists(JOURNAL_SOCKET):
         try:
             from systemd import journal
         except ImportError:  # pragma: no cover - a broken install still logs
@@ -66,10 +78,25 @@ def send(message: str, *, priority: int, message_id: str | None = None,
         else:
             journal.send(message, PRIORITY=str(priority),
                          SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER, **fields)
+            if tell_person and not _stderr_is_journal():
+                print(f"dittohead: {message}", file=sys.stderr, flush=True)
             return
     extra = " ".join(f"{k}={_quote(v)}" for k, v in sorted(fields.items()))
-    print(f"dittohead: {message}" + (f" [{extra}]" if extra else ""), file=sys.stderr,
-          flush=True)
+    if wanted != "stderr" or not extra:
+        print(f"dittohead: {message}", file=sys.stderr, flush=True)
+    else:
+        print(f"dittohead: {message} [{extra}]", file=sys.stderr, flush=True)
+
+
+def _stderr_is_journal() -> bool:
+    """Whether stderr is connected to the journal (systemd sets JOURNAL_STREAM=dev:ino)."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    dev, _, ino = stream.partition(":")
+    try:
+        st = os.fstat(2)
+        return bool(stream) and (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (OSError, ValueError):
+        return False
 
 
 def _text(value: Any) -> str:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from . import faults
-from .errors import ConfigError, EntryFailed, TemporaryError
+from .errors import ConfigError, EntryFailed, Outcome, TemporaryError
 from .fsops import die_with_parent
 from .plan import Plan
 
@@ -138,7 +138,7 @@ def _child(k: int, work: Callable[[int], T], w: int, parent: int) -> None:  # pr
 def _rebuild(report: tuple[object, ...]) -> BaseException:
     kind = report[0]
     if kind == "failed":
-        return EntryFailed(str(report[1]), str(report[2]))
+        return EntryFailed(str(report[1]), Outcome(str(report[2])))
     if kind == "temporary":
         return TemporaryError(str(report[1]))
     if kind == "config":

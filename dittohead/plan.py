@@ -1,14 +1,9 @@
 """The delivery plan, spooled to disk so memory stays flat whatever the file count.
 
-The walk of an entry appends one record per directory (parents first, a
-subtree contiguous) and per file to `processing/.<id>.plan`; each later
-pass (destination check, stage with the manifest, publish, final check)
-streams it back. What the passes learn about each record (already in the
-destination? its sha256 and staged inode; directory created by us?) goes
-into a fixed-size slot of `processing/.<id>.state`, mmapped and shared with
-forked workers, so nothing grows with the entry but these files (and the
-manifest, `.<id>.sha256`, until it is filed). They belong to the claim and
-are removed when the entry is filed; each attempt writes them anew.
+One record per directory (parents first, a subtree contiguous), file and
+skipped name in `processing/.<id>.plan`; what later passes learn about each
+record lives in a fixed-size slot of the mmapped `.<id>.state`, shared with
+forked workers. docs/design.md, "The plan spool".
 """
 
 from __future__ import annotations
@@ -22,6 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
+
+from .fsops import Source
 
 _DIR = struct.Struct("<cHqq")  # kind, name length, atime_ns, mtime_ns
 _FILE = struct.Struct("<cHQqq?")  # kind, name length, size, atime_ns, mtime_ns, executable
@@ -58,13 +55,15 @@ def remove_spool(processing: Path, claim_id: str) -> None:
         (processing / name).unlink(missing_ok=True)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class DirPlan:
+    """A directory record; placed() yields copies with where it is staged filled in."""
+
     index: int  # record number (its state slot)
     rel: str  # relative to the destination and to the entry's top; "" for the top
     atime_ns: int
     mtime_ns: int
-    # Where it is staged, relative to the staging directory, set by place():
+    # Where it is staged, relative to the staging directory (see place()):
     staged: str = ""
     new: bool = False  # not in the destination: staged as a directory, files by their names
     root: bool = False  # new, and its parent is not: published by renaming it into place
@@ -76,6 +75,9 @@ class DirPlan:
 
 @dataclass(slots=True)
 class FilePlan:
+    """A file record. Not frozen only because it is made once per file per pass (a frozen
+    dataclass's __init__ costs twice as much); nothing changes one after parsing."""
+
     index: int
     name: str  # in the destination directory
     size: int
@@ -102,7 +104,7 @@ class Plan:
     dirs: int = 0
     skipped: int = 0
     skipped_sample: list[str] = field(default_factory=list)
-    _out: object = None
+    _out: BinaryIO | None = None
     _records: int = 0
     _cache: list[DirPlan | FilePlan | str] | None = None
 
@@ -129,9 +131,8 @@ class Plan:
 
     def append_raw(self, data: bytes) -> None:
         """Append records another Plan wrote (count them with add_totals)."""
-        out = self._out
-        assert out is not None and hasattr(out, "write")
-        out.write(data)
+        assert self._out is not None
+        self._out.write(data)
 
     def add_totals(self, records: int, files: int, nbytes: int, dirs: int, skipped: int,
                    skipped_sample: list[str]) -> None:
@@ -143,17 +144,15 @@ class Plan:
         self.skipped_sample.extend(skipped_sample[:20 - len(self.skipped_sample)])
 
     def close_writing(self) -> None:
-        out = self._out
-        assert out is not None and hasattr(out, "close")
-        out.close()
+        assert self._out is not None
+        self._out.close()
         self._out = None
         with open(self.state_path, "wb") as f:
             f.truncate(self._records * SLOT)
 
     def _write(self, data: bytes) -> None:
-        out = self._out
-        assert out is not None and hasattr(out, "write")
-        out.write(data)
+        assert self._out is not None
+        self._out.write(data)
         self._records += 1
 
     def add_dir(self, rel: str, atime_ns: int, mtime_ns: int) -> None:
@@ -240,11 +239,11 @@ class Plan:
                 index += 1
 
     def placed(self, state: State) -> Iterator[DirPlan | FilePlan | str]:
-        """records(), each directory with its place in staging set (see place())."""
+        """records(), each directory as a copy with its place in staging set (see place())."""
         root: DirPlan | None = None
         for r in self.records():
             if isinstance(r, DirPlan):
-                root = place(r, state, root)
+                r, root = place(r, state, root)
             yield r
 
     def iter_dirs(self) -> Iterator[DirPlan]:
@@ -270,9 +269,13 @@ class Plan:
     def state(self) -> State:
         return State(self.state_path)
 
+    def source(self) -> Source:
+        """The entry's directories, as the claim left them in processing/."""
+        return Source(self.path.parent, self.claim_id, self.plain_file)
 
-def place(d: DirPlan, state: State, root: DirPlan | None) -> DirPlan | None:
-    """Set where d is staged; return the new directory its subtree is staged under, if any.
+
+def place(d: DirPlan, state: State, root: DirPlan | None) -> tuple[DirPlan, DirPlan | None]:
+    """d with where it is staged, and the new directory its subtree is staged under, if any.
 
     A directory already in the destination gets a bucket `<index>` whose files
     are named by their record numbers and published one by one. A new one
@@ -280,14 +283,13 @@ def place(d: DirPlan, state: State, root: DirPlan | None) -> DirPlan | None:
     the final names, and published by one rename. Records come parents first
     and a subtree is contiguous, so the last such root is the only one needed.
     """
-    if not d.rel or state.flags(d.index) & EXISTS:
-        d.staged, d.new, d.root = str(d.index), False, False
-        return None
-    if root is not None and d.rel.startswith(root.rel + "/"):
-        d.staged, d.new, d.root = root.staged + d.rel[len(root.rel):], True, False
-        return root
-    d.staged, d.new, d.root = str(d.index), True, True
-    return d
+    i, rel, atime, mtime = d.index, d.rel, d.atime_ns, d.mtime_ns
+    if not rel or state.flags(i) & EXISTS:
+        return DirPlan(i, rel, atime, mtime, str(i), False, False), None
+    if root is not None and rel.startswith(root.rel + "/"):
+        return DirPlan(i, rel, atime, mtime, root.staged + rel[len(root.rel):], True, False), root
+    placed = DirPlan(i, rel, atime, mtime, str(i), True, True)
+    return placed, placed
 
 
 class State:

@@ -1,23 +1,11 @@
-"""Publish staged files under their final names, never replacing anything.
+"""Publish a staged entry under its final names, all or nothing, never replacing anything.
 
-Order, and why:
-1. syncfs. The staged copies were verified while they were made (stage.py),
-   so after this their data is durable and verified before any final name
-   points at it: even a power cut never leaves a partial file under a final
-   name (and a rerun would take such a file for a conflict).
-2. renameat2(RENAME_NOREPLACE) each staged new directory (with its whole
-   subtree) and each staged file of an existing directory to its final name.
-   It fails with EEXIST instead of replacing: a file that appeared since the
-   check is a conflict, a directory that appeared is merged into by a later
-   run; either way everything this delivery published is rolled back (only
-   names that still lead to an inode we staged, by inode number, size and
-   mtime, and directories we created once they are empty). Where the
-   filesystem has no RENAME_NOREPLACE (NFS, some FUSE: EINVAL), link() does
-   the job for files (the staged names go with the staging directory) and
-   mkdir + rename(2) onto that new, empty directory for directories.
-3. Each final name is checked to be the staged inode (while syncfs makes the
-   names durable), and the destination checked to be still where it was
-   configured; then the staging directory goes.
+syncfs, then renameat2(RENAME_NOREPLACE) each staged new directory and each
+file of an existing one (link() or mkdir + rename where the flag is missing),
+then every final name checked to be the staged inode while the names are
+synced, and the destination checked to be still where it is configured.
+publish() is the one owner of undo: on any failure it removes what it
+published before the error goes up. docs/design.md, "Publish".
 """
 
 from __future__ import annotations
@@ -26,30 +14,36 @@ import errno
 import os
 import threading
 from collections.abc import Callable
+from typing import NoReturn
 
-from .check import LIST_MAX, DirCache, join
-from .errors import EntryFailed, TemporaryError
+from .errors import DittoheadError, EntryFailed, TemporaryError
+from .examine import LIST_MAX
 from .faults import point
-from .fsops import is_enospc, rename_noreplace, syncfs
+from .fsops import DirCache, is_enospc, join, rename_noreplace, syncfs
 from .log import printable
 from .plan import COPIED, CREATED, DirPlan, FilePlan, Plan, State
 from .stage import Staging
 
 
 def publish(plan: Plan, staging: Staging) -> None:
-    """Sync the staged files, then give them their final names (all or nothing)."""
+    """Sync the staged files, give them their final names, check and sync those names.
+
+    All or nothing: on any failure, whatever this call published is removed
+    again (rolled back) before the error is raised.
+    """
     try:
         syncfs(staging.fd)
     except OSError as e:
-        raise _classify(e, "syncing") from e
+        _raise_classified(e, "syncing")
     point("synced")
     try:
         with plan.state() as state:
             _publish(plan, state, staging)
+        _finish(plan, staging)
     except BaseException as e:
-        rollback(plan, staging)
+        _rollback(plan, staging)
         if isinstance(e, OSError):
-            raise _classify(e, "publishing") from e
+            _raise_classified(e, "publishing")
         raise
 
 
@@ -124,14 +118,13 @@ def _mkdir_rename(src: str, dst: str, src_fd: int, dst_fd: int) -> None:
     os.rename(src, dst, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
 
 
-def finish(plan: Plan, staging: Staging) -> None:
-    """Check every final name is its staged inode, sync the names; roll back if not."""
+def _finish(plan: Plan, staging: Staging) -> None:
+    """Check every final name is its staged inode while syncing the names."""
     wrong = _in_parallel_with_sync(staging.dest_fd, lambda: _check_names(plan, staging))
     moved = _destination_moved(staging)
-    if wrong or moved:
-        rollback(plan, staging)
-        if moved:
-            raise TemporaryError(moved)
+    if moved:
+        raise TemporaryError(moved)
+    if wrong:
         raise EntryFailed("the published name of " + ", ".join(printable(b) for b in wrong)
                           + " does not lead to the verified copy; nothing of this entry was"
                           " delivered.")
@@ -154,7 +147,7 @@ def _in_parallel_with_sync(fd: int, work: Callable[[], list[str]]) -> list[str]:
     finally:
         syncer.join()
     if errors:
-        raise _classify(errors[0], "syncing")
+        _raise_classified(errors[0], "syncing")
     return result
 
 
@@ -219,7 +212,7 @@ def _destination_moved(staging: Staging) -> str | None:
     return None
 
 
-def rollback(plan: Plan, staging: Staging) -> None:
+def _rollback(plan: Plan, staging: Staging) -> None:
     """Remove what this delivery published: only names that still lead to our staged inodes."""
     with plan.state() as state, DirCache(staging.dest_fd) as dest:
         for d, f in plan.iter_files():
@@ -238,7 +231,15 @@ def rollback(plan: Plan, staging: Staging) -> None:
             pass  # not empty: someone else put something there; it stays
 
 
-def _classify(e: OSError, doing: str) -> Exception:
+def _raise_classified(e: OSError, doing: str) -> NoReturn:
+    """Raise what e means for the entry (retry later, or fail it); e itself if nothing known."""
+    known = _classify(e, doing)
+    if known is None:
+        raise e
+    raise known from e
+
+
+def _classify(e: OSError, doing: str) -> DittoheadError | None:
     if is_enospc(e):
         return TemporaryError(f"the destination filled up while {doing}; rolled back, "
                               "will retry")
@@ -249,4 +250,4 @@ def _classify(e: OSError, doing: str) -> Exception:
         return EntryFailed(f"the destination's filesystem refused a name ({e.strerror}: "
                            f"{printable(str(e.filename or ''))}); nothing of this entry was "
                            "delivered.")
-    return e
+    return None

@@ -1,102 +1,131 @@
-"""File a finished entry in done/ or failed/ with its receipt and manifest.
+"""Receipts, and filing a finished entry in done/ or failed/.
 
-Order: manifest and receipt first (each written to a temporary name, fsynced
-and renamed), then the entry itself, then the claim record is dropped. A
-crash anywhere in between leaves the claim in processing/, and the next run
-redoes the delivery, which finds every file already delivered and files the
-entry again under the same id, rewriting the same receipt.
+Order of filing: manifest and receipt first (each written to a temporary
+name, fsynced and renamed), then the entry itself, then the claim record is
+dropped. A crash anywhere in between leaves the claim in processing/, and the
+next run either redoes the delivery (which finds every file already there and
+files the entry again under the same id) or, when the entry is already filed,
+reports it from its receipt.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from binascii import hexlify
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .claim import Claim, now_iso, release
 from .config import StudyConfig
+from .errors import Outcome
 from .faults import point
 from .fsops import write_atomic
 from .log import printable
+from .manifest import install
 from .plan import Plan
+
+# The receipt's "format": raised when a key changes meaning or a required one
+# is added. Readers take receipts without one as format 1, ignore keys they
+# do not know, and still read the keys they know from a newer format.
+RECEIPT_FORMAT = 1
+
+
+class ReceiptError(ValueError):
+    """A receipt file that is not one (not JSON, or missing what every receipt has)."""
 
 
 @dataclass(frozen=True)
-class Outcome:
-    """The result of one delivery, as the receipt and the journal tell it."""
+class Receipt:
+    """The record of one filed entry: `done/<id>.json` or `failed/<id>.json`."""
 
-    outcome: str  # delivered, failed or rejected
-    claim: Claim
+    study: str
+    id: str
+    entry: str  # the name as dropped, exact (surrogate escapes for undecodable bytes)
     uploader: str
+    outcome: Outcome
     files: int
-    bytes: int
-    skipped: tuple[str, ...]
+    nbytes: int  # "bytes" in the JSON
+    skipped: tuple[str, ...]  # ignored names, not delivered
+    destination: str
+    started: str
     finished: str
     reason: str | None = None
+    format: int = RECEIPT_FORMAT
+
+    def to_json(self) -> bytes:
+        """The receipt file's content."""
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False).encode() + b"\n"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The receipt as JSON-ready data (names printable; the exact one as entry_hex)."""
+        return {
+            "format": self.format,
+            "study": self.study,
+            "entry": printable(self.entry),
+            "entry_hex": os.fsencode(self.entry).hex(),  # exact bytes, for retry
+            "id": self.id,
+            "uploader": self.uploader,
+            "outcome": str(self.outcome),
+            "reason": self.reason,
+            "files": self.files,
+            "bytes": self.nbytes,
+            "skipped": [printable(s) for s in self.skipped],
+            "destination": self.destination,
+            "started": self.started,
+            "finished": self.finished,
+        }
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Receipt:
+        """Parse a receipt written by this or any earlier version; ReceiptError if it is none."""
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict):
+                raise TypeError("not a JSON object")
+            return cls(study=str(data["study"]), id=str(data["id"]), entry=_entry(data),
+                       uploader=str(data["uploader"]), outcome=Outcome(data["outcome"]),
+                       files=int(data["files"]), nbytes=int(data["bytes"]),
+                       skipped=tuple(str(s) for s in data.get("skipped") or ()),
+                       destination=str(data.get("destination", "")),
+                       started=str(data.get("started", "")),
+                       finished=str(data["finished"]), reason=data.get("reason"),
+                       format=int(data.get("format", 1)))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ReceiptError(f"not a dittohead receipt: {e}") from None
 
 
-def manifest_line(path: bytes, digest: bytes) -> bytes:
-    """One line in `sha256sum` format, escaping names the way coreutils does."""
-    if b"\\" in path or b"\n" in path or b"\r" in path:
-        path = path.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b"\r", b"\\r")
-        return b"\\%s  %s\n" % (hexlify(digest), path)
-    return b"%s  %s\n" % (hexlify(digest), path)
+def _entry(data: dict[str, Any]) -> str:
+    entry_hex = data.get("entry_hex")
+    return os.fsdecode(bytes.fromhex(entry_hex)) if entry_hex else str(data["entry"])
 
 
-class Manifest:
-    """Streams `<id>.sha256` (every file of the entry, delivered now or before) to a file."""
-
-    def __init__(self, path: Path) -> None:
-        self.out = open(path, "wb")  # noqa: SIM115 - closed by close()
-        # One line per file, in plan order: the directory's part is encoded
-        # once per directory.
-        self.rel: str | None = None
-        self.prefix = b""
-
-    def add(self, rel: str, name: str, digest: bytes) -> None:
-        if rel != self.rel:
-            self.rel = rel
-            self.prefix = os.fsencode(rel) + b"/" if rel else b""
-        self.out.write(manifest_line(self.prefix + os.fsencode(name), digest))
-
-    def close(self) -> None:
-        self.out.close()
-
-    def __enter__(self) -> Manifest:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+def read_receipt(path: Path) -> Receipt:
+    """The receipt at path; OSError if unreadable, ReceiptError if it is not a receipt."""
+    return Receipt.from_json(path.read_bytes())
 
 
-def write_manifest(path: Path, plan: Plan) -> None:
-    """Put `<id>.sha256`, which stage() wrote in this attempt, in place durably."""
-    fd = os.open(plan.manifest_path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fchmod(fd, 0o640)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    # processing/ and done/ share a filesystem: the entry itself is renamed too.
-    os.rename(plan.manifest_path, path)
+def receipt_dir(study: StudyConfig, outcome: Outcome) -> Path:
+    """Where an entry with this outcome is filed."""
+    return study.done if outcome is Outcome.DELIVERED else study.failed
 
 
-def file_entry(study: StudyConfig, claim: Claim, plan: Plan | None, outcome: str,
-               uploader: str, reason: str | None = None) -> Outcome:
+def file_entry(study: StudyConfig, claim: Claim, plan: Plan | None, outcome: Outcome,
+               uploader: str, reason: str | None = None) -> Receipt:
     """Write the receipt (and manifest), move the entry to done/ or failed/, drop the claim."""
-    target = study.done if outcome == "delivered" else study.failed
+    target = receipt_dir(study, outcome)
     skipped: tuple[str, ...] = ()
     if plan is not None and plan.path.exists():
         skipped = tuple(plan.iter_skipped())
-    result = Outcome(outcome=outcome, claim=claim, uploader=uploader,
-                     files=plan.files if plan else 0, bytes=plan.nbytes if plan else 0,
-                     skipped=skipped, finished=now_iso(), reason=reason)
-    if outcome == "delivered":
+    r = Receipt(study=study.name, id=claim.id, entry=claim.entry, uploader=uploader,
+                outcome=outcome, files=plan.files if plan else 0,
+                nbytes=plan.nbytes if plan else 0, skipped=skipped,
+                destination=str(study.destination), started=claim.started,
+                finished=now_iso(), reason=reason)
+    if outcome is Outcome.DELIVERED:
         assert plan is not None
-        write_manifest(target / f"{claim.id}.sha256", plan)
-    write_atomic(target / f"{claim.id}.json", receipt(study, result))
+        install(plan.manifest_path, target / f"{claim.id}.sha256")
+    write_atomic(target / f"{claim.id}.json", r.to_json())
     point("receipt")
     try:
         os.rename(study.processing / claim.id, target / claim.id)
@@ -109,24 +138,16 @@ def file_entry(study: StudyConfig, claim: Claim, plan: Plan | None, outcome: str
         os.close(dfd)
     point("filed")
     release(study, claim)
-    return result
+    return r
 
 
-def receipt(study: StudyConfig, r: Outcome) -> bytes:
-    """The <id>.json receipt: what an admin or a script needs to know of the delivery."""
-    data = {
-        "study": study.name,
-        "entry": printable(r.claim.entry),
-        "entry_hex": os.fsencode(r.claim.entry).hex(),  # exact bytes, for retry
-        "id": r.claim.id,
-        "uploader": r.uploader,
-        "outcome": r.outcome,
-        "reason": r.reason,
-        "files": r.files,
-        "bytes": r.bytes,
-        "skipped": [printable(s) for s in r.skipped],
-        "destination": str(study.destination),
-        "started": r.claim.started,
-        "finished": r.finished,
-    }
-    return json.dumps(data, indent=2, ensure_ascii=False).encode() + b"\n"
+def filed_receipt(study: StudyConfig, claim: Claim) -> Receipt | None:
+    """The receipt of a claim whose entry a killed run already filed, if it did."""
+    for d in (study.done, study.failed):
+        try:
+            r = read_receipt(d / f"{claim.id}.json")
+        except (OSError, ReceiptError):
+            continue
+        if os.path.lexists(d / claim.id):
+            return r
+    return None

@@ -10,7 +10,6 @@ service would fail the entry for them anyway.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import stat
@@ -20,6 +19,7 @@ from pathlib import Path
 from .config import StudyConfig
 from .errors import DittoheadError, UsageError
 from .fsops import rename_noreplace
+from .record import Receipt, ReceiptError, read_receipt
 
 
 def _refuse_special(path: Path) -> None:
@@ -77,7 +77,7 @@ def upload(study: StudyConfig, path: Path) -> str:
     return name
 
 
-def wait(study: StudyConfig, name: str, since: float, timeout: float) -> dict[str, object] | None:
+def wait(study: StudyConfig, name: str, since: float, timeout: float) -> Receipt | None:
     """Wait until the entry has left the inbox and its receipt can be read; None if unreadable."""
     deadline = time.monotonic() + timeout
     while os.path.lexists(study.inbox / name):
@@ -99,10 +99,10 @@ def wait(study: StudyConfig, name: str, since: float, timeout: float) -> dict[st
                 if r.stat().st_mtime < since:
                     break
                 try:
-                    data = json.loads(r.read_text())
-                except (OSError, ValueError):
+                    receipt = read_receipt(r)
+                except (OSError, ReceiptError):
                     continue
-                if isinstance(data, dict) and data.get("entry") == name:
-                    return data
+                if receipt.entry == name:
+                    return receipt
         time.sleep(0.2)
     raise DittoheadError(f"no receipt for {name} after {timeout:.0f}s")

@@ -352,8 +352,8 @@ def test_upload_wait_reports_the_outcome(env: Env, tmp_path: Path) -> None:
 
 
 def test_sizes_around_the_copy_chunk_are_delivered_exactly(env: Env) -> None:
-    from dittohead.check import CHUNK
-    from dittohead.stage import OVERLAP_MIN
+    from dittohead.copier import OVERLAP_MIN
+    from dittohead.fsops import CHUNK
     sizes = [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 7, OVERLAP_MIN - 1, OVERLAP_MIN,
              OVERLAP_MIN + 1]
     files = {f"f{size}.bin": os.urandom(size) for size in sizes}

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from dittohead import check, parallel
-from dittohead.errors import EntryFailed, TemporaryError
+from dittohead import examine, parallel
+from dittohead.errors import EntryFailed, Outcome, TemporaryError
 from dittohead.plan import DirPlan, FilePlan, Plan
 
 from . import sysbox
@@ -34,7 +34,7 @@ def _fail_in_child(k: int, exc: BaseException) -> int:
     return k
 
 
-@pytest.mark.parametrize("exc", [EntryFailed("photo.jpg changed", "failed"),
+@pytest.mark.parametrize("exc", [EntryFailed("photo.jpg changed", Outcome.FAILED),
                                  TemporaryError("the destination filled up"),
                                  OSError(errno.ENOSPC, "No space left on device", "f")],
                          ids=["failed", "temporary", "enospc"])
@@ -80,9 +80,9 @@ def _records(plan: Plan) -> list[tuple[object, ...]]:
 def _walk(env: Env, claim_id: str, walkers: int, monkeypatch: pytest.MonkeyPatch
           ) -> tuple[list[tuple[object, ...]], tuple[object, ...], str | None]:
     monkeypatch.setattr(parallel, "walkers_for", lambda subdirs: walkers if subdirs > 1 else 1)
-    plan = check.new_plan(env.study, claim_id)
+    plan = examine.new_plan(env.study, claim_id)
     try:
-        check.plan_entry(env.study, plan, "e", pwd.getpwnam(env.cfg.service_user).pw_uid)
+        examine.examine(env.study, plan, "e", pwd.getpwnam(env.cfg.service_user).pw_uid)
         error = None
     except EntryFailed as e:
         error = e.reason

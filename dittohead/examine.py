@@ -1,15 +1,9 @@
-"""Check a claimed entry before anything is copied, and plan its delivery.
+"""Examine a claimed entry before anything is copied, and write its plan.
 
-Every check that can fail an entry runs here, before a byte reaches the
-destination: the uploader's right to deliver, file types (symlinks, FIFOs,
-sockets and devices are named and never opened), ownership, readability,
-conflicts with the destination (same content counts as already delivered,
-other content fails the whole entry) and free space.
-
-The entry is walked with directory file descriptors opened O_NOFOLLOW, so a
-symlink swapped in by the uploader after the walk still cannot be followed.
-Names are Python `str` with surrogate escapes: exact bytes round-trip. The
-plan is spooled to disk (plan.py), so memory does not grow with the entry.
+The entry side of the checks: the uploader's right to deliver, file types
+(symlinks, FIFOs, sockets and devices are named and never opened), owners and
+readability, found by walking directory fds opened O_NOFOLLOW. Every problem
+is collected, and the entry fails with all of them. docs/design.md, "Examine".
 """
 
 from __future__ import annotations
@@ -18,7 +12,6 @@ import errno
 import fnmatch
 import functools
 import grp
-import hashlib
 import os
 import pwd
 import re
@@ -28,27 +21,13 @@ from dataclasses import dataclass
 
 from . import parallel
 from .config import StudyConfig
-from .errors import EntryFailed, EntryRejected, TemporaryError
+from .errors import EntryFailed, EntryRejected
+from .fsops import CHUNK, DIR_FLAGS, join, user_name
 from .log import printable
-from .plan import EXISTS, PRESENT, DirPlan, FilePlan, Plan, State, spool_files
+from .plan import Plan, spool_files
 
-CHUNK = 1 << 20
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
 # How many names a failure reason lists before it says "and N more".
 LIST_MAX = 20
-
-
-def user_name(uid: int) -> str:
-    """The user's name, or the numeric uid when it has none."""
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-def join(rel: str, name: str) -> str:
-    return f"{rel}/{name}" if rel else name
 
 
 class Findings:
@@ -85,8 +64,11 @@ def new_plan(study: StudyConfig, claim_id: str) -> Plan:
                 path=spool_files(study.processing, claim_id)[0])
 
 
-def plan_entry(study: StudyConfig, plan: Plan, entry: str, service_uid: int) -> None:
-    """Walk processing/<id> into `plan`, run every check, or raise why not."""
+def examine(study: StudyConfig, plan: Plan, entry: str, service_uid: int) -> None:
+    """Walk processing/<id> into `plan` and check the entry; raise EntryFailed with every problem.
+
+    The plan keeps its totals when the entry fails: the failure receipt counts them.
+    """
     _authorize(study, plan.uploader_uid, service_uid)
     bad = Findings()
     proc_fd = os.open(study.processing, DIR_FLAGS)
@@ -105,7 +87,7 @@ def plan_entry(study: StudyConfig, plan: Plan, entry: str, service_uid: int) -> 
                               bool(st.st_mode & stat.S_IXUSR))
                 _check_file(proc_fd, plan.claim_id, entry, st, plan.uploader_uid, bad)
         else:
-            bad.add(_kind(st.st_mode), entry)
+            bad.add(kind_of(st.st_mode), entry)
     finally:
         plan.close_writing()
         os.close(proc_fd)
@@ -113,7 +95,6 @@ def plan_entry(study: StudyConfig, plan: Plan, entry: str, service_uid: int) -> 
         raise EntryFailed("; ".join(f"{kind} not delivered: {bad.text(kind)}"
                                     for kind in sorted(bad.kinds))
                           + ". The entry was not delivered at all.")
-    check_destination(study, plan)
 
 
 def _authorize(study: StudyConfig, uid: int, service_uid: int) -> None:
@@ -149,7 +130,8 @@ def _ignore_matcher(patterns: tuple[str, ...]) -> Callable[[str], object]:
     return re.compile("|".join(fnmatch.translate(p) for p in patterns)).match
 
 
-def _kind(mode: int) -> str:
+def kind_of(mode: int) -> str:
+    """What a non-regular, non-directory inode is, in the plural, for a reason."""
     if stat.S_ISLNK(mode):
         return "symlinks"
     if stat.S_ISFIFO(mode):
@@ -225,7 +207,7 @@ def _scan(study: StudyConfig, fd: int, rel: str, st: os.stat_result, plan: Plan,
                           bool(est.st_mode & stat.S_IXUSR))
             _check_file(fd, name, path, est, plan.uploader_uid, bad)
         else:
-            bad.add(_kind(est.st_mode), path)
+            bad.add(kind_of(est.st_mode), path)
     return subdirs
 
 
@@ -321,177 +303,3 @@ def _merge(plan: Plan, bad: Findings, subtrees: list[_Subtree]) -> None:
     finally:
         for fd in fds.values():
             os.close(fd)
-
-
-# --- the destination side ---------------------------------------------------
-
-def open_destination(study: StudyConfig) -> int:
-    """An fd on the destination; a missing one is a temporary problem (not mounted?)."""
-    try:
-        return os.open(study.destination, DIR_FLAGS)
-    except OSError as e:
-        raise TemporaryError(f"destination {study.destination} is not available "
-                             f"({e.strerror}); is it mounted?") from None
-
-
-def hash_fd(fd: int, size_hint: int = CHUNK) -> bytes:
-    """sha256 of everything readable from fd."""
-    h = hashlib.sha256()
-    buf = bytearray(min(size_hint + 4096, CHUNK))
-    view = memoryview(buf)
-    while n := os.readv(fd, [buf]):
-        h.update(view[:n])
-        if n < len(buf):
-            break  # a short read of a regular file is its end: no read() just for EOF
-    return h.digest()
-
-
-def hash_at(dir_fd: int, name: str, size_hint: int = CHUNK) -> bytes:
-    fd = os.open(name, FILE_FLAGS, dir_fd=dir_fd)
-    try:
-        return hash_fd(fd, size_hint)
-    finally:
-        os.close(fd)
-
-
-class DirCache:
-    """Opens directories below a root by walking with O_NOFOLLOW; keeps the last one open.
-
-    Passes stream the plan parents first, so a cache of one avoids re-opening
-    while never risking the fd limit.
-    """
-
-    def __init__(self, root_fd: int, top: str | None = None) -> None:
-        self.root_fd = root_fd
-        self.top = top  # a first component below root (the claim id), if any
-        self.rel: str | None = None
-        self.fd = -1
-
-    def dir_fd(self, rel: str) -> int:
-        if self.rel == rel:
-            return self.fd
-        self.close()
-        fd = os.dup(self.root_fd)
-        try:
-            parts = ([self.top] if self.top else []) + (rel.split("/") if rel else [])
-            for part in parts:
-                nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
-                os.close(fd)
-                fd = nfd
-        except BaseException:
-            os.close(fd)
-            raise
-        self.rel, self.fd = rel, fd
-        return fd
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-        self.rel, self.fd = None, -1
-
-    def __enter__(self) -> DirCache:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class Source(DirCache):
-    """The entry's directories (a plain-file entry's one file sits in processing/)."""
-
-    def __init__(self, study: StudyConfig, plan: Plan) -> None:
-        self.proc_fd = os.open(study.processing, DIR_FLAGS)
-        super().__init__(self.proc_fd, None if plan.plain_file else plan.claim_id)
-
-    def __enter__(self) -> Source:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-        if self.proc_fd >= 0:
-            os.close(self.proc_fd)
-            self.proc_fd = -1
-
-
-def check_destination(study: StudyConfig, plan: Plan) -> None:
-    """Mark files already delivered; fail on conflicts; retry later if space is short."""
-    dest_fd = open_destination(study)
-    conflicts = Findings()
-    need = 0
-    new_inodes = 0
-    try:
-        with plan.state() as state, Source(study, plan) as src, DirCache(dest_fd) as dest:
-            d: DirPlan | None = None
-            dfd = -1  # the destination directory of d; -1: it does not exist yet
-            for r in plan.records():
-                if isinstance(r, FilePlan):
-                    if d is None:
-                        continue
-                    if dfd < 0:  # a new directory: every file in it is new
-                        need += r.size
-                        new_inodes += 1
-                        continue
-                    conflict = _compare(plan, src, state, d, r, dfd)
-                    if conflict is not None:
-                        conflicts.add("c", join(d.rel, r.name) + conflict)
-                    elif not state.flags(r.index) & PRESENT:
-                        need += r.size
-                        new_inodes += 1
-                elif isinstance(r, DirPlan):
-                    d = r
-                    try:
-                        dfd = dest.dir_fd(r.rel)
-                        state.set(r.index, EXISTS)
-                    except FileNotFoundError:
-                        dfd = -1
-                        new_inodes += 1
-                    except OSError as e:
-                        if e.errno not in (errno.ELOOP, errno.ENOTDIR):
-                            raise
-                        conflicts.add("c", r.rel + "/ (not a directory in the destination)")
-                        d = None  # its files are covered by that conflict
-        if conflicts:
-            raise EntryFailed(f"conflicts with files already in {study.destination} "
-                              f"(different content, never overwritten): {conflicts.text('c')}."
-                              " Nothing of this entry was delivered.")
-        _check_space(study, dest_fd, need, new_inodes)
-    finally:
-        os.close(dest_fd)
-
-
-def _compare(plan: Plan, src: Source, state: State, d: DirPlan, f: FilePlan,
-             dfd: int) -> str | None:
-    """None if the name is free or holds the same content; else why it conflicts."""
-    try:
-        st = os.stat(f.name, dir_fd=dfd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-    if stat.S_ISDIR(st.st_mode):
-        return " (a directory in the destination)"
-    if not stat.S_ISREG(st.st_mode):
-        return f" (one of the {_kind(st.st_mode)} in the destination)"
-    if st.st_size != f.size:
-        return ""
-    try:
-        existing = hash_at(dfd, f.name, f.size)
-    except OSError as e:
-        return f" (cannot read the destination copy: {e.strerror})"
-    digest = hash_at(src.dir_fd(d.rel), f.src_name(plan), f.size)
-    if existing != digest:
-        return ""
-    state.set(f.index, PRESENT, digest)
-    return None
-
-
-def _check_space(study: StudyConfig, dest_fd: int, need: int, inodes: int) -> None:
-    st = os.fstatvfs(dest_fd)
-    block = st.f_frsize or 4096
-    # Round each file up to whole blocks; add a block per new inode for metadata.
-    wanted = need + inodes * 2 * block
-    free = st.f_bavail * st.f_frsize
-    if wanted > free:
-        raise TemporaryError(f"not enough space in {study.destination}: the entry needs "
-                             f"{wanted} bytes, {free} are free")
-    if st.f_files and inodes > st.f_favail:
-        raise TemporaryError(f"not enough free inodes in {study.destination}: the entry "
-                             f"needs {inodes}, {st.f_favail} are free")

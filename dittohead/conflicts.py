@@ -1,0 +1,118 @@
+"""Compare a planned entry with the destination: what is there already, what conflicts, room.
+
+A destination file with the same content counts as delivered (re-uploads and
+resumed crashes are idempotent); one with other content is a conflict and the
+whole entry fails; an entry that does not fit now waits for a later run.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from .config import StudyConfig
+from .errors import EntryFailed, TemporaryError
+from .examine import Findings, kind_of
+from .fsops import DIR_FLAGS, DirCache, Source, hash_at, join
+from .plan import EXISTS, PRESENT, DirPlan, FilePlan, Plan, State
+
+
+def open_destination(study: StudyConfig) -> int:
+    """An fd on the destination; a missing one is a temporary problem (not mounted?)."""
+    try:
+        return os.open(study.destination, DIR_FLAGS)
+    except OSError as e:
+        raise TemporaryError(f"destination {study.destination} is not available "
+                             f"({e.strerror}); is it mounted?") from None
+
+
+def check_destination(study: StudyConfig, plan: Plan, dest_fd: int) -> None:
+    """Mark files already delivered; fail on conflicts; retry later if space is short."""
+    conflicts = Findings()
+    block = os.fstatvfs(dest_fd).f_frsize or 4096
+    need = 0  # bytes, each new file rounded up to whole blocks
+    new_inodes = 0
+    with plan.state() as state, plan.source() as src, DirCache(dest_fd) as dest:
+        d: DirPlan | None = None
+        dfd = -1  # the destination directory of d; -1: it does not exist yet
+        for r in plan.records():
+            if isinstance(r, FilePlan):
+                if d is None:
+                    continue
+                if dfd >= 0:  # in a new directory every file is new: nothing to compare
+                    conflict = _compare(plan, src, state, d, r, dfd)
+                    if conflict is not None:
+                        conflicts.add("c", join(d.rel, r.name) + conflict)
+                        continue
+                    if state.flags(r.index) & PRESENT:
+                        continue
+                need += -(-r.size // block) * block
+                new_inodes += 1
+            elif isinstance(r, DirPlan):
+                d = r
+                dfd = _dest_dir(dest, state, r, conflicts)
+                if dfd == _NOT_A_DIR:
+                    d = None  # its files are covered by that conflict
+                elif dfd < 0:
+                    new_inodes += 1
+    if conflicts:
+        raise EntryFailed(f"conflicts with files already in {study.destination} "
+                          f"(different content, never overwritten): {conflicts.text('c')}."
+                          " Nothing of this entry was delivered.")
+    _check_space(study, dest_fd, need + new_inodes * block, new_inodes)
+
+
+_NOT_A_DIR = -2
+
+
+def _dest_dir(dest: DirCache, state: State, d: DirPlan, conflicts: Findings) -> int:
+    """d's directory in the destination (marked EXISTS), -1 if missing, _NOT_A_DIR if taken."""
+    try:
+        fd = dest.dir_fd(d.rel)
+    except FileNotFoundError:
+        return -1
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        conflicts.add("c", d.rel + "/ (not a directory in the destination)")
+        return _NOT_A_DIR
+    state.set(d.index, EXISTS)
+    return fd
+
+
+def _compare(plan: Plan, src: Source, state: State, d: DirPlan, f: FilePlan,
+             dfd: int) -> str | None:
+    """None if the name is free or holds the same content; else why it conflicts."""
+    try:
+        st = os.stat(f.name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        return " (a directory in the destination)"
+    if not stat.S_ISREG(st.st_mode):
+        return f" (one of the {kind_of(st.st_mode)} in the destination)"
+    if st.st_size != f.size:
+        return ""
+    try:
+        existing = hash_at(dfd, f.name, f.size)
+    except OSError as e:
+        return f" (cannot read the destination copy: {e.strerror})"
+    digest = hash_at(src.dir_fd(d.rel), f.src_name(plan), f.size)
+    if existing != digest:
+        return ""
+    state.set(f.index, PRESENT, digest)
+    return None
+
+
+def _check_space(study: StudyConfig, dest_fd: int, wanted: int, inodes: int) -> None:
+    # `wanted` counts each file's data in whole blocks and a block per new
+    # inode for its metadata: a little more than it will take, never less.
+    st = os.fstatvfs(dest_fd)
+    free = st.f_bavail * st.f_frsize
+    if wanted > free:
+        raise TemporaryError(f"not enough space in {study.destination}: the entry needs "
+                             f"{wanted} bytes, {free} are free")
+    if st.f_files and inodes > st.f_favail:
+        raise TemporaryError(f"not enough free inodes in {study.destination}: the entry "
+                             f"needs {inodes}, {st.f_favail} are free")

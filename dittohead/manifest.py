@@ -1,0 +1,57 @@
+"""The manifest, `<id>.sha256`: every file of an entry with its digest, in `sha256sum` format.
+
+Paths are relative to the destination, so `cd <destination> && sha256sum -c
+done/<id>.sha256` verifies a delivery. Copying workers write their shares'
+lines (stage.py joins them in plan order); filing moves it into done/.
+"""
+
+from __future__ import annotations
+
+import os
+from binascii import hexlify
+from pathlib import Path
+
+
+def manifest_line(path: bytes, digest: bytes) -> bytes:
+    """One line in `sha256sum` format, escaping names the way coreutils does."""
+    if b"\\" in path or b"\n" in path or b"\r" in path:
+        path = path.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b"\r", b"\\r")
+        return b"\\%s  %s\n" % (hexlify(digest), path)
+    return b"%s  %s\n" % (hexlify(digest), path)
+
+
+class Manifest:
+    """Streams manifest lines (files delivered now or before) to a file."""
+
+    def __init__(self, path: Path) -> None:
+        self.out = open(path, "wb")  # noqa: SIM115 - closed by close()
+        # One line per file, in plan order: the directory's part is encoded
+        # once per directory.
+        self.rel: str | None = None
+        self.prefix = b""
+
+    def add(self, rel: str, name: str, digest: bytes) -> None:
+        if rel != self.rel:
+            self.rel = rel
+            self.prefix = os.fsencode(rel) + b"/" if rel else b""
+        self.out.write(manifest_line(self.prefix + os.fsencode(name), digest))
+
+    def close(self) -> None:
+        self.out.close()
+
+    def __enter__(self) -> Manifest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def install(spooled: Path, path: Path) -> None:
+    """Put the manifest an attempt spooled at `path` durably (same filesystem: a rename)."""
+    fd = os.open(spooled, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fchmod(fd, 0o640)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(spooled, path)

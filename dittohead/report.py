@@ -1,0 +1,111 @@
+"""Tell of an entry's attempt: its journal event and mail, and the destination's fill.
+
+Reporting never fails an entry: it runs once the entry is filed (or kept),
+and a problem here (a mail that cannot be queued, a destination that cannot
+be measured) is logged as a warning and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import syslog
+
+from . import log, notify
+from .claim import Claim
+from .config import Config, StudyConfig
+from .errors import Outcome
+from .fsops import used_percent, write_atomic
+from .record import Receipt, receipt_dir
+
+SKIPPED_LISTED = 20  # ignored names a mail lists before "and N more"
+
+
+def fields(study: StudyConfig, c: Claim, uploader: str) -> dict[str, str]:
+    """The journal fields every event about one delivery carries."""
+    return {"study": study.name, "entry": c.entry, "delivery": c.id,
+            "destination": str(study.destination), "uploader": uploader}
+
+
+def kept(study: StudyConfig, c: Claim, uploader: str, why: str) -> None:
+    """The entry stays claimed in processing/ for a later run (retry-later)."""
+    log.event(Outcome.RETRY_LATER, f"{study.name}: {log.printable(c.entry)} kept for a later "
+              f"run: {why}", reason=why, **fields(study, c, uploader))
+
+
+def unexpected(study: StudyConfig, c: Claim, uploader: str, error: Exception) -> None:
+    """An unexpected error (a bug, EIO) stopped the entry; the next run takes it up again."""
+    why = (f"unexpected error, the entry stays claimed and the next run takes it up "
+           f"again: {error!r}")
+    log.event(Outcome.RETRY_LATER, f"{study.name}: {log.printable(c.entry)}: {why}",
+              reason=why, **fields(study, c, uploader))
+
+
+def filed(config: Config, study: StudyConfig, r: Receipt, c: Claim) -> None:
+    """The journal event and mail of a filed entry; after a delivery, the disk check."""
+    name = log.printable(r.entry)
+    if r.outcome is Outcome.DELIVERED:
+        msg = (f"{study.name}: delivered {name} from {r.uploader}: {r.files} files, "
+               f"{r.nbytes} bytes into {study.destination}")
+    else:
+        msg = f"{study.name}: {r.outcome} {name} from {r.uploader}: {r.reason}"
+    log.event(r.outcome, msg, files=r.files, bytes=r.nbytes, reason=r.reason,
+              **fields(study, c, r.uploader))
+    subject, body = mail_text(study, r)
+    notify.send(config, study, r.outcome, subject, body, r.uploader)
+    if r.outcome is Outcome.DELIVERED:
+        try:
+            check_disk(config, study)
+        except OSError as e:
+            log.send(f"{study.name}: could not measure the fill of {study.destination}: {e}",
+                     priority=syslog.LOG_WARNING, DITTOHEAD_STUDY=study.name,
+                     DITTOHEAD_REASON=str(e))
+
+
+def mail_text(study: StudyConfig, r: Receipt) -> tuple[str, str]:
+    """The subject and body of the mail about a filed entry."""
+    name = log.printable(r.entry)
+    where = receipt_dir(study, r.outcome)
+    lines = [f"Study:       {study.name}", f"Entry:       {name}",
+             f"Uploaded by: {r.uploader}", f"Delivery:    {r.id}",
+             f"Outcome:     {r.outcome}"]
+    if r.outcome is Outcome.DELIVERED:
+        subject = f"delivered {name} ({r.files} files)"
+        lines += [f"Files:       {r.files} ({r.nbytes} bytes)",
+                  f"Into:        {study.destination}",
+                  f"Manifest:    {where / (r.id + '.sha256')}"]
+        if r.skipped:
+            more = len(r.skipped) - SKIPPED_LISTED
+            lines.append("Not delivered (ignored names): "
+                         + ", ".join(log.printable(s) for s in r.skipped[:SKIPPED_LISTED])
+                         + (f" and {more} more" if more > 0 else ""))
+    else:
+        subject = f"{r.outcome}: {name} was NOT delivered"
+        lines += ["", f"Why: {r.reason}", "",
+                  f"The upload is kept, untouched, in {where / r.id}.",
+                  "Once the cause is fixed, an admin can put it back in line with:",
+                  f"  dittohead retry {study.name} {r.id}"]
+    return subject, "\n".join(lines) + "\n"
+
+
+def check_disk(config: Config, study: StudyConfig) -> None:
+    """Warn once each time the destination's usage crosses a threshold upward."""
+    if not study.disk_warn_percent:
+        return
+    percent = used_percent(os.statvfs(study.destination))
+    state = study.processing / ".disk-usage.json"
+    try:
+        before = float(json.loads(state.read_text())["percent"])
+    except (OSError, ValueError, KeyError, TypeError):
+        before = 0.0
+    crossed = [t for t in study.disk_warn_percent if before < t <= percent]
+    if crossed:
+        text = (f"{study.destination} is {percent:.0f}% full (crossed {crossed[-1]}%)")
+        log.event("disk-warning", f"{study.name}: {text}", study=study.name,
+                  destination=str(study.destination), reason=f"{percent:.1f}% used")
+        notify.send(config, study, "disk", text,
+                    f"The storage of study {study.name}, {study.destination}, is "
+                    f"{percent:.1f}% full.\nDeliveries stop (and wait) when it is full; "
+                    "please make room or grow it.\n")
+    if abs(percent - before) >= 0.05 or crossed:
+        write_atomic(state, json.dumps({"percent": round(percent, 2)}).encode())
