@@ -12,6 +12,10 @@ NORMAL_DIR (/run/systemd/generator), for every study:
     dittohead@STUDY.service.d/50-paths.conf  ReadWritePaths= and
                                              RequiresMountsFor= its dropbox
                                              directory and destination
+    dittohead-mail@STUDY.service.d/50-mail.conf
+                                             only for a study that sends mail:
+                                             its mail queue writable, network
+                                             to notify.smtp.host only
 
 so the templates in units/ need no hand edits. A config that does not
 validate, or cannot be read, must not break boot: the generator then logs
