@@ -83,3 +83,13 @@ def test_receipts_and_claim_records_carry_their_format(env: Env) -> None:
     assert json.loads(record.read_text())["format"] == 1
     assert env.process().returncode == 0
     assert json.loads(env.done_receipts()[0].read_text())["format"] == 1
+
+
+def test_the_python_floor_is_declared_once_and_tested() -> None:
+    import tomllib
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    floor = project["project"]["requires-python"]
+    assert floor == ">=3.11"
+    assert project["tool"]["mypy"]["python_version"] == "3.11"
+    assert project["tool"]["ruff"]["target-version"] == "py311"
+    assert sys.version_info >= (3, 11)
