@@ -3,7 +3,7 @@
 Walking and copying many small files is bound by per-file work: system
 calls and the interpreter around them, 50-60 us a file here. Threads would
 serialise on the GIL; forked processes do not. The walk gives each worker
-every n-th top-level directory (check.py joins their parts of the plan in
+every n-th top-level directory (examine.py joins their parts of the plan in
 walk order). The copy gives each worker a contiguous run of the files of
 about equal cost (stage.py), with its own buffers and hashing thread; the
 workers write digests into the plan's shared, mmapped state file

@@ -122,7 +122,7 @@ class Plan:
         return self._records
 
     def part_path(self, worker: int) -> Path:
-        """The part file a walking worker writes (check.py puts the parts together)."""
+        """The part file a walking worker writes (examine.py puts the parts together)."""
         return self.path.with_suffix(f".{worker}.plan")
 
     def manifest_part(self, worker: int) -> Path:
