@@ -17,7 +17,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import StudyConfig
@@ -36,6 +36,10 @@ class Claim:
     id: str
     entry: str  # the name as dropped (may hold any bytes but '/' and NUL)
     started: str  # ISO 8601 UTC
+    # Who dropped it: the owner of the entry when it was claimed (a lockdown
+    # gives the entry to the service, so ownership later says nothing). -1 in
+    # a record written before the field existed: the entry's owner then.
+    uploader_uid: int = -1
 
 
 class StudyLock:
@@ -96,7 +100,11 @@ def ready_entries(study: StudyConfig) -> list[str]:
 
 def claim(study: StudyConfig, entry: str) -> Claim | None:
     """Move one ready entry to processing/<id>; None if it vanished meanwhile."""
-    c = Claim(id=new_id(study, entry), entry=entry, started=now_iso())
+    try:
+        uid = os.lstat(study.inbox / entry).st_uid
+    except FileNotFoundError:
+        return None
+    c = Claim(id=new_id(study, entry), entry=entry, started=now_iso(), uploader_uid=uid)
     record = study.processing / f"{c.id}.json"
     _write_record(record, c)
     try:
@@ -107,6 +115,12 @@ def claim(study: StudyConfig, entry: str) -> Claim | None:
     except OSError:
         record.unlink()
         raise
+    moved = os.lstat(study.processing / c.id).st_uid
+    if moved != uid:
+        # Its uploader removed it and another user dropped the same name in
+        # between: the record must name whoever owns what was claimed.
+        c = replace(c, uploader_uid=moved)
+        _write_record(record, c)
     return c
 
 
@@ -121,7 +135,7 @@ def pending_claims(study: StudyConfig) -> Iterator[Claim]:
         try:
             data = json.loads(record.read_text(encoding="utf-8"))
             c = Claim(id=data["id"], entry=os.fsdecode(bytes.fromhex(data["entry_hex"])),
-                      started=data["started"])
+                      started=data["started"], uploader_uid=int(data.get("uploader_uid", -1)))
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not a claim record of ours; `check` reports strays
         yield c
@@ -155,5 +169,6 @@ def release(study: StudyConfig, c: Claim) -> None:
 def _write_record(path: Path, c: Claim) -> None:
     data = {"format": CLAIM_FORMAT, "id": c.id,
             "entry": os.fsencode(c.entry).decode("utf-8", "backslashreplace"),
-            "entry_hex": os.fsencode(c.entry).hex(), "started": c.started}
+            "entry_hex": os.fsencode(c.entry).hex(), "started": c.started,
+            "uploader_uid": c.uploader_uid}
     write_atomic(path, json.dumps(data).encode() + b"\n")

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import parallel
+from .claim import Claim
 from .config import StudyConfig
 from .errors import EntryFailed, EntryRejected
 from .fsops import CHUNK, DIR_FLAGS, join, user_name
@@ -57,11 +58,18 @@ class Findings:
             self.kinds[kind] = (mine + count, (kept + names)[:LIST_MAX])
 
 
-def new_plan(study: StudyConfig, claim_id: str) -> Plan:
-    """An empty plan for processing/<id>, owned by the entry's uploader."""
-    uid = os.lstat(study.processing / claim_id).st_uid
-    return Plan(claim_id=claim_id, uploader_uid=uid, uploader=user_name(uid),
-                path=spool_files(study.processing, claim_id)[0])
+def new_plan(study: StudyConfig, c: Claim) -> Plan:
+    """An empty plan for the claimed entry processing/<id>, of the uploader the claim names."""
+    uid = uploader_uid(study, c)
+    return Plan(claim_id=c.id, uploader_uid=uid, uploader=user_name(uid),
+                path=spool_files(study.processing, c.id)[0])
+
+
+def uploader_uid(study: StudyConfig, c: Claim) -> int:
+    """Who dropped the entry: from the claim record, else (an older record) its owner."""
+    if c.uploader_uid >= 0:
+        return c.uploader_uid
+    return os.lstat(study.processing / c.id).st_uid
 
 
 def examine(study: StudyConfig, plan: Plan, entry: str, service_uid: int) -> None:

@@ -36,7 +36,7 @@ from .errors import (
     Outcome,
     TemporaryError,
 )
-from .examine import examine, new_plan
+from .examine import examine, new_plan, uploader_uid
 from .faults import point
 from .fsops import is_enospc, user_name
 from .ownership import Ownership
@@ -165,7 +165,7 @@ def deliver(study: StudyConfig, c: Claim, owner: Ownership) -> Attempt:
             remove_staging(dest_fd, c.id)
             owner = owner.for_destination(dest_fd)
             point("claimed")
-            plan = new_plan(study, c.id)
+            plan = new_plan(study, c)
             examine(study, plan, c.entry, owner.uid)
             check_destination(study, plan, dest_fd)
             point("checked")
@@ -204,7 +204,7 @@ def _report_filed(config: Config, study: StudyConfig, c: Claim) -> None:
 
 def _uploader(study: StudyConfig, c: Claim) -> str:
     try:
-        return user_name(os.lstat(study.processing / c.id).st_uid)
+        return user_name(uploader_uid(study, c))
     except FileNotFoundError:
         return "unknown"
 

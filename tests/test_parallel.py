@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from dittohead import examine, parallel
+from dittohead.claim import Claim
 from dittohead.errors import EntryFailed, Outcome, TemporaryError
 from dittohead.plan import DirPlan, FilePlan, Plan
 
@@ -80,7 +81,7 @@ def _records(plan: Plan) -> list[tuple[object, ...]]:
 def _walk(env: Env, claim_id: str, walkers: int, monkeypatch: pytest.MonkeyPatch
           ) -> tuple[list[tuple[object, ...]], tuple[object, ...], str | None]:
     monkeypatch.setattr(parallel, "walkers_for", lambda subdirs: walkers if subdirs > 1 else 1)
-    plan = examine.new_plan(env.study, claim_id)
+    plan = examine.new_plan(env.study, Claim(claim_id, "e", "2026-01-01T00:00:00Z"))
     try:
         examine.examine(env.study, plan, "e", pwd.getpwnam(env.cfg.service_user).pw_uid)
         error = None

@@ -35,7 +35,7 @@ def _claimed(env: Env, files: dict[str, bytes]) -> claimmod.Claim:
 
 def _examined(env: Env, files: dict[str, bytes]) -> tuple[claimmod.Claim, Plan]:
     c = _claimed(env, files)
-    plan = new_plan(env.study, c.id)
+    plan = new_plan(env.study, c)
     examine(env.study, plan, c.entry, os.geteuid())
     return c, plan
 
@@ -54,7 +54,8 @@ def _dest_fd(env: Env) -> int:
 def test_claim_records_the_entry_then_moves_it_out_of_the_inbox(env: Env) -> None:
     c = _claimed(env, {"a": b"1"})
     record = json.loads((env.study.processing / f"{c.id}.json").read_text())
-    assert (record["entry"], record["entry_hex"], record["format"]) == ("e", b"e".hex(), 1)
+    assert (record["entry"], record["entry_hex"], record["format"], record["uploader_uid"]) \
+        == ("e", b"e".hex(), 1, os.geteuid())
     assert (env.study.processing / c.id / "a").read_bytes() == b"1"
     assert os.listdir(env.study.inbox) == []
     assert list(claimmod.pending_claims(env.study)) == [c]
@@ -88,7 +89,7 @@ def test_examine_reports_every_problem_at_once_and_keeps_the_totals(env: Env) ->
     top = env.study.processing / c.id
     os.symlink("/etc/passwd", top / "link")
     os.mkfifo(top / "pipe")
-    plan = new_plan(env.study, c.id)
+    plan = new_plan(env.study, c)
     with pytest.raises(EntryFailed) as e:
         examine(env.study, plan, c.entry, os.geteuid())
     assert "symlinks not delivered: link" in e.value.reason
