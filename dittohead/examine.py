@@ -24,7 +24,9 @@ from .claim import Claim
 from .config import StudyConfig
 from .errors import EntryFailed, EntryRejected
 from .fsops import CHUNK, DIR_FLAGS, join, user_name
+from .lockdown import Lockdown
 from .log import printable
+from .ownership import Ownership
 from .plan import Plan, spool_files
 
 # How many names a failure reason lists before it says "and N more".
@@ -72,33 +74,32 @@ def uploader_uid(study: StudyConfig, c: Claim) -> int:
     return os.lstat(study.processing / c.id).st_uid
 
 
-def examine(study: StudyConfig, plan: Plan, entry: str, service_uid: int) -> None:
-    """Walk processing/<id> into `plan` and check the entry; raise EntryFailed with every problem.
-
-    The plan keeps its totals when the entry fails: the failure receipt counts them.
+def examine(study: StudyConfig, plan: Plan, entry: str, owner: Ownership) -> None:
+    """Take the entry over from its uploader and walk it into `plan`; raise EntryFailed
+    with every problem. The plan keeps its totals when the entry fails (for the receipt).
     """
-    _authorize(study, plan.uploader_uid, service_uid)
-    bad = Findings()
+    _authorize(study, plan.uploader_uid, owner.uid)
+    walker = _Walker(_ignore_matcher(study.ignore),
+                     Lockdown(plan.uploader_uid, owner.uid, owner.service_gid), plan, Findings())
     proc_fd = os.open(study.processing, DIR_FLAGS)
     plan.open_for_writing()
     try:
         st = os.stat(plan.claim_id, dir_fd=proc_fd, follow_symlinks=False)
         if stat.S_ISDIR(st.st_mode):
-            _walk_top(study, proc_fd, st, plan, bad)
+            _walk_top(walker, proc_fd)
         elif stat.S_ISREG(st.st_mode):
             plan.plain_file = True
             plan.add_dir("", 0, 0)
-            if _ignored(study, entry):
+            skip = walker.ignored(entry) is not None
+            if skip:
                 plan.add_skipped(entry)
-            else:
-                plan.add_file(entry, st.st_size, st.st_atime_ns, st.st_mtime_ns,
-                              bool(st.st_mode & stat.S_IXUSR))
-                _check_file(proc_fd, plan.claim_id, entry, st, plan.uploader_uid, bad)
+            walker.file(proc_fd, plan.claim_id, entry, st, skip)
         else:
-            bad.add(kind_of(st.st_mode), entry)
+            walker.bad.add(kind_of(st.st_mode), entry)
     finally:
         plan.close_writing()
         os.close(proc_fd)
+    bad = walker.bad
     if bad:
         raise EntryFailed("; ".join(f"{kind} not delivered: {bad.text(kind)}"
                                     for kind in sorted(bad.kinds))
@@ -126,10 +127,6 @@ def _authorize(study: StudyConfig, uid: int, service_uid: int) -> None:
                         f"{study.name} ({', '.join(study.uploaders)})")
 
 
-def _ignored(study: StudyConfig, name: str) -> bool:
-    return _ignore_matcher(study.ignore)(name) is not None
-
-
 @functools.cache
 def _ignore_matcher(patterns: tuple[str, ...]) -> Callable[[str], object]:
     """All patterns as one compiled regex (fnmatchcase's own translation): runs per name."""
@@ -151,72 +148,113 @@ def kind_of(mode: int) -> str:
     return "files of unknown type"
 
 
-def _check_file(dir_fd: int, src_name: str, rel: str, st: os.stat_result, uid: int,
-                bad: Findings) -> None:
-    if uid != 0 and st.st_uid != uid:
-        # The service can read any file; without this rule an uploader could
-        # deliver another user's file that they could not read themselves.
-        bad.add("files owned by another user than the uploader", rel)
-        return
-    # faccessat(AT_EACCESS) honours the service's capabilities like open()
-    # would, at a fraction of the cost.
-    if not os.access(src_name, os.R_OK, dir_fd=dir_fd, effective_ids=True,
-                     follow_symlinks=False):
-        bad.add("unreadable files", rel)
+_NOT_THEIRS = "files owned by another user than the uploader"
+_LINKED = ("files with other names (hard links, as cp -al or rsync --link-dest make: "
+           "they could change through a name outside the entry; upload a copy)")
 
 
-def _walk(study: StudyConfig, parent_fd: int, src_name: str, rel: str, st: os.stat_result,
-          plan: Plan, bad: Findings) -> None:
-    fd = _open_dir(parent_fd, src_name, rel, st, plan, bad)
-    if fd is None:
-        return
-    try:
-        for name in _scan(study, fd, rel, st, plan, bad):
-            est = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            _walk(study, fd, name, join(rel, name), est, plan, bad)
-    finally:
-        os.close(fd)
+class _Walker:
+    """Walks an entry (or a worker's share of it) into a plan, taking it over on the way.
 
+    Each directory is taken over before its listing is read, each file before
+    it is planned (lockdown.py); a name in a directory taken over cannot
+    change, so stat and chown by name are safe there.
+    """
 
-def _open_dir(parent_fd: int, src_name: str, rel: str, st: os.stat_result, plan: Plan,
-              bad: Findings) -> int | None:
-    if plan.uploader_uid != 0 and st.st_uid != plan.uploader_uid:
-        bad.add("files owned by another user than the uploader", rel + "/")
-        return None
-    try:
-        return os.open(src_name, DIR_FLAGS, dir_fd=parent_fd)
-    except OSError as e:
-        bad.add(f"unreadable directories ({e.strerror})", rel + "/")
-        return None
+    def __init__(self, ignored: Callable[[str], object], lockdown: Lockdown, plan: Plan,
+                 bad: Findings) -> None:
+        self.ignored = ignored
+        self.lockdown = lockdown
+        self.plan = plan
+        self.bad = bad
 
-
-def _scan(study: StudyConfig, fd: int, rel: str, st: os.stat_result, plan: Plan,
-          bad: Findings) -> list[str]:
-    """Add a directory and its files to the plan; return its subdirectories' names."""
-    plan.add_dir(rel, st.st_atime_ns, st.st_mtime_ns)
-    subdirs = []
-    ignored = _ignore_matcher(study.ignore)
-    with os.scandir(fd) as it:
-        names = sorted(de.name for de in it)
-    for name in names:
-        path = join(rel, name)
-        if ignored(name) is not None:
-            plan.add_skipped(path)
-            continue
+    def walk(self, parent_fd: int, name: str, rel: str) -> None:
+        """The directory parent/name and everything below it."""
+        opened = self.open_dir(parent_fd, name, rel)
+        if opened is None:
+            return
+        fd, st = opened
         try:
-            est = os.stat(name, dir_fd=fd, follow_symlinks=False)
-        except FileNotFoundError:
-            bad.add("files that vanished during the check", path)
-            continue
-        if stat.S_ISDIR(est.st_mode):
-            subdirs.append(name)
-        elif stat.S_ISREG(est.st_mode):
-            plan.add_file(name, est.st_size, est.st_atime_ns, est.st_mtime_ns,
-                          bool(est.st_mode & stat.S_IXUSR))
-            _check_file(fd, name, path, est, plan.uploader_uid, bad)
-        else:
-            bad.add(kind_of(est.st_mode), path)
-    return subdirs
+            for sub in self.scan(fd, rel, st):
+                self.walk(fd, sub, join(rel, sub))
+        finally:
+            os.close(fd)
+
+    def open_dir(self, parent_fd: int, name: str, rel: str) -> tuple[int, os.stat_result] | None:
+        """Open a directory and take it over; None (and a finding) if it is not the uploader's."""
+        try:
+            fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
+        except OSError as e:
+            self.bad.add(f"unreadable directories ({e.strerror})", rel + "/")
+            return None
+        try:
+            st = os.fstat(fd)
+            if not self.lockdown.owned(st):
+                self.bad.add(_NOT_THEIRS, rel + "/")
+                os.close(fd)
+                return None
+            self.lockdown.take_dir(fd, st)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, st
+
+    def scan(self, fd: int, rel: str, st: os.stat_result) -> list[str]:
+        """Plan a directory taken over and its files; return its subdirectories' names."""
+        self.plan.add_dir(rel, st.st_atime_ns, st.st_mtime_ns)
+        subdirs = []
+        with os.scandir(fd) as it:
+            names = sorted(de.name for de in it)
+        for name in names:
+            path = join(rel, name)
+            skip = self.ignored(name) is not None
+            if skip:
+                self.plan.add_skipped(path)
+            try:
+                est = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                self.bad.add("files that vanished during the check", path)
+                continue
+            if stat.S_ISDIR(est.st_mode):
+                if skip:
+                    self.take_ignored_dir(fd, name)
+                else:
+                    subdirs.append(name)
+            elif stat.S_ISREG(est.st_mode):
+                self.file(fd, name, path, est, skip)
+            elif not skip:
+                self.bad.add(kind_of(est.st_mode), path)
+        return subdirs
+
+    def file(self, dir_fd: int, name: str, rel: str, st: os.stat_result, skip: bool) -> None:
+        """Take over and plan one regular file (an ignored one is only taken over)."""
+        if not self.lockdown.owned(st) or st.st_nlink > 1:
+            if not skip:
+                self.bad.add(_NOT_THEIRS if not self.lockdown.owned(st) else _LINKED, rel)
+            return  # never taken: another user's, or another name's
+        self.lockdown.take_file(dir_fd, name, st)
+        if not skip:
+            self.plan.add_file(rel.rpartition("/")[2], st.st_size, st.st_atime_ns,
+                               st.st_mtime_ns, bool(st.st_mode & stat.S_IXUSR))
+
+    def take_ignored_dir(self, parent_fd: int, name: str) -> None:
+        """Take over an ignored directory and its contents: never delivered, but filed."""
+        quiet = _Walker(self.ignored, self.lockdown, self.plan, Findings())
+        opened = quiet.open_dir(parent_fd, name, name)
+        if opened is None:
+            return
+        fd, _ = opened
+        try:
+            with os.scandir(fd) as it:
+                names = [de.name for de in it]
+            for sub in names:
+                est = os.stat(sub, dir_fd=fd, follow_symlinks=False)
+                if stat.S_ISDIR(est.st_mode):
+                    quiet.take_ignored_dir(fd, sub)
+                elif stat.S_ISREG(est.st_mode):
+                    quiet.file(fd, sub, sub, est, skip=True)
+        finally:
+            os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -236,29 +274,29 @@ class _Subtree:
     findings: dict[str, tuple[int, list[str]]]
 
 
-def _walk_top(study: StudyConfig, proc_fd: int, st: os.stat_result, plan: Plan,
-              bad: Findings) -> None:
+def _walk_top(walker: _Walker, proc_fd: int) -> None:
     """Walk the entry; its top-level directories in parallel workers when worth it.
 
     Each worker walks every n-th top-level directory into a part file of its
     own; the parts are then put together in walk order, so the plan reads as
     if one process had walked it.
     """
-    fd = _open_dir(proc_fd, plan.claim_id, "", st, plan, bad)
-    if fd is None:
+    plan = walker.plan
+    opened = walker.open_dir(proc_fd, plan.claim_id, "")
+    if opened is None:
         return
+    fd, st = opened
     try:
-        subdirs = _scan(study, fd, "", st, plan, bad)
+        subdirs = walker.scan(fd, "", st)
         n = parallel.walkers_for(len(subdirs))
         if n == 1:
             for name in subdirs:
-                est = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                _walk(study, fd, name, name, est, plan, bad)
+                walker.walk(fd, name, name)
             return
         try:
-            shares = parallel.run(n, lambda k: _walk_share(study, fd, plan, subdirs, k, n))
-            _merge(plan, bad, sorted((t for share in shares for t in share),
-                                     key=lambda t: t.index))
+            shares = parallel.run(n, lambda k: _walk_share(walker, fd, subdirs, k, n))
+            _merge(plan, walker.bad, sorted((t for share in shares for t in share),
+                                            key=lambda t: t.index))
         finally:
             for k in range(n):
                 plan.part_path(k).unlink(missing_ok=True)
@@ -266,8 +304,9 @@ def _walk_top(study: StudyConfig, proc_fd: int, st: os.stat_result, plan: Plan,
         os.close(fd)
 
 
-def _walk_share(study: StudyConfig, top_fd: int, plan: Plan, subdirs: list[str], k: int,
+def _walk_share(walker: _Walker, top_fd: int, subdirs: list[str], k: int,
                 n: int) -> list[_Subtree]:
+    plan = walker.plan
     part = Plan(claim_id=plan.claim_id, uploader_uid=plan.uploader_uid,
                 uploader=plan.uploader, path=plan.part_path(k))
     out = part.open_for_writing()
@@ -277,8 +316,8 @@ def _walk_share(study: StudyConfig, top_fd: int, plan: Plan, subdirs: list[str],
             start, before = out.tell(), _counts(part)
             part.skipped_sample = []
             found = Findings()
-            est = os.stat(subdirs[i], dir_fd=top_fd, follow_symlinks=False)
-            _walk(study, top_fd, subdirs[i], subdirs[i], est, part, found)
+            _Walker(walker.ignored, walker.lockdown, part, found).walk(
+                top_fd, subdirs[i], subdirs[i])
             records, files, nbytes, dirs, skipped = (
                 now - then for now, then in zip(_counts(part), before, strict=True))
             done.append(_Subtree(i, k, start, out.tell(), records, files, nbytes, dirs,

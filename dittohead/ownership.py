@@ -14,10 +14,13 @@ from .plan import FilePlan
 class Ownership:
     """Owner, group and modes every delivered inode gets."""
 
-    uid: int
-    gid: int
+    uid: int  # the service user
+    gid: int  # the study's group; -1: the destination's (see for_destination)
     file_mode: int
     dir_mode: int
+    # The service user's own group: a claimed entry gets it at lockdown, so
+    # admins in it can read what is in processing/, done/ and failed/.
+    service_gid: int = -1
 
     def apply(self, fd: int, mode: int) -> os.stat_result:
         """Give a new inode its owner, group and mode, changing only what differs.

@@ -166,7 +166,7 @@ def deliver(study: StudyConfig, c: Claim, owner: Ownership) -> Attempt:
             owner = owner.for_destination(dest_fd)
             point("claimed")
             plan = new_plan(study, c)
-            examine(study, plan, c.entry, owner.uid)
+            examine(study, plan, c.entry, owner)
             check_destination(study, plan, dest_fd)
             point("checked")
             with Staging(dest_fd, c.id, study.destination) as staging:
@@ -212,11 +212,12 @@ def _uploader(study: StudyConfig, c: Claim) -> str:
 def _ownership(config: Config, study: StudyConfig) -> Ownership:
     problems = []
     try:
-        uid = pwd.getpwnam(config.service_user).pw_uid
+        svc = pwd.getpwnam(config.service_user)
+        uid, service_gid = svc.pw_uid, svc.pw_gid
     except KeyError:
         problems.append(f"service_user: no such user {config.service_user!r} "
                         "(create it, or run systemd-sysusers)")
-        uid = -1
+        uid = service_gid = -1
     gid = -1
     if study.group is not None:
         try:
@@ -227,4 +228,5 @@ def _ownership(config: Config, study: StudyConfig) -> Ownership:
         raise ConfigError(problems, str(config.path))
     # gid -1: the destination's group, looked up per delivery (it may not be
     # mounted now; entries are claimed all the same and kept for later).
-    return Ownership(uid=uid, gid=gid, file_mode=study.file_mode, dir_mode=study.dir_mode)
+    return Ownership(uid=uid, gid=gid, file_mode=study.file_mode, dir_mode=study.dir_mode,
+                     service_gid=service_gid)

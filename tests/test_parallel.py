@@ -15,6 +15,7 @@ import pytest
 from dittohead import examine, parallel
 from dittohead.claim import Claim
 from dittohead.errors import EntryFailed, Outcome, TemporaryError
+from dittohead.ownership import Ownership
 from dittohead.plan import DirPlan, FilePlan, Plan
 
 from . import sysbox
@@ -83,7 +84,9 @@ def _walk(env: Env, claim_id: str, walkers: int, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(parallel, "walkers_for", lambda subdirs: walkers if subdirs > 1 else 1)
     plan = examine.new_plan(env.study, Claim(claim_id, "e", "2026-01-01T00:00:00Z"))
     try:
-        examine.examine(env.study, plan, "e", pwd.getpwnam(env.cfg.service_user).pw_uid)
+        svc = pwd.getpwnam(env.cfg.service_user)
+        examine.examine(env.study, plan, "e", Ownership(svc.pw_uid, -1, env.study.file_mode,
+                                                        env.study.dir_mode, svc.pw_gid))
         error = None
     except EntryFailed as e:
         error = e.reason

@@ -26,7 +26,7 @@ from .conftest import REPO, Env, ThrowawayUser, add_group, add_user, make_env, n
 from .test_engine import manifest_verifies, no_leftovers, tree
 
 pytestmark = needs_root
-SERVICE_CAPS = "+dac_override"  # what units/dittohead@.service grants (and CAP_CHOWN)
+SERVICE_CAPS = "+dac_override,+chown"  # exactly what units/dittohead@.service grants
 
 
 def as_service(env: Env, svc: ThrowawayUser, *args: str, caps: str | None = SERVICE_CAPS,

@@ -36,13 +36,13 @@ def _claimed(env: Env, files: dict[str, bytes]) -> claimmod.Claim:
 def _examined(env: Env, files: dict[str, bytes]) -> tuple[claimmod.Claim, Plan]:
     c = _claimed(env, files)
     plan = new_plan(env.study, c)
-    examine(env.study, plan, c.entry, os.geteuid())
+    examine(env.study, plan, c.entry, _owner(env))
     return c, plan
 
 
 def _owner(env: Env) -> Ownership:
     return Ownership(uid=os.geteuid(), gid=os.getegid(), file_mode=env.study.file_mode,
-                     dir_mode=env.study.dir_mode)
+                     dir_mode=env.study.dir_mode, service_gid=os.getegid())
 
 
 def _dest_fd(env: Env) -> int:
@@ -91,7 +91,7 @@ def test_examine_reports_every_problem_at_once_and_keeps_the_totals(env: Env) ->
     os.mkfifo(top / "pipe")
     plan = new_plan(env.study, c)
     with pytest.raises(EntryFailed) as e:
-        examine(env.study, plan, c.entry, os.geteuid())
+        examine(env.study, plan, c.entry, _owner(env))
     assert "symlinks not delivered: link" in e.value.reason
     assert "FIFOs not delivered: pipe" in e.value.reason
     assert plan.files == 1
