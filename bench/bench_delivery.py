@@ -25,32 +25,32 @@ rsync, dittohead, cp, ...) so slow drifts hit them alike, and each run waits (up
 --quiet-wait s) for the machine to be idle; the table gives the median and the
 minimum (the least disturbed run) and ratios of both.
 
-Freed inodes: ext4 without a journal (VM scratch disks, and the box this was written
-on) avoids reusing an inode freed less than 60 s ago, 360 s while its inode table
-block is dirty (recently_deleted() in fs/ext4/ialloc.c), and checks each candidate
-with a buffer lookup: creating 20,000 files next to 20,000 just deleted costs
-seconds of system time, and cp's time swung 1x-10x from run to run. So the bench
-frees no inodes while it measures: outputs of many-file cases are moved to a trash
-directory removed at the very end (an output of few, big files is deleted right
-after its run, which frees space and page cache but hardly any inodes). Disk use
-peaks at about 2 GB for the big case and 1 GB (5 GB with --huge) of trash. Before
-each case a probe times 2,000 file creations and warns when the allocator is slow
-(another program deleting many files nearby: wait, or use a --dir on another
-filesystem or a fresh top-level directory).
+Freed inodes: ext4 without a journal (VM scratch disks, for one) avoids reusing an
+inode freed less than 60 s ago, 360 s while its inode table block is dirty
+(recently_deleted() in fs/ext4/ialloc.c), and checks each candidate with a buffer
+lookup: creating 20,000 files next to 20,000 just deleted costs seconds of system
+time, and cp's time swung 1x-10x from run to run. So the bench frees no inodes while
+it measures: outputs of many-file cases are moved to a trash directory removed at the
+very end (an output of few, big files is deleted right after its run, which frees
+space and page cache but hardly any inodes). Disk use peaks at about 2 GB for the big
+case and 1 GB (5 GB with --huge) of trash. Before each case a probe times 2,000 file
+creations and warns when the allocator is slow (another program deleting many files
+nearby: wait, or use a --dir on another filesystem or a fresh top-level directory).
 
-Memory: in a VM, writing into guest pages the host has not backed yet is several
-times slower than into recycled ones (copy_folio_from_iter_atomic was half of a
-1 GiB delivery's CPU time here), and with free page reporting (virtio-balloon)
-pages free for ~2 s go back to the host. So just before each timed command the
-bench touches and frees twice the case's size of memory (prefault()): every tool
-writes into backed pages. Outputs of big files are freed after each run too.
+Memory: in a VM, writing into guest pages the host has not backed yet is several times
+slower than into recycled ones (copy_folio_from_iter_atomic took 31-51% of a slow
+1 GiB delivery's profile samples, 10% of a good one's), and with free page reporting
+(virtio-balloon) pages free for ~2 s go back to the host (docs/field-notes.md, "Memory
+in a VM"). So just before each timed command the bench touches and frees twice the
+case's size of memory (prefault()): every tool writes into backed pages. Outputs of
+big files are freed after each run too.
 
 Peak RSS and CPU time come from wait4() on each child (ru_maxrss, KiB on Linux). A
 child's ru_maxrss is never below the spawner's own peak RSS, so the table marks
 values at that floor with "<=" (cp's and rsync's real peak is a few MB).
 
 Repeatable numbers: a filesystem that has freed many inodes lately (a test run) or
-that holds earlier benches' trash makes creates slow and noisy. The steadiest
+that holds previous benches' trash makes creates slow and noisy. The steadiest
 small-file numbers came from a fresh ext4 image, loop-mounted (as root):
   truncate -s 12G /var/tmp/b.img && mkfs.ext4 -q -F -N 3000000 /var/tmp/b.img
   mkdir -p /mnt/b && mount -o loop /var/tmp/b.img /mnt/b   # then --dir /mnt/b
@@ -86,7 +86,7 @@ STUDY = "bench"
 SMALL_SIZE = 4096
 TOOLS = ("cp", "rsync", "dittohead")
 DITTOHEAD = "dittohead"
-# Targets from the issue.
+# The targets the headlines check.
 TARGET_BIG_VS_CP = 1.3
 TARGET_SMALL_VS_CP = 1.5
 TARGET_RSS_MB = 100.0
@@ -224,7 +224,7 @@ def prefault(nbytes: int) -> None:
 
     A VM with free page reporting (virtio-balloon here) hands pages that stayed
     free for about 2 s back to the host; the next writer into them takes a host
-    fault per page (copy_folio_from_iter_atomic was 45% of a delivery's CPU),
+    fault per page (copy_folio_from_iter_atomic: up to half of a delivery's CPU),
     so whichever tool ran after a quiet wait paid seconds more for the same
     1 GiB. Touching them just before each timed command gives every tool the
     same, backed, pages (reporting waits 2 s; the command starts at once).

@@ -10,7 +10,7 @@ from the same clock.
 Two cases, 20 samples each (--samples):
 - cold: the service is stopped, so the path unit has to start it (sandbox
   set-up, Python start-up, config load): what a user uploading now and then
-  sees; issue 3's figure (target < 0.5 s, aim 0.3 s).
+  sees (target: under 0.5 s, ideally 0.3 s).
 - warm: the entry arrives while a run is still lingering (`--linger 3`), so
   the running service picks it up on its next look at the inbox.
 

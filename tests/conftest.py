@@ -1,4 +1,19 @@
-"""Shared fixtures: a real study tree on real files, and helpers to drop entries."""
+"""Shared fixtures and helpers: a real study tree on real files, entries to drop, checks.
+
+Markers (every test carries the ones that apply; the hook below acts on them):
+
+  root     needs root: real owners, throwaway users, setpriv, mounts, `make deb`.
+           Skipped, saying so loudly, when not running as root (CI runs as root).
+  systemd  boots a throwaway systemd (tests/sysbox.py). Implies root: such tests are
+           marked `root` too, so `-m "not root"` leaves them out. Skipped loudly when
+           not root, or when no box can boot here.
+  slow     the test takes 2 s or more: setup, call and teardown together, as
+           `pytest --durations=0` reports them when run as root (the median of a few runs
+           for a test whose time varies). Every test that boots a box is slow. Nothing
+           faster is marked, so `-m "not slow"` runs all the rest.
+
+Skips for a missing tool (lintian, man, systemd-analyze) stay with their tests.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +24,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +33,68 @@ import pytest
 import yaml
 
 from dittohead import config as cfgmod
+from dittohead import layout
 from dittohead.config import Config, StudyConfig
+
+from . import sysbox
 
 REPO = Path(__file__).resolve().parent.parent
 IS_ROOT = os.geteuid() == 0
-needs_root = pytest.mark.skipif(
-    not IS_ROOT, reason="NEEDS ROOT: real owners, throwaway users and setpriv (CI runs as root)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: `systemd` must already imply `root`
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every `systemd` test `root` too; skip, saying why, what cannot run here."""
+    running_as = f"running as uid {os.geteuid()}; CI runs as root"
+    for item in items:
+        why = None
+        if item.get_closest_marker("systemd") is not None:
+            if item.get_closest_marker("root") is None:
+                item.add_marker(pytest.mark.root)
+            # sysbox.available() is cached: one probe (a mount in a namespace) per session.
+            reason = (sysbox.available() if IS_ROOT else
+                      f"boots a throwaway systemd on an overlay root ({running_as})")
+            if reason is not None:
+                why = f"NEEDS ROOT AND A BOOTABLE SYSTEMD: {reason}"
+        elif item.get_closest_marker("root") is not None and not IS_ROOT:
+            why = f"NEEDS ROOT: real owners, throwaway users, setpriv or mounts ({running_as})"
+        if why is not None:
+            # A skipif put first: pytest evaluates it before the tests' own skipifs for a
+            # missing tool, so this reason is the one reported.
+            item.add_marker(pytest.mark.skipif(True, reason=why), append=False)
+
+
+# --- checks shared by the test modules ------------------------------------------------------
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every regular file under root, by relative path, with its content."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def manifest_verifies(env: Env, receipt_path: Path) -> None:
+    """The receipt's .sha256 manifest checks out against the destination."""
+    manifest = receipt_path.with_suffix(".sha256")
+    r = subprocess.run(["sha256sum", "--strict", "-c", str(manifest)],
+                       cwd=env.study.destination, capture_output=True, text=True,
+                       errors="backslashreplace")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def no_leftovers(env: Env) -> None:
+    """No staging in the destination, nothing ready in the inbox, no claim in processing."""
+    assert [p.name for p in env.study.destination.iterdir() if p.name.startswith(".")] == []
+    assert [n for n in os.listdir(env.study.inbox) if not n.startswith(".")] == []
+    assert os.listdir(env.study.processing) in ([], [".disk-usage.json"])
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll cond every 0.1 s; fail naming `what` after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.1)
 
 
 @dataclass
@@ -98,14 +170,13 @@ def make_env(base: Path, study_keys: Mapping[str, object] | None = None,
     path.write_text(yaml.safe_dump(data))
     cfg = cfgmod.load(path)
     study = cfg.study("s1")
-    svc = pwd.getpwnam(cfg.service_user)
-    for d, mode in ((cfg.dropbox_root, 0o755), (study.root, 0o755), (study.inbox, 0o1733),
-                    (study.processing, 0o750), (study.done, 0o750), (study.failed, 0o750)):
-        d.mkdir(exist_ok=True)
-        os.chmod(d, mode)
-        if d not in (cfg.dropbox_root, study.root) and IS_ROOT:
-            os.chown(d, svc.pw_uid, svc.pw_gid)
+    for w in layout.wanted(cfg, study):  # the modes and owners `dittohead setup` gives
+        w.path.mkdir(exist_ok=True)
+        os.chmod(w.path, w.mode)
+        if IS_ROOT:  # otherwise everything stays the current user's (the service user's)
+            os.chown(w.path, w.uid, w.gid)
     if IS_ROOT:
+        svc = pwd.getpwnam(cfg.service_user)
         os.chown(dest, svc.pw_uid, svc.pw_gid)
     return Env(base=base, config_path=path, cfg=cfg, study=study)
 

@@ -1,7 +1,7 @@
 """Boot a throwaway systemd in private namespaces on an overlay of / for tests.
 
 The box sees the host's files through a copy-on-write overlay kept in a tmpfs, so nothing
-it does (tmpfiles, useradd, journald, `make install`) reaches the host; see FIELD-NOTES.md.
+it does (tmpfiles, useradd, journald, `make install`) reaches the host; see docs/field-notes.md.
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ ENV = {
 }
 TOOLS = ("unshare", "nsenter", "setpriv", "setsid", "mount", "umount", "pivot_root", "mknod")
 
-# Distro-wired units that would act on the kernel, the hardware or the host's disks, or that
-# the brief names; admin-enabled units (/etc/systemd/system/*.wants) are dropped wholesale.
+# Distro-wired units that would act on the kernel, the hardware or the host's disks, and the
+# host's own daemons and timers (network, PostgreSQL, cron, ssh, rsync, apt, fstrim, ...),
+# which have no business in a test box; admin-enabled units (/etc/systemd/system/*.wants)
+# are dropped wholesale.
 MASKED_UNITS = (
     "getty.target", "getty@.service", "serial-getty@.service", "console-getty.service",
     "container-getty@.service", "getty-static.service", "autovt@.service",
@@ -444,7 +446,7 @@ class Sysbox:
         """Run argv inside the box (as root, or as user), like subprocess.run(text=True)."""
         if not self._pid or self._proc is None or self._proc.poll() is not None:
             raise SysboxError("the box is not running")
-        # -r -w: without them the command would see the HOST's files (FIELD-NOTES.md).
+        # -r -w: without them the command would see the HOST's files (docs/field-notes.md).
         cmd = [_tool("nsenter"), "-t", str(self._pid), "-m", "-u", "-i", "-n", "-p", "-C",
                "-r", "-w", "--"]
         if user is not None:

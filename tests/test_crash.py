@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Env, make_env
-from .test_engine import manifest_verifies, no_leftovers, tree
+from .conftest import Env, make_env, manifest_verifies, no_leftovers, tree
 
 POINTS = ["claimed", "checked", "staged:1", "staged:12", "synced", "published:1",
           "published:9", "verified", "receipt", "filed"]
@@ -37,7 +36,6 @@ def assert_delivered_once(env: Env, files: dict[str, bytes], existing: dict[str,
     no_leftovers(env)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("point", POINTS)
 def test_sigkill_at_each_point_then_resume_delivers_once(shared_base: Path, point: str) -> None:
     env = make_env(shared_base)

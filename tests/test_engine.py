@@ -15,32 +15,13 @@ from typing import Any
 
 import pytest
 
-from .conftest import IS_ROOT, Env, needs_root
+from .conftest import IS_ROOT, Env, add_group, make_env, manifest_verifies, no_leftovers, tree
 
 
 def receipt(p: Path) -> dict[str, Any]:
     data = json.loads(p.read_text())
     assert isinstance(data, dict)
     return data
-
-
-def manifest_verifies(env: Env, receipt_path: Path) -> None:
-    manifest = receipt_path.with_suffix(".sha256")
-    r = subprocess.run(["sha256sum", "--strict", "-c", str(manifest)],
-                       cwd=env.study.destination, capture_output=True, text=True,
-                       errors="backslashreplace")
-    assert r.returncode == 0, r.stdout + r.stderr
-
-
-def tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file()}
-
-
-def no_leftovers(env: Env) -> None:
-    assert [p.name for p in env.study.destination.iterdir() if p.name.startswith(".")] == []
-    assert [n for n in os.listdir(env.study.inbox) if not n.startswith(".")] == []
-    assert os.listdir(env.study.processing) in ([], [".disk-usage.json"])
 
 
 def test_directory_entry_is_merged_into_destination(env: Env) -> None:
@@ -267,6 +248,7 @@ def test_status_reports_counts(env: Env) -> None:
     assert s["last_delivery"]["entry"] == "e"
 
 
+@pytest.mark.slow
 def test_linger_picks_up_entries_arriving_during_the_run(env: Env) -> None:
     env.drop("first", {"a": b"1"})
     proc = subprocess.Popen([sys.executable, "-m", "dittohead", "--config",
@@ -280,9 +262,8 @@ def test_linger_picks_up_entries_arriving_during_the_run(env: Env) -> None:
     assert tree(env.study.destination) == {"a": b"1", "b": b"2"}
 
 
-@needs_root
+@pytest.mark.root
 def test_group_from_config_and_setgid_dirs(shared_base: Path) -> None:
-    from .conftest import add_group, make_env
     gid = add_group("dh-test-study")
     e = make_env(shared_base, {"group": "dh-test-study"})
     e.drop("e", {"sub/a": b"1"})
@@ -293,6 +274,7 @@ def test_group_from_config_and_setgid_dirs(shared_base: Path) -> None:
     assert dst.st_gid == gid and stat.S_IMODE(dst.st_mode) == 0o2750
 
 
+@pytest.mark.root  # reads a source file its owner cannot read (mode 0200)
 def test_upload_copies_as_dot_name_then_renames_and_is_delivered(env: Env,
                                                                   tmp_path: Path) -> None:
     src = tmp_path / "s01-session1"

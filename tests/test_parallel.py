@@ -19,9 +19,7 @@ from dittohead.ownership import Ownership
 from dittohead.plan import DirPlan, FilePlan, Plan
 
 from . import sysbox
-from .conftest import REPO, Env
-from .test_engine import manifest_verifies, no_leftovers, tree
-from .test_units import wait_for
+from .conftest import REPO, Env, manifest_verifies, no_leftovers, tree, wait_for
 
 
 def test_run_gives_every_share_its_result_in_order() -> None:
@@ -48,6 +46,7 @@ def test_an_error_in_a_worker_is_raised_in_the_parent(exc: BaseException) -> Non
         assert isinstance(got.value, OSError) and got.value.errno == errno.ENOSPC
 
 
+@pytest.mark.slow
 def test_an_error_in_this_process_stops_the_workers(tmp_path: Path) -> None:
     marker = tmp_path / "late"
 
@@ -133,6 +132,7 @@ def test_problems_found_by_walkers_are_all_reported(env: Env,
     assert one[2] is not None and "link0" in one[2] and "link3" in one[2] and "pipe" in one[2]
 
 
+@pytest.mark.slow
 def test_many_files_are_delivered_by_workers_byte_exact(env: Env) -> None:
     rnd = random.Random(9)
     files = {f"s{d:02d}/run{i:03d}.txt": rnd.randbytes(rnd.randint(0, 9000))

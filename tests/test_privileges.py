@@ -22,10 +22,19 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, Env, ThrowawayUser, add_group, add_user, make_env, needs_root
-from .test_engine import manifest_verifies, no_leftovers, tree
+from .conftest import (
+    REPO,
+    Env,
+    ThrowawayUser,
+    add_group,
+    add_user,
+    make_env,
+    manifest_verifies,
+    no_leftovers,
+    tree,
+)
 
-pytestmark = needs_root
+pytestmark = pytest.mark.root
 SERVICE_CAPS = "+dac_override,+chown"  # exactly what units/dittohead@.service grants
 
 
