@@ -16,9 +16,10 @@ Commands timed:
              a modified copy of the package side by side, interleaved, on the same data
 
 Fairness: the source tree is written once per case and synced, so every tool reads
-the same page-cache-warm data. The dittohead entry is a hard-linked copy of that tree
-(`cp -al`, the same inodes, so equally warm), made in the inbox under a dot name and
-renamed to ready, untimed. Before every timed command the filesystem is synced
+the same page-cache-warm data. The dittohead entry is a copy of that tree (`cp -a`,
+written just before, so equally warm; not hard links: dittohead refuses files with
+names outside the entry, and its lockdown would take the source's inodes over), made
+in the inbox under a dot name, synced and renamed to ready, untimed. Before every timed command the filesystem is synced
 (untimed) so no tool pays for another's dirty pages; `sync -f` and dittohead's
 syncfs() then flush the same thing: what the tool wrote. Tools run interleaved (cp,
 rsync, dittohead, cp, ...) so slow drifts hit them alike, and each run waits (up to
@@ -362,9 +363,10 @@ def dittohead_env(pythonpath: str | None) -> dict[str, str]:
 
 
 def drop_entry(box: Dropbox, src: Path, name: str, log: Path) -> None:
-    """Put a hard-linked copy of src in the inbox as .name, then rename it to name."""
+    """Put a copy of src in the inbox as .name, then rename it to name."""
     hidden = box.sub("inbox") / f".{name}"
-    spawn(["cp", "-al", str(src), str(hidden)], log)
+    spawn(["cp", "-a", str(src), str(hidden)], log)
+    spawn(["sync", "-f", str(hidden)], log)
     os.rename(hidden, box.sub("inbox") / name)
 
 

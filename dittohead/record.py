@@ -25,9 +25,10 @@ from .log import printable
 from .manifest import install
 from .plan import Plan
 
-# The receipt's "format": raised when a key changes meaning or a required one
-# is added. Readers take receipts without one as format 1, ignore keys they
-# do not know, and still read the keys they know from a newer format.
+# The receipt's "format": raised when a key every reader needs is added or one
+# is dropped; a key never changes meaning (a new meaning gets a new key).
+# Readers take receipts without one as format 1, ignore keys they do not
+# know, and read the keys they know from a newer format.
 RECEIPT_FORMAT = 1
 
 

@@ -43,7 +43,8 @@
 # .buildinfo/.changes in build/deb/, the .deb in dist/ (both .gitignore'd).
 # The source tree is made fresh from the checkout each time (the working
 # tree, committed or not): the package's code, units, config.yaml,
-# pyproject.toml, README.md, packaging/install.mk, the manual page
+# pyproject.toml, README.md, docs/contract.md and docs/design.md (shipped in
+# /usr/share/doc/dittohead/), packaging/install.mk, the manual page
 # (packaging/dittohead.8), and packaging/debian as
 # debian/, plus a debian/changelog written from pyproject.toml's version
 # (a native package: no separate Debian revision), the Maintainer of
@@ -66,6 +67,7 @@ deb: deb-deps
 	cp -p dittohead/*.py $(DEB_SRCDIR)/dittohead/
 	cp -p units/* $(DEB_SRCDIR)/units/
 	cp -p config.yaml pyproject.toml README.md $(DEB_SRCDIR)/
+	mkdir -p $(DEB_SRCDIR)/docs && cp -p docs/contract.md docs/design.md $(DEB_SRCDIR)/docs/
 	cp -p packaging/install.mk packaging/dittohead.8 $(DEB_SRCDIR)/packaging/
 	cp -pR packaging/debian $(DEB_SRCDIR)/debian
 	@maint=$$(sed -n 's/^Maintainer: *//p' packaging/debian/control); \
