@@ -105,7 +105,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "retry":
         from .health import retry
-        print(retry(cfg.study(args.study), args.id))
+        print(retry(cfg, cfg.study(args.study), args.id))
         return 0
     if args.command == "status":
         from .health import status, status_text

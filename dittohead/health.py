@@ -178,13 +178,36 @@ def check(cfg: Config, studies: list[StudyConfig]) -> list[str]:
     return found
 
 
-def retry(study: StudyConfig, delivery: str) -> str:
+def give_back(top: Path, uid: int, service_uid: int) -> None:
+    """Give what the lockdown took of an entry back to its uploader (owner, primary group).
+
+    Only inodes the service owns: another user's file, which failed the
+    entry, stays that user's.
+    """
+    try:
+        gid = pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        gid = -1
+
+    def back(name: str, dir_fd: int | None) -> None:
+        if os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_uid == service_uid:
+            os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+
+    if os.path.isdir(top) and not os.path.islink(top):
+        for _, dirs, files, fd in os.fwalk(top, follow_symlinks=False):
+            for name in (*dirs, *files):
+                back(name, fd)
+    back(str(top), None)
+
+
+def retry(cfg: Config, study: StudyConfig, delivery: str) -> str:
     """Move failed/<id> back into the inbox under its original name."""
     if "/" in delivery or delivery.startswith("."):
         raise DittoheadError(f"{delivery}: not a delivery id")
     receipt = study.failed / f"{delivery}.json"
     try:
-        name = read_receipt(receipt).entry
+        r = read_receipt(receipt)
+        name = r.entry
     except FileNotFoundError:
         raise DittoheadError(f"no failed delivery {delivery} in {study.failed}") from None
     except (OSError, ReceiptError) as e:
@@ -192,6 +215,16 @@ def retry(study: StudyConfig, delivery: str) -> str:
                              "changed") from None
     if not os.path.lexists(study.failed / delivery):
         raise DittoheadError(f"{study.failed / delivery} is gone; nothing to retry")
+    if os.path.lexists(study.inbox / name):
+        raise DittoheadError(f"{study.inbox / name} exists: another upload of that name is "
+                             "waiting; retry after it is delivered")
+    if r.uploader_uid >= 0:
+        try:
+            give_back(study.failed / delivery, r.uploader_uid,
+                      pwd.getpwnam(cfg.service_user).pw_uid)
+        except PermissionError:
+            raise DittoheadError("retry gives the upload back to its uploader, which needs "
+                                 "root; nothing was changed") from None
     try:
         rename_noreplace(study.failed / delivery, study.inbox / name)
     except FileExistsError:

@@ -52,6 +52,7 @@ class Receipt:
     started: str
     finished: str
     reason: str | None = None
+    uploader_uid: int = -1  # from the claim; -1 in receipts written before it was kept
     format: int = RECEIPT_FORMAT
 
     def to_json(self) -> bytes:
@@ -67,6 +68,7 @@ class Receipt:
             "entry_hex": os.fsencode(self.entry).hex(),  # exact bytes, for retry
             "id": self.id,
             "uploader": self.uploader,
+            "uploader_uid": self.uploader_uid,
             "outcome": str(self.outcome),
             "reason": self.reason,
             "files": self.files,
@@ -91,6 +93,7 @@ class Receipt:
                        destination=str(data.get("destination", "")),
                        started=str(data.get("started", "")),
                        finished=str(data["finished"]), reason=data.get("reason"),
+                       uploader_uid=int(data.get("uploader_uid", -1)),
                        format=int(data.get("format", 1)))
         except (ValueError, KeyError, TypeError) as e:
             raise ReceiptError(f"not a dittohead receipt: {e}") from None
@@ -122,7 +125,7 @@ def file_entry(study: StudyConfig, claim: Claim, plan: Plan | None, outcome: Out
                 outcome=outcome, files=plan.files if plan else 0,
                 nbytes=plan.nbytes if plan else 0, skipped=skipped,
                 destination=str(study.destination), started=claim.started,
-                finished=now_iso(), reason=reason)
+                finished=now_iso(), reason=reason, uploader_uid=claim.uploader_uid)
     if outcome is Outcome.DELIVERED:
         assert plan is not None
         install(plan.manifest_path, target / f"{claim.id}.sha256")
