@@ -602,6 +602,16 @@ class TestOnSystemd:
         owner = box.sh(f"stat -c '%U %G' {ROOT}/study/s3/c/f.txt").stdout.split()
         assert owner == ["dittohead", "sbxs1"]
 
+    def test_a_config_error_is_told_at_the_terminal_and_in_the_journal(self,
+                                                                        box: Box) -> None:
+        since = box.now()
+        r = box.sh("printf 'studies:\\n  Bad: {}\\n' > /tmp/bad.yaml; "
+                   "dittohead --config /tmp/bad.yaml check", check=False)
+        assert r.returncode == 78, r.stderr
+        assert "studies.Bad: study id must match" in r.stderr
+        assert "MESSAGE_ID" not in r.stderr
+        assert box.journal(f"MESSAGE_ID={MESSAGE_IDS['config-error']}", f"--since=@{since}")
+
     def test_verify_and_timer_on_the_booted_system(self, box: Box) -> None:
         # --generators=yes: verify's own manager runs the generators (ours too).
         r = box.box.run("systemd-analyze", "verify", "--generators=yes", "dittohead@s1.path",
