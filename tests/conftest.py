@@ -245,3 +245,18 @@ def _remove_throwaway_users() -> Iterator[None]:
         subprocess.run(["userdel", u], check=False, capture_output=True)
     for g in _created_groups:
         subprocess.run(["groupdel", g], check=False, capture_output=True)
+
+
+SERVICE_CAPS = "+dac_override,+chown"  # exactly what units/dittohead@.service grants
+
+
+def as_service(env: Env, svc: ThrowawayUser, *args: str, caps: str | None = SERVICE_CAPS,
+               extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `dittohead ARGS` as the service user with the unit's capabilities."""
+    cmd = ["setpriv", f"--reuid={svc.uid}", f"--regid={svc.gid}", "--init-groups"]
+    if caps:
+        cmd += [f"--inh-caps={caps}", f"--ambient-caps={caps}"]
+    cmd += ["env", f"PYTHONPATH={REPO}", "DITTOHEAD_LOG=stderr",
+            *[f"{k}={v}" for k, v in (extra_env or {}).items()],
+            "/usr/bin/python3", "-m", "dittohead", "--config", str(env.config_path), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd="/")

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Env, ThrowawayUser, add_user, make_env, tree, wait_for
-from .test_privileges import as_service
+from .conftest import Env, ThrowawayUser, add_user, as_service, make_env, tree, wait_for
 
 pytestmark = pytest.mark.root
 

@@ -24,10 +24,12 @@ import pytest
 
 from .conftest import (
     REPO,
+    SERVICE_CAPS,
     Env,
     ThrowawayUser,
     add_group,
     add_user,
+    as_service,
     make_env,
     manifest_verifies,
     no_leftovers,
@@ -35,21 +37,6 @@ from .conftest import (
 )
 
 pytestmark = pytest.mark.root
-SERVICE_CAPS = "+dac_override,+chown"  # exactly what units/dittohead@.service grants
-
-
-def as_service(env: Env, svc: ThrowawayUser, *args: str, caps: str | None = SERVICE_CAPS,
-               extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run `dittohead ARGS` as the service user with the unit's capabilities."""
-    cmd = ["setpriv", f"--reuid={svc.uid}", f"--regid={svc.gid}", "--init-groups"]
-    if caps:
-        cmd += [f"--inh-caps={caps}", f"--ambient-caps={caps}"]
-    cmd += ["env", f"PYTHONPATH={REPO}", "DITTOHEAD_LOG=stderr",
-            *[f"{k}={v}" for k, v in (extra_env or {}).items()],
-            "/usr/bin/python3", "-m", "dittohead", "--config", str(env.config_path), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd="/")
-
-
 @pytest.fixture
 def svc() -> ThrowawayUser:
     return add_user("dh-test-svc")

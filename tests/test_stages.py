@@ -161,14 +161,19 @@ def _staged(env: Env, files: dict[str, bytes]) -> tuple[claimmod.Claim, Plan, in
     return c, plan, fd
 
 
-def test_publish_gives_final_names_and_leaves_no_staging(env: Env) -> None:
-    c, plan, fd = _staged(env, {"new/a.txt": b"a", "top.txt": b"top"})
+def _published(env: Env, files: dict[str, bytes]) -> tuple[claimmod.Claim, Plan]:
+    c, plan, fd = _staged(env, files)
     try:
         with Staging(fd, c.id, env.study.destination) as s:
             stage(plan, s, _owner(env))
             publish(plan, s)
     finally:
         os.close(fd)
+    return c, plan
+
+
+def test_publish_gives_final_names_and_leaves_no_staging(env: Env) -> None:
+    _published(env, {"new/a.txt": b"a", "top.txt": b"top"})
     assert sorted(os.listdir(env.study.destination)) == ["new", "top.txt"]
     assert (env.study.destination / "new" / "a.txt").read_bytes() == b"a"
 
@@ -195,13 +200,7 @@ def test_a_name_taken_during_publishing_rolls_everything_back(env: Env) -> None:
 # --- record -------------------------------------------------------------------
 
 def test_filing_writes_the_receipt_and_manifest_then_moves_the_entry(env: Env) -> None:
-    c, plan, fd = _staged(env, {"a.txt": b"a"})
-    try:
-        with Staging(fd, c.id, env.study.destination) as s:
-            stage(plan, s, _owner(env))
-            publish(plan, s)
-    finally:
-        os.close(fd)
+    c, plan = _published(env, {"a.txt": b"a"})
     r = file_entry(env.study, c, plan, Outcome.DELIVERED, "ra")
     assert read_receipt(env.study.done / f"{c.id}.json") == r
     assert (r.outcome, r.files, r.nbytes, r.entry) == (Outcome.DELIVERED, 1, 1, "e")
