@@ -19,9 +19,10 @@ Fairness: the source tree is written once per case and synced, so every tool rea
 the same page-cache-warm data. The dittohead entry is a copy of that tree (`cp -a`,
 written just before, so equally warm; not hard links: dittohead refuses files with
 names outside the entry, and its lockdown would take the source's inodes over), made
-in the inbox under a dot name, synced and renamed to ready, untimed. Before every timed command the filesystem is synced
-(untimed) so no tool pays for another's dirty pages; `sync -f` and dittohead's
-syncfs() then flush the same thing: what the tool wrote. Tools run interleaved (cp,
+in the inbox under a dot name, synced and renamed to ready, untimed. Before every
+timed command the filesystem is synced (untimed) so no tool pays for another's
+dirty pages; `sync -f` and dittohead's syncfs() then flush the same thing: what
+the tool wrote. Tools run interleaved (cp,
 rsync, dittohead, cp, ...) so slow drifts hit them alike, and each run waits (up to
 --quiet-wait s) for the machine to be idle; the table gives the median and the
 minimum (the least disturbed run) and ratios of both.
