@@ -260,3 +260,18 @@ def as_service(env: Env, svc: ThrowawayUser, *args: str, caps: str | None = SERV
             *[f"{k}={v}" for k, v in (extra_env or {}).items()],
             "/usr/bin/python3", "-m", "dittohead", "--config", str(env.config_path), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd="/")
+
+
+@pytest.fixture
+def svc() -> ThrowawayUser:
+    return add_user("dh-test-svc")
+
+
+@pytest.fixture
+def ra() -> ThrowawayUser:
+    return add_user("dh-test-ra", groups=("dh-test-uploaders",))
+
+
+@pytest.fixture
+def service_env(shared_base: Path, svc: ThrowawayUser) -> Env:
+    return make_env(shared_base, service_user=svc.name)

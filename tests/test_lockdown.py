@@ -14,24 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Env, ThrowawayUser, add_user, as_service, make_env, tree, wait_for
+from .conftest import Env, ThrowawayUser, as_service, tree, wait_for
 
 pytestmark = pytest.mark.root
-
-
-@pytest.fixture
-def svc() -> ThrowawayUser:
-    return add_user("dh-test-svc")
-
-
-@pytest.fixture
-def ra() -> ThrowawayUser:
-    return add_user("dh-test-ra")
-
-
-@pytest.fixture
-def service_env(shared_base: Path, svc: ThrowawayUser) -> Env:
-    return make_env(shared_base, service_user=svc.name)
 
 
 def _as(user: ThrowawayUser, *cmd: str) -> None:

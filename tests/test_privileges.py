@@ -28,7 +28,6 @@ from .conftest import (
     Env,
     ThrowawayUser,
     add_group,
-    add_user,
     as_service,
     make_env,
     manifest_verifies,
@@ -37,21 +36,6 @@ from .conftest import (
 )
 
 pytestmark = pytest.mark.root
-@pytest.fixture
-def svc() -> ThrowawayUser:
-    return add_user("dh-test-svc")
-
-
-@pytest.fixture
-def ra() -> ThrowawayUser:
-    return add_user("dh-test-ra", groups=("dh-test-uploaders",))
-
-
-@pytest.fixture
-def service_env(shared_base: Path, svc: ThrowawayUser) -> Env:
-    return make_env(shared_base, service_user=svc.name)
-
-
 def upload_as(user: ThrowawayUser, env: Env, src: Path, name: str, tool: list[str],
               umask: str) -> None:
     """The user's upload: copy to .name with `tool`, then rename (as the user)."""
