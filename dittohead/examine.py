@@ -228,9 +228,11 @@ class _Walker:
 
     def file(self, dir_fd: int, name: str, rel: str, st: os.stat_result, skip: bool) -> None:
         """Take over and plan one regular file (an ignored one is only taken over)."""
-        if not self.lockdown.owned(st) or st.st_nlink > 1:
+        problem = (_NOT_THEIRS if not self.lockdown.owned(st)
+                   else _LINKED if st.st_nlink > 1 else None)
+        if problem is not None:
             if not skip:
-                self.bad.add(_NOT_THEIRS if not self.lockdown.owned(st) else _LINKED, rel)
+                self.bad.add(problem, rel)
             return  # never taken: another user's, or another name's
         self.lockdown.take_file(dir_fd, name, st)
         if not skip:

@@ -215,9 +215,11 @@ def retry(cfg: Config, study: StudyConfig, delivery: str) -> str:
                              "changed") from None
     if not os.path.lexists(study.failed / delivery):
         raise DittoheadError(f"{study.failed / delivery} is gone; nothing to retry")
-    if os.path.lexists(study.inbox / name):
-        raise DittoheadError(f"{study.inbox / name} exists: another upload of that name is "
+    # Checked before anything is given back, and again by the rename itself.
+    waiting = DittoheadError(f"{study.inbox / name} exists: another upload of that name is "
                              "waiting; retry after it is delivered")
+    if os.path.lexists(study.inbox / name):
+        raise waiting
     if r.uploader_uid >= 0:
         try:
             give_back(study.failed / delivery, r.uploader_uid,
@@ -228,7 +230,6 @@ def retry(cfg: Config, study: StudyConfig, delivery: str) -> str:
     try:
         rename_noreplace(study.failed / delivery, study.inbox / name)
     except FileExistsError:
-        raise DittoheadError(f"{study.inbox / name} exists: another upload of that name is "
-                             "waiting; retry after it is delivered") from None
+        raise waiting from None
     os.rename(receipt, study.failed / f"{delivery}.retried.json")
     return f"{delivery} is back in {study.inbox} as {name}"
