@@ -12,6 +12,7 @@ needs CAP_DAC_OVERRIDE to claim: docs/design.md, "Privileges".
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import fcntl
 import json
 import os
@@ -21,8 +22,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import StudyConfig
-from .errors import TemporaryError
-from .fsops import write_atomic
+from .errors import ConfigError, DittoheadError, StorageError, TemporaryError
+from .fsops import is_enospc, write_atomic
+from .log import printable
 from .plan import remove_spool
 
 # The claim record's "format" (see RECEIPT_FORMAT in record.py for the rules).
@@ -40,6 +42,10 @@ class Claim:
     # gives the entry to the service, so ownership later says nothing). -1 in
     # a record written before the field existed: the entry's owner then.
     uploader_uid: int = -1
+    # When an attempt first found a file still open for writing or changed
+    # after the claim (ISO 8601 UTC; "" never), and the files found so far.
+    busy_since: str = ""
+    busy_files: tuple[str, ...] = ()
 
 
 class StudyLock:
@@ -106,15 +112,18 @@ def claim(study: StudyConfig, entry: str) -> Claim | None:
         return None
     c = Claim(id=new_id(study, entry), entry=entry, started=now_iso(), uploader_uid=uid)
     record = study.processing / f"{c.id}.json"
-    _write_record(record, c)
+    try:
+        _write_record(record, c)
+    except OSError as e:
+        raise _claim_error(study, entry, e) from None
     try:
         os.rename(study.inbox / entry, study.processing / c.id)
     except FileNotFoundError:
         record.unlink()
         return None
-    except OSError:
-        record.unlink()
-        raise
+    except OSError as e:
+        record.unlink(missing_ok=True)
+        raise _claim_error(study, entry, e) from None
     moved = os.lstat(study.processing / c.id).st_uid
     if moved != uid:
         # Its uploader removed it and another user dropped the same name in
@@ -135,7 +144,9 @@ def pending_claims(study: StudyConfig) -> Iterator[Claim]:
         try:
             data = json.loads(record.read_text(encoding="utf-8"))
             c = Claim(id=data["id"], entry=os.fsdecode(bytes.fromhex(data["entry_hex"])),
-                      started=data["started"], uploader_uid=int(data.get("uploader_uid", -1)))
+                      started=data["started"], uploader_uid=int(data.get("uploader_uid", -1)),
+                      busy_since=str(data.get("busy_since", "")),
+                      busy_files=tuple(str(f) for f in data.get("busy_files", ())))
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not a claim record of ours; `check` reports strays
         yield c
@@ -166,9 +177,48 @@ def release(study: StudyConfig, c: Claim) -> None:
     remove_spool(study.processing, c.id)
 
 
+def note_busy(study: StudyConfig, c: Claim, files: list[str], keep: int) -> Claim:
+    """Record in the claim that an attempt found `files` busy; keep at most `keep` names."""
+    names = tuple(dict.fromkeys([*c.busy_files, *files]))[:keep]
+    c = replace(c, busy_since=c.busy_since or now_iso(), busy_files=names)
+    _write_record(study.processing / f"{c.id}.json", c)
+    return c
+
+
+def busy_seconds(c: Claim) -> float:
+    """How long ago an attempt first found the entry busy (0 if never)."""
+    if not c.busy_since:
+        return 0.0
+    since = dt.datetime.strptime(c.busy_since, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    return (dt.datetime.now(dt.UTC) - since).total_seconds()
+
+
+class ClaimRefused(ConfigError):
+    """The service may not move an entry out of the inbox: its privileges or setup are wrong."""
+
+
+def _claim_error(study: StudyConfig, entry: str, e: OSError) -> DittoheadError:
+    """What a failed claim means for the run, with the true reason (the entry stays put)."""
+    what = f"cannot claim {printable(entry)} in {study.inbox}: {e.strerror}"
+    if is_enospc(e):
+        return TemporaryError(f"{what}: free space or inodes on the dropbox's filesystem "
+                              "(the entry waits in the inbox)")
+    if e.errno in (errno.EROFS, errno.EIO, errno.EUCLEAN):
+        return StorageError(f"{what}: the dropbox's storage failed or went read-only; "
+                            "see the kernel log (the entry waits in the inbox)")
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return ClaimRefused(f"{what} (does the service have CAP_DAC_OVERRIDE? is the "
+                            f"study set up: `dittohead setup {study.name}`?)")
+    if e.errno == errno.EXDEV:
+        return ClaimRefused(f"{what}: the inbox and processing/ must be on one filesystem")
+    raise e
+
+
 def _write_record(path: Path, c: Claim) -> None:
     data = {"format": CLAIM_FORMAT, "id": c.id,
             "entry": os.fsencode(c.entry).decode("utf-8", "backslashreplace"),
             "entry_hex": os.fsencode(c.entry).hex(), "started": c.started,
             "uploader_uid": c.uploader_uid}
+    if c.busy_since:
+        data |= {"busy_since": c.busy_since, "busy_files": list(c.busy_files)}
     write_atomic(path, json.dumps(data).encode() + b"\n")

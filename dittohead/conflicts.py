@@ -12,6 +12,7 @@ import os
 import stat
 
 from .config import StudyConfig
+from .copier import hash_source
 from .errors import EntryFailed, TemporaryError
 from .examine import Findings, kind_of
 from .fsops import DIR_FLAGS, DirCache, Source, hash_at, join
@@ -98,7 +99,7 @@ def _compare(plan: Plan, src: Source, state: State, d: DirPlan, f: FilePlan,
         existing = hash_at(dfd, f.name, f.size)
     except OSError as e:
         return f" (cannot read the destination copy: {e.strerror})"
-    digest = hash_at(src.dir_fd(d.rel), f.src_name(plan), f.size)
+    digest = hash_source(src.dir_fd(d.rel), f.src_name(plan), d.rel, f)
     if existing != digest:
         return ""
     state.set(f.index, PRESENT, digest)
@@ -109,6 +110,13 @@ def _check_space(study: StudyConfig, dest_fd: int, wanted: int, inodes: int) -> 
     # `wanted` counts each file's data in whole blocks and a block per new
     # inode for its metadata: a little more than it will take, never less.
     st = os.fstatvfs(dest_fd)
+    size = st.f_blocks * st.f_frsize
+    if wanted > size or (st.f_files and inodes > st.f_files):
+        # No amount of waiting helps: tell the uploader now (docs/contract.md).
+        raise EntryFailed(f"the entry can never fit in {study.destination}: it needs "
+                          f"{wanted} bytes and {inodes} inodes, the whole filesystem has "
+                          f"{size} bytes and {st.f_files or 'unlimited'} inodes. "
+                          "Nothing of this entry was delivered.")
     free = st.f_bavail * st.f_frsize
     if wanted > free:
         raise TemporaryError(f"not enough space in {study.destination}: the entry needs "

@@ -4,18 +4,32 @@ The manifest's digest is that of the staged copy as the filesystem returns
 it, and that copy is proven equal to the source as read. Big files are hashed
 on a second thread while this one copies; a background syncfs starts
 writeback every WRITEBACK_EVERY bytes. docs/design.md, "Copy".
+
+What was read must be the file as its uploader left it. The lockdown stops
+new writers, not one that opened the file before the claim: a read lease is
+refused while anyone has the file open for writing (or mapped shared and
+writable), so a lease taken and dropped right after opening proves there is
+no such writer, and none can come. Size, mtime and ctime are compared again
+after reading, for filesystems without leases (NFS); there a write in the
+same clock tick as the one before reading would not move the ctime, so a
+file changed within the current tick is only read once the tick is over.
+docs/design.md, "Change detection".
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import stat
+import time
 from collections import deque
 from hashlib import sha256
 from typing import TYPE_CHECKING
 
-from .errors import EntryFailed
-from .fsops import CHUNK, FILE_FLAGS, join, syncfs
+from . import faults
+from .errors import EntryBusy, EntryFailed
+from .fsops import CHUNK, FILE_FLAGS, hash_fd, join, syncfs
 from .log import printable
 from .ownership import Ownership
 from .plan import FilePlan
@@ -77,12 +91,9 @@ class Copier:
     def copy(self, src_dir: int, src_name: str, f: FilePlan, staging_fd: int, staged: str,
              owner: Ownership, rel: str) -> tuple[bytes, int]:
         """Stage one file; return the sha256 of the staged copy and its inode number."""
-        src = os.open(src_name, FILE_FLAGS, dir_fd=src_dir)
+        src = _open_source(src_dir, src_name, rel, f)
         try:
-            st = os.fstat(src)
-            if not stat.S_ISREG(st.st_mode) or st.st_size != f.size \
-                    or st.st_mtime_ns != f.mtime_ns:
-                raise EntryFailed(_changed(rel, f))
+            st = _unwritten(src, rel, f)
             # FILE_FLAGS has O_NONBLOCK (so a FIFO swapped in could not hang the
             # open); it changes nothing for the regular file fstat just confirmed.
             big = f.size >= OVERLAP_MIN
@@ -98,8 +109,8 @@ class Copier:
                                   else self._copy_small(src, dst, f.size))
                 if not big:
                     self.written(copied)
-                if copied != f.size:
-                    raise EntryFailed(_changed(rel, f))
+                if copied != f.size or _moved(st, os.fstat(src)):
+                    raise _changed(rel, f, "changed while it was being read")
                 inode = owner.apply(dst, mode).st_ino
                 os.utime(dst, ns=(f.atime_ns, f.mtime_ns))
                 return digest, inode
@@ -194,6 +205,84 @@ def _write_all(fd: int, data: memoryview) -> None:
         data = data[n:]
 
 
-def _changed(rel: str, f: FilePlan) -> str:
-    return (f"{printable(join(rel, f.name))} changed while it was being "
-            "delivered; upload it again. Nothing of this entry was delivered.")
+def hash_source(src_dir: int, name: str, rel: str, f: FilePlan) -> bytes:
+    """The sha256 of a source file, proven unchanged while read (as copy() does)."""
+    src = _open_source(src_dir, name, rel, f)
+    try:
+        st = _unwritten(src, rel, f)
+        digest = hash_fd(src, f.size)
+        if _moved(st, os.fstat(src)):
+            raise _changed(rel, f, "changed while it was being read")
+        return digest
+    finally:
+        os.close(src)
+
+
+def _open_source(src_dir: int, name: str, rel: str, f: FilePlan) -> int:
+    try:
+        return os.open(name, FILE_FLAGS, dir_fd=src_dir)
+    except BlockingIOError:
+        # Someone holds a write lease on it (taken before the claim): a
+        # program still at work on the file. O_NONBLOCK keeps us from waiting.
+        raise _changed(rel, f, "is held by a program (a lease)") from None
+
+
+def _unwritten(src: int, rel: str, f: FilePlan) -> os.stat_result:
+    """fstat of the open source once it is proven that nobody writes to it; else EntryBusy."""
+    st = os.fstat(src)
+    if not stat.S_ISREG(st.st_mode) or st.st_size != f.size or st.st_mtime_ns != f.mtime_ns:
+        raise _changed(rel, f, "changed after the entry was claimed")
+    writers = _writers(src)
+    if writers:
+        raise _changed(rel, f, "is still open for writing by a program")
+    if writers is None and st.st_ctime_ns >= _tick_start():
+        # No lease here: a write in this same tick would leave the ctime as
+        # it is. Wait for the next tick, then the ctime tells.
+        _next_tick()
+        st = os.fstat(src)
+        if st.st_size != f.size or st.st_mtime_ns != f.mtime_ns:
+            raise _changed(rel, f, "changed after the entry was claimed")
+    return st
+
+
+def _writers(fd: int) -> bool | None:
+    """Whether anyone has the file open for writing; None where the filesystem cannot tell."""
+    if faults.no_leases():
+        return None
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as e:
+        if e.errno == errno.EAGAIN:
+            return True
+        if e.errno in (errno.EINVAL, errno.ENOSYS, errno.ENOLCK, errno.EACCES):
+            return None  # NFS, FUSE, fs.leases-enable=0: timestamps only
+        raise
+    # Dropped at once: a held lease would have a writer's open() signal us.
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    return False
+
+
+# The clock the kernel stamps inodes with (current_time()); Python has no name for it.
+_CLOCK_REALTIME_COARSE = 5  # <linux/time.h>
+
+
+def _tick_start() -> int:
+    """When the current tick of the clock the kernel stamps files with began (ns)."""
+    return time.clock_gettime_ns(_CLOCK_REALTIME_COARSE)
+
+
+def _next_tick() -> None:
+    now = _tick_start()
+    while _tick_start() == now:
+        time.sleep(0.001)
+
+
+def _moved(before: os.stat_result, after: os.stat_result) -> bool:
+    return (before.st_size, before.st_mtime_ns, before.st_ctime_ns) != \
+        (after.st_size, after.st_mtime_ns, after.st_ctime_ns)
+
+
+def _changed(rel: str, f: FilePlan, how: str) -> EntryBusy:
+    name = join(rel, f.name)
+    return EntryBusy([name], f"{printable(name)} {how}; nothing of this entry was "
+                     "published, it is kept for a later run")

@@ -13,6 +13,7 @@ from enum import StrEnum
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
 EXIT_USAGE = 2
+EXIT_IOERR = 74  # EX_IOERR: the storage failed (EIO, read-only): an admin must look
 EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: entries were left for a later run
 EXIT_CONFIG = 78  # EX_CONFIG
 
@@ -24,7 +25,9 @@ class Outcome(StrEnum):
     FAILED = "failed"  # can never be delivered as it is (a conflict, a symlink, ...)
     REJECTED = "rejected"  # its uploader may not deliver to the study
     RETRY_LATER = "retry-later"  # kept in processing/ for a later run (no space, ...)
-    ERROR = "error"  # unexpected (a bug, EIO): kept in processing/, the run exits 1
+    # The storage failed (EIO, a filesystem gone read-only): kept, the run exits 74.
+    IO_ERROR = "io-error"
+    ERROR = "error"  # unexpected (a bug): kept in processing/, the run exits 1
 
 
 class DittoheadError(Exception):
@@ -64,6 +67,24 @@ class TemporaryError(DittoheadError):
     """A problem that a later run may not have (no space, destination not mounted)."""
 
     exit_code = EXIT_TEMPFAIL
+
+
+class StorageError(DittoheadError):
+    """The storage under the dropbox or a destination failed: an admin must look."""
+
+    exit_code = EXIT_IOERR
+
+
+class EntryBusy(TemporaryError):
+    """Files of a claimed entry were written to after the claim, or still may be.
+
+    Nothing of it is published; it is kept for a later run, and fails once it
+    has been busy for longer than process.BUSY_LIMIT (`files` name them).
+    """
+
+    def __init__(self, files: list[str], why: str) -> None:
+        super().__init__(why)
+        self.files = files
 
 
 class EntryFailed(DittoheadError):

@@ -4,6 +4,8 @@
 point; `<point>=wait:<file>` instead waits until <file> exists (so a test can
 fill a disk at a chosen moment). Points are named where `point()` is called:
 claimed, checked, staged:N, synced, published:N, verified, receipt, filed.
+`DITTOHEAD_TEST_FAULT=no-lease` makes the copy act as on a filesystem
+without leases (NFS), so the timestamp checks alone can be tested.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ _WANT = os.environ.get("DITTOHEAD_TEST_FAULT")  # read once: point() runs once p
 def enabled() -> bool:
     """True when a test asked for a fault (some speed-ups step aside then)."""
     return bool(_WANT)
+
+
+def no_leases() -> bool:
+    """True when a test asks the copy to act as on a filesystem without leases."""
+    return _WANT == "no-lease"
 
 
 def point(name: str) -> None:

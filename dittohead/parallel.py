@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from . import faults
-from .errors import ConfigError, EntryFailed, Outcome, TemporaryError
+from .errors import ConfigError, EntryBusy, EntryFailed, Outcome, TemporaryError
 from .fsops import die_with_parent
 from .plan import Plan
 
@@ -117,6 +117,8 @@ def _child(k: int, work: Callable[[int], T], w: int, parent: int) -> None:  # pr
         report: tuple[object, ...] = ("ok", work(k))
     except EntryFailed as e:
         report, code = ("failed", e.reason, e.outcome), 1
+    except EntryBusy as e:
+        report, code = ("busy", e.files, str(e)), 1
     except TemporaryError as e:
         report, code = ("temporary", str(e)), 1
     except ConfigError as e:
@@ -139,6 +141,10 @@ def _rebuild(report: tuple[object, ...]) -> BaseException:
     kind = report[0]
     if kind == "failed":
         return EntryFailed(str(report[1]), Outcome(str(report[2])))
+    if kind == "busy":
+        files = report[1]
+        assert isinstance(files, list)
+        return EntryBusy(files, str(report[2]))
     if kind == "temporary":
         return TemporaryError(str(report[1]))
     if kind == "config":

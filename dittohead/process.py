@@ -13,9 +13,11 @@ its service runs (docs/field-notes.md), so the service picks them up itself.
 
 from __future__ import annotations
 
+import errno
 import grp
 import os
 import pwd
+import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -23,20 +25,32 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from . import log, notify, report
-from .claim import Claim, StudyLock, claim, pending_claims, ready_entries, release, sweep_stale
+from .claim import (
+    Claim,
+    ClaimRefused,
+    StudyLock,
+    busy_seconds,
+    claim,
+    note_busy,
+    pending_claims,
+    ready_entries,
+    release,
+    sweep_stale,
+)
 from .config import Config, StudyConfig
 from .conflicts import check_destination, open_destination
 from .errors import (
+    EXIT_IOERR,
     EXIT_OK,
     EXIT_TEMPFAIL,
     EXIT_UNEXPECTED,
     ConfigError,
-    DittoheadError,
+    EntryBusy,
     EntryFailed,
     Outcome,
     TemporaryError,
 )
-from .examine import examine, new_plan, uploader_uid
+from .examine import LIST_MAX, examine, new_plan, uploader_uid
 from .faults import point
 from .fsops import is_enospc, user_name
 from .ownership import Ownership
@@ -46,6 +60,11 @@ from .record import file_entry, filed_receipt
 from .stage import Staging, remove_staging, stage
 
 POLL = 0.2  # seconds between looks at the inbox while lingering
+# How long a claimed entry whose files a program still writes to is kept for
+# later runs before it fails (docs/contract.md, "Delivery guarantees").
+BUSY_LIMIT = 3600
+# Errors of the storage itself, not of an entry: kept claimed, exit 74.
+STORAGE_ERRNOS = frozenset({errno.EIO, errno.EROFS, errno.EUCLEAN})
 
 
 @dataclass(frozen=True)
@@ -56,11 +75,14 @@ class RunResult:
     failed: int
     retry_later: int
     errors: int = 0
+    io_errors: int = 0
 
     @property
     def exit_code(self) -> int:
         if self.errors:
             return EXIT_UNEXPECTED
+        if self.io_errors:
+            return EXIT_IOERR
         return EXIT_TEMPFAIL if self.retry_later else EXIT_OK
 
 
@@ -71,12 +93,17 @@ class Attempt:
     outcome: Outcome
     plan: Plan | None  # None when the entry was not examined
     reason: str | None = None
+    busy: tuple[str, ...] = ()  # files still written to (RETRY_LATER only)
 
 
 def process(config: Config, study_name: str, linger: float = 0.0) -> RunResult:
     """Resume pending claims, then claim and deliver every ready entry."""
     study = config.study(study_name)
     owner = _ownership(config, study)
+    # The copy takes read leases (copier.py) and drops them at once; should a
+    # writer open a file in between, the kernel signals SIGIO, whose default
+    # is to end the process.
+    signal.signal(signal.SIGIO, signal.SIG_IGN)
     counts: Counter[Outcome] = Counter()
     with StudyLock(study):
         sweep_stale(study)
@@ -91,11 +118,12 @@ def process(config: Config, study_name: str, linger: float = 0.0) -> RunResult:
     if refused:
         # Not a temporary problem (75 would let the path unit re-trigger for
         # ever): the service lacks a privilege. Fail, so the admin is told.
-        raise DittoheadError(f"{refused} entries could not be claimed and are still "
-                             f"in {study.inbox}: see the messages above")
+        raise ClaimRefused(f"{refused} entries could not be claimed and are still "
+                           f"in {study.inbox}: see the messages above")
     return RunResult(delivered=counts[Outcome.DELIVERED],
                      failed=counts[Outcome.FAILED] + counts[Outcome.REJECTED],
-                     retry_later=counts[Outcome.RETRY_LATER], errors=counts[Outcome.ERROR])
+                     retry_later=counts[Outcome.RETRY_LATER], errors=counts[Outcome.ERROR],
+                     io_errors=counts[Outcome.IO_ERROR])
 
 
 def _drain(config: Config, study: StudyConfig, owner: Ownership, linger: float,
@@ -104,19 +132,23 @@ def _drain(config: Config, study: StudyConfig, owner: Ownership, linger: float,
 
     Returns how many entries could not be claimed (they are left alone).
     """
-    refused: set[str] = set()  # entries we could not claim: don't spin on them
+    refused: set[str] = set()  # entries we may not claim: don't spin on them
+    waiting: set[str] = set()  # entries we cannot claim now (the dropbox is full)
     quiet_since = time.monotonic()
     while True:
-        names = [n for n in ready_entries(study) if n not in refused]
+        names = [n for n in ready_entries(study) if n not in refused and n not in waiting]
         for name in names:
             try:
                 new = claim(study, name)
-            except OSError as e:
-                refused.add(name)
-                log.send(f"cannot claim {log.printable(name)} in {study.inbox}: "
-                         f"{e.strerror} (does the service have CAP_DAC_OVERRIDE?)",
-                         priority=3, DITTOHEAD_STUDY=study.name,
-                         DITTOHEAD_ENTRY=log.printable(name))
+            except (ClaimRefused, TemporaryError) as e:
+                # The entry stays in the inbox, untouched; the others go on.
+                if isinstance(e, ClaimRefused):
+                    refused.add(name)
+                else:
+                    waiting.add(name)
+                    counts[Outcome.RETRY_LATER] += 1
+                log.send(str(e), priority=3 if isinstance(e, ClaimRefused) else 4,
+                         DITTOHEAD_STUDY=study.name, DITTOHEAD_ENTRY=log.printable(name))
                 continue
             if new is not None:
                 counts[handle(config, study, new, owner)] += 1
@@ -140,12 +172,20 @@ def handle(config: Config, study: StudyConfig, c: Claim, owner: Ownership) -> Ou
     remove_spool(study.processing, c.id)
     try:
         attempt = deliver(study, c, owner)
+        if attempt.busy:
+            c, attempt = _still_busy(study, c, attempt)
         if attempt.outcome is Outcome.RETRY_LATER:
             report.kept(study, c, uploader, attempt.reason or "")
             return attempt.outcome
         receipt = file_entry(study, c, attempt.plan, attempt.outcome, uploader, attempt.reason)
     except ConfigError:
         raise
+    except OSError as e:
+        if e.errno not in STORAGE_ERRNOS:
+            report.unexpected(study, c, uploader, e)
+            return Outcome.ERROR
+        report.storage_failed(study, c, uploader, e)  # the run exits 74
+        return Outcome.IO_ERROR
     except Exception as e:  # reported; the run exits 1
         report.unexpected(study, c, uploader, e)
         return Outcome.ERROR
@@ -173,6 +213,8 @@ def deliver(study: StudyConfig, c: Claim, owner: Ownership) -> Attempt:
                 stage(plan, staging, owner)
                 publish(plan, staging)
             point("verified")
+    except EntryBusy as e:
+        return Attempt(Outcome.RETRY_LATER, plan, str(e), tuple(e.files))
     except TemporaryError as e:
         return Attempt(Outcome.RETRY_LATER, plan, str(e))
     except EntryFailed as e:
@@ -183,6 +225,19 @@ def deliver(study: StudyConfig, c: Claim, owner: Ownership) -> Attempt:
         return Attempt(Outcome.RETRY_LATER, plan,
                        f"the destination is full ({e.strerror}); rolled back, will retry")
     return Attempt(Outcome.DELIVERED, plan)
+
+
+def _still_busy(study: StudyConfig, c: Claim, attempt: Attempt) -> tuple[Claim, Attempt]:
+    """Note busy files in the claim; fail the entry once it has been busy too long."""
+    c = note_busy(study, c, list(attempt.busy), LIST_MAX)
+    if busy_seconds(c) < BUSY_LIMIT:
+        return c, attempt
+    names = ", ".join(log.printable(f) for f in c.busy_files)
+    return c, Attempt(Outcome.FAILED, attempt.plan,
+                      f"files were still written to, or open for writing, more than "
+                      f"{BUSY_LIMIT // 60} minutes after the entry was claimed: {names}. "
+                      "Nothing of this entry was delivered; upload it again once the "
+                      "programs writing them have finished.")
 
 
 @contextmanager

@@ -41,6 +41,15 @@ def unexpected(study: StudyConfig, c: Claim, uploader: str, error: Exception) ->
               reason=why, **fields(study, c, uploader))
 
 
+def storage_failed(study: StudyConfig, c: Claim, uploader: str, error: OSError) -> None:
+    """The storage failed under the entry (EIO, read-only); it stays claimed, the run exits 74."""
+    where = log.printable(str(error.filename)) if error.filename else "a file of the entry"
+    why = (f"the storage failed ({error.strerror}: {where}); "
+           "the entry stays claimed and the next run takes it up again; see the kernel log")
+    log.event(Outcome.RETRY_LATER, f"{study.name}: {log.printable(c.entry)}: {why}",
+              reason=why, **fields(study, c, uploader))
+
+
 def filed(config: Config, study: StudyConfig, r: Receipt, c: Claim) -> None:
     """The journal event and mail of a filed entry; after a delivery, the disk check."""
     name = log.printable(r.entry)

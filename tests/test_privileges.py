@@ -90,7 +90,7 @@ def test_without_capabilities_the_claim_fails_clearly_and_loses_nothing(
     src = make_source(ra, shared_base, "077")
     upload_as(ra, env, src, "up", ["cp", "-a"], "077")
     r = as_service(env, svc, "process", "s1", caps=None)
-    assert r.returncode == 1, r.stderr
+    assert r.returncode == 78, r.stderr  # the unit lacks a privilege: configuration
     assert "cannot claim up" in r.stderr and "CAP_DAC_OVERRIDE" in r.stderr
     assert tree(env.study.inbox / "up") == tree(src)
     assert tree(env.study.destination) == {}
@@ -186,14 +186,26 @@ def tiny_dest(shared_base: Path) -> Env:
 
 def test_entry_larger_than_free_space_waits_exit_75(tiny_dest: Env) -> None:
     env = tiny_dest
-    env.drop("big", {"a.bin": os.urandom(10 << 20)})
+    (env.study.destination / "hog").write_bytes(b"\0" * (5 << 20))
+    env.drop("big", {"a.bin": os.urandom(4 << 20)})
     r = env.process()
     assert r.returncode == 75, r.stderr
     assert "not enough space" in r.stderr
-    assert os.listdir(env.study.destination) == []
+    assert os.listdir(env.study.destination) == ["hog"]
     assert os.listdir(env.study.inbox) == []
     claimed = [n for n in os.listdir(env.study.processing) if not n.endswith(".json")]
     assert len(claimed) == 1  # kept, claimed, for a later run
+
+
+def test_entry_larger_than_the_whole_destination_fails_at_once(tiny_dest: Env) -> None:
+    env = tiny_dest
+    env.drop("huge", {"a.bin": os.urandom(10 << 20)})
+    r = env.process()
+    assert r.returncode == 0, r.stderr
+    (rc,) = env.failed_receipts()
+    assert "can never fit" in json.loads(rc.read_text())["reason"]
+    assert os.listdir(env.study.destination) == []
+    no_leftovers(env)
 
 
 def test_enospc_mid_copy_rolls_back_and_loses_nothing(
