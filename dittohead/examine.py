@@ -31,6 +31,17 @@ from .plan import Plan, spool_files
 
 # How many names a failure reason lists before it says "and N more".
 LIST_MAX = 20
+# Limits of what can be delivered (docs/contract.md): deeper trees and longer
+# paths fail with a reason, in the run that finds them, instead of stopping
+# the walk (Python's recursion) or the copy (PATH_MAX) on every run.
+MAX_DEPTH = 100  # directories below the entry's top
+PATH_MAX = 4096  # <linux/limits.h>, with the terminating NUL
+# The plan records times as signed 64-bit nanoseconds: 1677 to 2262.
+_TIME_RANGE = range(-(1 << 63), 1 << 63)
+_TOO_DEEP = f"directories nested deeper than {MAX_DEPTH} levels"
+_TOO_LONG = f"paths longer than Linux allows ({PATH_MAX - 1} bytes with the destination's)"
+_ODD_TIME = ("files dated before 1677 or after 2262 (their times cannot be kept; "
+             "`touch` them)")
 
 
 class Findings:
@@ -48,7 +59,7 @@ class Findings:
     def text(self, kind: str) -> str:
         count, names = self.kinds[kind]
         more = f" and {count - len(names)} more" if count > len(names) else ""
-        return ", ".join(printable(n) for n in names) + more
+        return ", ".join(_shortened(printable(n)) for n in names) + more
 
     def __bool__(self) -> bool:
         return bool(self.kinds)
@@ -58,6 +69,13 @@ class Findings:
         for kind, (count, names) in kinds.items():
             mine, kept = self.kinds.get(kind, (0, []))
             self.kinds[kind] = (mine + count, (kept + names)[:LIST_MAX])
+
+
+def _shortened(name: str, most: int = 200) -> str:
+    """A name a reason can show: the start and the end of a very long path."""
+    if len(name) <= most:
+        return name
+    return f"{name[:most // 2]}...{name[-most // 2:]}"
 
 
 def new_plan(study: StudyConfig, c: Claim) -> Plan:
@@ -80,7 +98,8 @@ def examine(study: StudyConfig, plan: Plan, entry: str, owner: Ownership) -> Non
     """
     _authorize(study, plan.uploader_uid, owner.uid)
     walker = _Walker(_ignore_matcher(study.ignore),
-                     Lockdown(plan.uploader_uid, owner.uid, owner.service_gid), plan, Findings())
+                     Lockdown(plan.uploader_uid, owner.uid, owner.service_gid), plan, Findings(),
+                     PATH_MAX - 2 - len(os.fsencode(str(study.destination))))
     proc_fd = os.open(study.processing, DIR_FLAGS)
     plan.open_for_writing()
     try:
@@ -104,6 +123,11 @@ def examine(study: StudyConfig, plan: Plan, entry: str, owner: Ownership) -> Non
         raise EntryFailed("; ".join(f"{kind} not delivered: {bad.text(kind)}"
                                     for kind in sorted(bad.kinds))
                           + ". The entry was not delivered at all.")
+
+
+def _plannable(st: os.stat_result) -> bool:
+    """Whether the plan can record the inode's times exactly."""
+    return st.st_mtime_ns in _TIME_RANGE and st.st_atime_ns in _TIME_RANGE
 
 
 def _authorize(study: StudyConfig, uid: int, service_uid: int) -> None:
@@ -162,14 +186,22 @@ class _Walker:
     """
 
     def __init__(self, ignored: Callable[[str], object], lockdown: Lockdown, plan: Plan,
-                 bad: Findings) -> None:
+                 bad: Findings, room: int) -> None:
         self.ignored = ignored
         self.lockdown = lockdown
         self.plan = plan
         self.bad = bad
+        self.room = room  # the longest path below the destination, in bytes
+
+    def like(self, plan: Plan, bad: Findings) -> _Walker:
+        """A walker with the same rules into another plan (a worker's share)."""
+        return _Walker(self.ignored, self.lockdown, plan, bad, self.room)
 
     def walk(self, parent_fd: int, name: str, rel: str) -> None:
         """The directory parent/name and everything below it."""
+        if rel.count("/") >= MAX_DEPTH:
+            self.bad.add(_TOO_DEEP, rel + "/")
+            return
         opened = self.open_dir(parent_fd, name, rel)
         if opened is None:
             return
@@ -201,12 +233,18 @@ class _Walker:
 
     def scan(self, fd: int, rel: str, st: os.stat_result) -> list[str]:
         """Plan a directory taken over and its files; return its subdirectories' names."""
+        if not _plannable(st):
+            self.bad.add(_ODD_TIME, rel + "/")
+            return []
         self.plan.add_dir(rel, st.st_atime_ns, st.st_mtime_ns)
         subdirs = []
         with os.scandir(fd) as it:
             names = sorted(de.name for de in it)
         for name in names:
             path = join(rel, name)
+            if len(os.fsencode(path)) > self.room:
+                self.bad.add(_TOO_LONG, path)
+                continue
             skip = self.ignored(name) is not None
             if skip:
                 self.plan.add_skipped(path)
@@ -235,13 +273,17 @@ class _Walker:
                 self.bad.add(problem, rel)
             return  # never taken: another user's, or another name's
         self.lockdown.take_file(dir_fd, name, st)
-        if not skip:
+        if not skip and not _plannable(st):
+            self.bad.add(_ODD_TIME, rel)
+        elif not skip:
             self.plan.add_file(rel.rpartition("/")[2], st.st_size, st.st_atime_ns,
                                st.st_mtime_ns, bool(st.st_mode & stat.S_IXUSR))
 
-    def take_ignored_dir(self, parent_fd: int, name: str) -> None:
+    def take_ignored_dir(self, parent_fd: int, name: str, depth: int = 0) -> None:
         """Take over an ignored directory and its contents: never delivered, but filed."""
-        quiet = _Walker(self.ignored, self.lockdown, self.plan, Findings())
+        if depth >= MAX_DEPTH:
+            return  # what is deeper stays its uploader's: it is never delivered anyway
+        quiet = self.like(self.plan, Findings())
         opened = quiet.open_dir(parent_fd, name, name)
         if opened is None:
             return
@@ -252,7 +294,7 @@ class _Walker:
             for sub in names:
                 est = os.stat(sub, dir_fd=fd, follow_symlinks=False)
                 if stat.S_ISDIR(est.st_mode):
-                    quiet.take_ignored_dir(fd, sub)
+                    quiet.take_ignored_dir(fd, sub, depth + 1)
                 elif stat.S_ISREG(est.st_mode):
                     quiet.file(fd, sub, sub, est, skip=True)
         finally:
@@ -318,8 +360,7 @@ def _walk_share(walker: _Walker, top_fd: int, subdirs: list[str], k: int,
             start, before = out.tell(), _counts(part)
             part.skipped_sample = []
             found = Findings()
-            _Walker(walker.ignored, walker.lockdown, part, found).walk(
-                top_fd, subdirs[i], subdirs[i])
+            walker.like(part, found).walk(top_fd, subdirs[i], subdirs[i])
             records, files, nbytes, dirs, skipped = (
                 now - then for now, then in zip(_counts(part), before, strict=True))
             done.append(_Subtree(i, k, start, out.tell(), records, files, nbytes, dirs,

@@ -15,6 +15,7 @@ from typing import Any
 from . import layout
 from .config import Config, StudyConfig
 from .errors import DittoheadError
+from .examine import MAX_DEPTH
 from .fsops import rename_noreplace, used_percent
 from .record import ReceiptError, read_receipt
 from .stage import STAGING_PREFIX
@@ -194,9 +195,12 @@ def give_back(top: Path, uid: int, service_uid: int) -> None:
             os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
 
     if os.path.isdir(top) and not os.path.islink(top):
-        for _, dirs, files, fd in os.fwalk(top, follow_symlinks=False):
+        base = str(top).count("/")
+        for path, dirs, files, fd in os.fwalk(top, follow_symlinks=False):
             for name in (*dirs, *files):
                 back(name, fd)
+            if path.count("/") - base >= MAX_DEPTH:
+                dirs.clear()  # deeper, the lockdown took nothing (examine.MAX_DEPTH)
     back(str(top), None)
 
 

@@ -1,0 +1,151 @@
+"""No entry is stuck: what can never be delivered fails in the run that finds it, with a
+reason its uploader understands; a storage problem gets its own exit code and a true message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dittohead.errors import EXIT_IOERR, EXIT_OK, EXIT_TEMPFAIL
+from dittohead.examine import MAX_DEPTH
+
+from .conftest import Env, make_env, no_leftovers, tree
+
+
+def _chain(top: Path, name: str, levels: int) -> None:
+    """top/name/name/... `levels` deep with a file at the bottom, made by fds (no PATH_MAX)."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(levels):
+            os.mkdir(name, dir_fd=fd)
+            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        out = os.open("f.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(out, b"bottom")
+        os.close(out)
+    finally:
+        os.close(fd)
+
+
+def _failed_reason(env: Env) -> str:
+    (rc,) = env.failed_receipts()
+    return str(json.loads(rc.read_text())["reason"])
+
+
+def _drop_built(env: Env, name: str, build: object) -> None:
+    tmp = env.study.inbox / f".{name}"
+    tmp.mkdir()
+    assert callable(build)
+    build(tmp)
+    os.rename(tmp, env.study.inbox / name)
+
+
+def test_tree_deeper_than_the_limit_fails_in_the_first_run(env: Env) -> None:
+    _drop_built(env, "deep", lambda t: _chain(t, "d", 1200))
+    r = env.process()
+    assert r.returncode == EXIT_OK, r.stderr
+    assert f"nested deeper than {MAX_DEPTH} levels" in _failed_reason(env)
+    assert tree(env.study.destination) == {}
+    no_leftovers(env)
+
+
+def test_tree_at_the_depth_limit_is_delivered(env: Env) -> None:
+    _drop_built(env, "deep", lambda t: _chain(t, "d", MAX_DEPTH))
+    r = env.process()
+    assert r.returncode == EXIT_OK, r.stderr
+    assert len(env.done_receipts()) == 1
+    assert tree(env.study.destination) == {"d/" * MAX_DEPTH + "f.txt": b"bottom"}
+
+
+def test_path_longer_than_path_max_fails_with_a_short_reason(env: Env) -> None:
+    _drop_built(env, "long", lambda t: _chain(t, "a" * 250, 20))
+    r = env.process()
+    assert r.returncode == EXIT_OK, r.stderr
+    reason = _failed_reason(env)
+    assert "paths longer than Linux allows" in reason and "..." in reason
+    assert len(reason) < 1000
+    no_leftovers(env)
+
+
+@pytest.mark.parametrize("when", ["2300-01-01"])  # ext4 keeps 1901-2446
+def test_file_dated_beyond_what_the_plan_records_fails_naming_it(env: Env, when: str) -> None:
+    def build(t: Path) -> None:
+        (t / "odd.dat").write_bytes(b"x")
+        subprocess.run(["touch", "-d", when, str(t / "odd.dat")], check=True)
+
+    _drop_built(env, "dated", build)
+    r = env.process()
+    assert r.returncode == EXIT_OK, r.stderr
+    reason = _failed_reason(env)
+    assert "dated before 1677 or after 2262" in reason and "odd.dat" in reason
+    no_leftovers(env)
+
+
+@pytest.fixture
+def dropbox_mount(shared_base: Path) -> Iterator[tuple[Env, Path]]:
+    """A study whose dropbox is a small filesystem of its own (tmpfs, 2 MiB)."""
+    box = shared_base / "box"
+    box.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "dittohead-test",
+                    str(box)], check=True)
+    try:
+        yield make_env(shared_base), box
+    finally:
+        subprocess.run(["umount", "-l", str(box)], check=False)
+
+
+@pytest.mark.root
+def test_full_dropbox_keeps_the_entry_in_the_inbox_with_exit_75(
+        dropbox_mount: tuple[Env, Path]) -> None:
+    env, box = dropbox_mount
+    env.drop("e", {"a.txt": b"a"})
+    hog = box / "hog"
+    subprocess.run(["dd", "if=/dev/zero", f"of={hog}", "bs=64k"], capture_output=True)
+    r = env.process()
+    assert r.returncode == EXIT_TEMPFAIL, r.stderr
+    assert "cannot claim e" in r.stderr and "free space" in r.stderr
+    assert "CAP_DAC_OVERRIDE" not in r.stderr
+    assert tree(env.study.inbox / "e") == {"a.txt": b"a"}
+    hog.unlink()
+    assert env.process().returncode == EXIT_OK
+    assert tree(env.study.destination) == {"a.txt": b"a"}
+
+
+@pytest.mark.root
+def test_read_only_dropbox_is_a_storage_error_74_and_the_entry_stays(
+        dropbox_mount: tuple[Env, Path]) -> None:
+    env, box = dropbox_mount
+    env.drop("e", {"a.txt": b"a"})
+    subprocess.run(["mount", "-o", "remount,ro", str(box)], check=True)
+    r = env.process()
+    assert r.returncode == EXIT_IOERR, r.stderr
+    assert "Read-only file system" in r.stderr and "kernel log" in r.stderr
+    assert "CAP_DAC_OVERRIDE" not in r.stderr
+    subprocess.run(["mount", "-o", "remount,rw", str(box)], check=True)
+    assert tree(env.study.inbox / "e") == {"a.txt": b"a"}
+    assert env.process().returncode == EXIT_OK
+
+
+@pytest.mark.root
+def test_read_only_destination_is_a_storage_error_74_and_the_entry_stays_claimed(
+        shared_base: Path) -> None:
+    env = make_env(shared_base)
+    dest = str(env.study.destination)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "dittohead-test", dest],
+                   check=True)
+    env.drop("e", {"a.txt": b"a"})
+    subprocess.run(["mount", "-o", "remount,ro", dest], check=True)
+    r = env.process()
+    assert r.returncode == EXIT_IOERR, r.stderr
+    assert "the storage failed (Read-only file system" in r.stderr
+    assert not env.done_receipts() and not env.failed_receipts()
+    subprocess.run(["mount", "-o", "remount,rw", dest], check=True)
+    assert env.process().returncode == EXIT_OK
+    assert tree(env.study.destination) == {"a.txt": b"a"}
