@@ -123,7 +123,7 @@ def config_path(arg: str | None) -> Path:
 # the generator at boot. A real config is a few KiB, 6 levels deep.
 MAX_BYTES = 1 << 20  # 1 MiB
 MAX_DEPTH = 32  # nested mappings and lists
-MAX_NODES = 100_000  # values, keys and collections, each alias counted as what it stands for
+MAX_NODES = 50_000  # values, keys and collections, each alias counted as what it stands for
 
 
 def load(path: Path) -> Config:
@@ -449,13 +449,27 @@ def _inside(a: Path, b: Path) -> bool:
 
 
 def _check_overlaps(v: _Validator, root: Path | None, studies: dict[str, StudyConfig]) -> None:
-    """No study may deliver into another's destination or into the dropbox itself."""
-    items = sorted(studies.items())
-    for i, (name, s) in enumerate(items):
+    """No study may deliver into another's destination or into the dropbox itself.
+
+    Each study is told of the first (by name) earlier study it overlaps. Each
+    destination's parents are looked up instead of comparing every pair, so
+    that the largest file allowed (thousands of studies) is checked at once.
+    """
+    first_at: dict[Path, str] = {}  # destination -> the first study using it
+    first_below: dict[Path, str] = {}  # directory -> the first study whose destination is below
+    for name in sorted(studies):
+        dest = studies[name].destination
+        first_at.setdefault(dest, name)
+        for parent in dest.parents:
+            first_below.setdefault(parent, name)
+    for name in sorted(studies):
+        s = studies[name]
         if root is not None and (_inside(s.destination, root) or _inside(root, s.destination)):
             v.error(f"studies.{name}.destination",
                     f"must not overlap dropbox_root ({root})")
-        for other, o in items[i + 1:]:
-            if _inside(s.destination, o.destination) or _inside(o.destination, s.destination):
-                v.error(f"studies.{other}.destination",
-                        f"overlaps the destination of study {name} ({s.destination})")
+        found = [first_at.get(d) for d in (s.destination, *s.destination.parents)]
+        found.append(first_below.get(s.destination))
+        earlier = sorted(other for other in found if other is not None and other < name)
+        if earlier:
+            v.error(f"studies.{name}.destination", f"overlaps the destination of study "
+                    f"{earlier[0]} ({studies[earlier[0]].destination})")
