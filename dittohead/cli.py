@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 from . import __version__, config, log
 from .errors import EXIT_UNEXPECTED, ConfigError, DittoheadError, Outcome, UsageError
@@ -71,16 +72,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                  message_id=log.MESSAGE_IDS["config-error"], DITTOHEAD_REASON=str(e))
         return e.exit_code
     except UsageError as e:
-        print(f"{e.prog}: {e}", file=sys.stderr)
+        _say(f"{e.prog}: {e}", sys.stderr)
         return e.exit_code
     except DittoheadError as e:
-        print(f"dittohead: {e}", file=sys.stderr)
+        _say(f"dittohead: {e}", sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         return 130
     except OSError as e:
-        print(f"dittohead: {e}", file=sys.stderr)
+        _say(f"dittohead: {e}", sys.stderr)
         return EXIT_UNEXPECTED
+
+
+def _say(text: str, stream: TextIO | None = None) -> None:
+    """Print to a terminal: names in text are escaped already, and nothing raw gets out."""
+    print(log.clean(text), file=stream or sys.stdout, flush=stream is sys.stderr)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -101,26 +107,25 @@ def _run(args: argparse.Namespace) -> int:
         if os.geteuid() != 0:
             raise UsageError("setup must run as root (it sets owners)")
         for line in setup(cfg, cfg.study(args.study)) or ["nothing to change"]:
-            print(line)
+            _say(line)
         return 0
     if args.command == "retry":
         from .health import retry
-        print(retry(cfg, cfg.study(args.study), args.id))
+        _say(retry(cfg, cfg.study(args.study), args.id))
         return 0
     if args.command == "status":
         from .health import status, status_text
         names = [args.study] if args.study else sorted(cfg.studies)
         data = [status(cfg, cfg.study(n)) for n in names]
-        print(json.dumps(data, indent=2) if args.json else status_text(data))
+        # JSON escapes every control and non-ASCII character itself.
+        _say(json.dumps(data, indent=2) if args.json else status_text(data))
         return 0
     if args.command == "check":
         from .health import check
         names = [args.study] if args.study else sorted(cfg.studies)
         found = check(cfg, [cfg.study(n) for n in names])
-        for line in found:
-            print(line)
-        if not found:
-            print("no problems found")
+        for line in found or ["no problems found"]:
+            _say(line)
         return 1 if found else 0
     raise UsageError(f"unknown command {args.command}")  # pragma: no cover
 
@@ -133,19 +138,20 @@ def _upload(args: argparse.Namespace) -> int:
     names = []
     for p in args.paths:
         if not os.path.lexists(p):
-            raise UsageError(f"{p}: no such file or directory")
+            raise UsageError(f"{log.printable(str(p))}: no such file or directory")
     for p in args.paths:
         names.append(upload(study, p))
-        print(f"{p} -> {study.inbox / names[-1]}")
+        _say(f"{log.printable(str(p))} -> {log.printable(str(study.inbox / names[-1]))}")
     if not args.wait:
         return 0
     worst = 0
     for n in names:
         r = wait(study, n, since, args.timeout)
+        shown = log.printable(n)
         if r is None:
-            print(f"{n}: claimed by the service (receipts are not readable for you)")
+            _say(f"{shown}: claimed by the service (receipts are not readable for you)")
         else:
-            print(f"{n}: {r.outcome} ({r.id})" + (f": {r.reason}" if r.reason else ""))
+            _say(f"{shown}: {r.outcome} ({r.id})" + (f": {r.reason}" if r.reason else ""))
             worst = worst or (0 if r.outcome is Outcome.DELIVERED else 1)
     return worst
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,16 +20,21 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .log import printable
 
 DEFAULT_CONFIG = Path("/etc/dittohead/config.yaml")
-STUDY_RE = re.compile(r"^[a-z0-9][a-z0-9_]{0,63}$")
+# Every pattern here is used with fullmatch: "$" would accept a trailing newline.
+STUDY_RE = re.compile(r"[a-z0-9][a-z0-9_]{0,63}")
 # Debian's adduser default NAME_REGEX, plus what groups and sysusers accept.
-UNIX_NAME_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$")
+UNIX_NAME_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}\$?")
 NOTIFY_EVENTS = ("delivered", "failed", "rejected", "disk")
+# One {user} and no other placeholder: str.format on anything else could
+# reach attributes of the user name ("{user.__class__}").
+UPLOADER_ADDRESS_RE = re.compile(r"[^{}\s]*\{user\}[^{}\s]*")
 # Paths go into generated unit files unquoted (dittohead/generator.py), so
 # refuse what would need escaping there: whitespace, quotes, backslashes, "%"
 # specifiers, glob characters (PathExistsGlob=) and non-ASCII.
-SAFE_PATH_RE = re.compile(r"^/[A-Za-z0-9._/+,:=@~-]*$")
+SAFE_PATH_RE = re.compile(r"/[A-Za-z0-9._/+,:=@~-]*")
 DEFAULT_IGNORE = (".DS_Store", "Thumbs.db", "desktop.ini", "._*")
 
 
@@ -99,8 +105,8 @@ class Config:
         except KeyError:
             known = ", ".join(sorted(self.studies)) or "none"
             raise ConfigError(
-                f"studies.{name}: no such study in the config (known: {known})",
-                str(self.path),
+                f"studies.{printable(name)}: no such study in the config (known: {known})",
+                printable(str(self.path)),
             ) from None
 
 
@@ -112,19 +118,100 @@ def config_path(arg: str | None) -> Path:
     return Path(env) if env else DEFAULT_CONFIG
 
 
+# Bounds of the file, so that no config (a typo, a generated file gone wrong,
+# a YAML alias bomb) can exhaust memory or recursion in every command and in
+# the generator at boot. A real config is a few KiB, 6 levels deep.
+MAX_BYTES = 1 << 20  # 1 MiB
+MAX_DEPTH = 32  # nested mappings and lists
+MAX_NODES = 50_000  # values, keys and collections, each alias counted as what it stands for
+
+
 def load(path: Path) -> Config:
     """Read, parse and validate the file; raise ConfigError with every problem."""
+    shown = printable(str(path))
+    text = _read(path, shown)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"cannot read: {e.strerror}", str(path)) from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"not UTF-8: {e}", str(path)) from None
-    try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader, bounded
+    except _TooBig as e:
+        raise ConfigError(str(e), shown) from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"not valid YAML: {e}", str(path)) from None
+        raise ConfigError(f"not valid YAML: {e}", shown) from None
+    except Exception as e:  # PyYAML's constructors raise ValueError and more for bad values
+        raise ConfigError(f"not valid YAML: {type(e).__name__}: {e}", shown) from None
     return parse(data, path)
+
+
+def _read(path: Path, shown: str) -> str:
+    """The file's text: a regular file of at most MAX_BYTES, UTF-8; else ConfigError."""
+    try:
+        # O_NONBLOCK: a FIFO given as the config must not hang the command.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror}", shown) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError("not a regular file", shown)
+        chunks, size = [], 0
+        while size <= MAX_BYTES and (chunk := os.read(fd, MAX_BYTES + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror}", shown) from None
+    finally:
+        os.close(fd)
+    if size > MAX_BYTES:
+        raise ConfigError(f"larger than {MAX_BYTES} bytes: not a dittohead config", shown)
+    try:
+        return b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8: {e}", shown) from None
+
+
+class _TooBig(Exception):
+    """The YAML is nested too deep or expands to too many values."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that counts depth and values while composing, before anything is built.
+
+    Composing recurses once per level, so a deep file would end in
+    RecursionError; aliases are shared, so a few lines can stand for
+    billions of values that validation or a dump would walk.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0
+        self._sizes: dict[str, int] = {}  # anchor -> values its node stands for
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event: yaml.NodeEvent = self.peek_event()  # type: ignore[no-untyped-call]
+        where = f"line {event.start_mark.line + 1}" if event.start_mark else "?"
+        if isinstance(event, yaml.AliasEvent):
+            size = self._sizes.get(event.anchor or "")
+            if size is None and event.anchor in self.anchors:
+                raise _TooBig(f"{where}: alias *{printable(event.anchor or '')} is inside "
+                              "the node it refers to")
+            self._count(size or 1)  # an undefined alias: the composer says so
+            return super().compose_node(parent, index)
+        if self._depth >= MAX_DEPTH:
+            raise _TooBig(f"{where}: nested deeper than {MAX_DEPTH} levels")
+        self._depth += 1
+        before = self._nodes
+        self._count(1)
+        node = super().compose_node(parent, index)
+        self._depth -= 1
+        if event.anchor is not None:
+            self._sizes[event.anchor] = self._nodes - before
+        return node
+
+    def _count(self, n: int) -> None:
+        self._nodes += n
+        if self._nodes > MAX_NODES:
+            raise _TooBig(f"more than {MAX_NODES} values (each use of an alias counts "
+                          "as the values it stands for)")
 
 
 def parse(data: Any, path: Path = DEFAULT_CONFIG) -> Config:
@@ -133,7 +220,7 @@ def parse(data: Any, path: Path = DEFAULT_CONFIG) -> Config:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError("the top level must be a mapping", str(path))
+        raise ConfigError("the top level must be a mapping", printable(str(path)))
     v.known_keys("", data, {"dropbox_root", "service_user", "defaults", "notify", "studies"})
     root = v.abspath("dropbox_root", data.get("dropbox_root", "/data-dropbox"))
     user = v.unix_name("service_user", data.get("service_user", "dittohead"))
@@ -153,7 +240,7 @@ def parse(data: Any, path: Path = DEFAULT_CONFIG) -> Config:
         raw_studies = {}
     for name, raw in raw_studies.items():
         key = f"studies.{name}"
-        if not isinstance(name, str) or not STUDY_RE.match(name):
+        if not isinstance(name, str) or not STUDY_RE.fullmatch(name):
             v.error(key, "study id must match ^[a-z0-9][a-z0-9_]{0,63}$")
             continue
         if raw is None:
@@ -168,7 +255,7 @@ def parse(data: Any, path: Path = DEFAULT_CONFIG) -> Config:
             studies[name] = study
     _check_overlaps(v, root, studies)
     if v.problems:
-        raise ConfigError(v.problems, str(path))
+        raise ConfigError(v.problems, printable(str(path)))
     assert root is not None and user is not None
     return Config(path=path, dropbox_root=root, service_user=user, notify=notify,
                   studies=studies)
@@ -185,7 +272,8 @@ class _Validator:
         self.problems: list[str] = []
 
     def error(self, key: str, message: str) -> None:
-        self.problems.append(f"{key}: {message}" if key else message)
+        # Key paths hold the file's own keys, which may hold anything.
+        self.problems.append(f"{printable(key)}: {message}" if key else message)
 
     def known_keys(self, key: str, data: dict[Any, Any], allowed: set[str],
                    hint: dict[str, str] | None = None) -> None:
@@ -205,7 +293,7 @@ class _Validator:
         if any(part in (".", "..") for part in value.split("/")) or "\n" in value:
             self.error(key, "must be a normalized path (no '.', '..' or newlines)")
             return None
-        if not SAFE_PATH_RE.match(value):
+        if not SAFE_PATH_RE.fullmatch(value):
             self.error(key, "may hold only letters, digits and . _ / + , : = @ ~ - (it is "
                        "written into systemd unit files)")
             return None
@@ -215,7 +303,7 @@ class _Validator:
         return Path(os.path.normpath(value))
 
     def unix_name(self, key: str, value: Any) -> str | None:
-        if not isinstance(value, str) or not UNIX_NAME_RE.match(value):
+        if not isinstance(value, str) or not UNIX_NAME_RE.fullmatch(value):
             self.error(key, "must be a user or group name like 'dittohead'")
             return None
         return value
@@ -251,7 +339,7 @@ def _notify(v: _Validator, raw: Any) -> NotifyConfig:
         return NotifyConfig()
     v.known_keys("notify", raw, {"from", "smtp", "uploader_address"})
     sender = raw.get("from")
-    if sender is not None and (not isinstance(sender, str) or "@" not in sender):
+    if sender is not None and not _address_like(sender):
         v.error("notify.from", "must be an email address")
         sender = None
     smtp = SmtpConfig()
@@ -283,17 +371,12 @@ def _notify(v: _Validator, raw: Any) -> NotifyConfig:
     if username and password_file is None:
         v.error("notify.smtp.password_file", "is required when username is set")
     uploader = raw.get("uploader_address")
-    if uploader is not None:
-        if not isinstance(uploader, str) or "{user}" not in uploader or "@" not in uploader:
-            v.error("notify.uploader_address",
-                    'must be an address pattern like "{user}@example.edu"')
-            uploader = None
-        else:
-            try:
-                uploader.format(user="x")
-            except (KeyError, IndexError, ValueError):
-                v.error("notify.uploader_address", "may use only the {user} placeholder")
-                uploader = None
+    if uploader is not None and not (_address_like(uploader)
+                                     and UPLOADER_ADDRESS_RE.fullmatch(uploader)):
+        v.error("notify.uploader_address",
+                'must be an address pattern like "{user}@example.edu" (one {user}, no other '
+                "braces or spaces)")
+        uploader = None
     return NotifyConfig(sender=sender, smtp=SmtpConfig(host, port, starttls, username,
                                                        password_file),
                         uploader_address=uploader)
@@ -313,7 +396,7 @@ def _study(v: _Validator, key: str, name: str, raw: dict[str, Any],
     uploaders = raw.get("uploaders")
     if uploaders is not None:
         uploaders = v.str_list(f"{key}.uploaders", uploaders,
-                               lambda g: None if UNIX_NAME_RE.match(g) else "not a group name")
+                               lambda g: None if UNIX_NAME_RE.fullmatch(g) else "not a group name")
     file_mode = v.mode(f"{key}.file_mode", raw.get("file_mode", "0640"), 0)
     if file_mode is not None and not file_mode & 0o400:
         v.error(f"{key}.file_mode", "must let the owner read (the service verifies each file)")
@@ -349,11 +432,16 @@ def _study_notify(v: _Validator, key: str, raw: Any) -> StudyNotify:
         raw = {("on" if k is True else k): val for k, val in raw.items()}
     v.known_keys(key, raw, {"to", "on"})
     to = v.str_list(f"{key}.to", raw.get("to", []),
-                    lambda a: None if "@" in a else "not an email address") or ()
+                    lambda a: None if _address_like(a) else "not an email address") or ()
     on = v.str_list(f"{key}.on", raw.get("on", list(NOTIFY_EVENTS)),
                     lambda e: None if e in NOTIFY_EVENTS
                     else f"unknown event (one of {', '.join(NOTIFY_EVENTS)})") or ()
     return StudyNotify(to=to, on=frozenset(on))
+
+
+def _address_like(value: Any) -> bool:
+    # The mail code checks each address's form; here: text of one line, with "@".
+    return isinstance(value, str) and "@" in value and value.isprintable()
 
 
 def _inside(a: Path, b: Path) -> bool:
@@ -361,13 +449,27 @@ def _inside(a: Path, b: Path) -> bool:
 
 
 def _check_overlaps(v: _Validator, root: Path | None, studies: dict[str, StudyConfig]) -> None:
-    """No study may deliver into another's destination or into the dropbox itself."""
-    items = sorted(studies.items())
-    for i, (name, s) in enumerate(items):
+    """No study may deliver into another's destination or into the dropbox itself.
+
+    Each study is told of the first (by name) earlier study it overlaps. Each
+    destination's parents are looked up instead of comparing every pair, so
+    that the largest file allowed (thousands of studies) is checked at once.
+    """
+    first_at: dict[Path, str] = {}  # destination -> the first study using it
+    first_below: dict[Path, str] = {}  # directory -> the first study whose destination is below
+    for name in sorted(studies):
+        dest = studies[name].destination
+        first_at.setdefault(dest, name)
+        for parent in dest.parents:
+            first_below.setdefault(parent, name)
+    for name in sorted(studies):
+        s = studies[name]
         if root is not None and (_inside(s.destination, root) or _inside(root, s.destination)):
             v.error(f"studies.{name}.destination",
                     f"must not overlap dropbox_root ({root})")
-        for other, o in items[i + 1:]:
-            if _inside(s.destination, o.destination) or _inside(o.destination, s.destination):
-                v.error(f"studies.{other}.destination",
-                        f"overlaps the destination of study {name} ({s.destination})")
+        found = [first_at.get(d) for d in (s.destination, *s.destination.parents)]
+        found.append(first_below.get(s.destination))
+        earlier = sorted(other for other in found if other is not None and other < name)
+        if earlier:
+            v.error(f"studies.{name}.destination", f"overlaps the destination of study "
+                    f"{earlier[0]} ({studies[earlier[0]].destination})")

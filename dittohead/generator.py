@@ -40,6 +40,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
+from . import log
 from .config import DEFAULT_CONFIG, SAFE_PATH_RE, Config, StudyConfig, config_path, load
 from .errors import ConfigError
 
@@ -61,7 +62,7 @@ class UnsafePath(ValueError):
 
 def _path(p: Path, key: str) -> str:
     s = str(p)
-    if not _SAFE_PATH.match(s):
+    if not _SAFE_PATH.fullmatch(s):
         raise UnsafePath(f"{key}: {s!r} holds characters that unit files would need escaped "
                          "(use letters, digits and . _ - + , : = @ ~ only)")
     return s
@@ -201,9 +202,12 @@ def write(directory: Path, dropins: Mapping[str, str]) -> None:
         os.replace(tmp, target)
 
 
+KMSG_LINE_MAX = 900  # bytes; the kernel refuses longer records (LOG_LINE_MAX is 992)
+
+
 def _log(priority: int, message: str) -> None:
     """To the kernel log (the journal reads it) when run by systemd, else stderr."""
-    line = f"dittohead-generator: {message}"
+    line = log.clean(f"dittohead-generator: {message}")
     if os.environ.get("SYSTEMD_SCOPE") or os.environ.get("DITTOHEAD_GENERATOR_KMSG"):
         try:
             fd = os.open("/dev/kmsg", os.O_WRONLY | os.O_CLOEXEC | os.O_NOCTTY)
@@ -212,38 +216,56 @@ def _log(priority: int, message: str) -> None:
         else:
             try:
                 for part in line.splitlines():
-                    os.write(fd, f"<{priority}>{part}\n".encode(errors="backslashreplace"))
+                    record = f"<{priority}>{part}".encode(errors="backslashreplace")
+                    if len(record) > KMSG_LINE_MAX:
+                        record = record[:KMSG_LINE_MAX - 4] + b" ..."
+                    os.write(fd, record + b"\n")
                 return
             except OSError:
                 pass
             finally:
                 os.close(fd)
-    print(line, file=sys.stderr, flush=True)
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        pass  # no stderr at all: nothing left to tell, and boot must go on
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Generator entry point: NORMAL_DIR [EARLY_DIR LATE_DIR]. Always exits 0 once started."""
+    """Generator entry point: NORMAL_DIR [EARLY_DIR LATE_DIR]. Always exits 0 once started.
+
+    A generator that fails is reported as a failure at boot and stops
+    nothing, so whatever the config (unreadable, invalid, huge, too deep)
+    and whatever goes wrong here, it logs why and exits 0.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) not in (1, 3):
         print("usage: dittohead-generator NORMAL_DIR [EARLY_DIR LATE_DIR]", file=sys.stderr)
         return 2
-    normal = Path(args[0])
+    try:
+        generate(Path(args[0]))
+    except Exception as e:  # a bug; boot goes on without dittohead's units
+        _log(3, f"unexpected error, no dittohead units set up: {e!r}")
+    return 0
+
+
+def generate(normal: Path) -> None:
+    """Write the drop-ins of every study the config allows into normal; log what is left out."""
     path = config_path(None)
-    if not path.exists():
-        return 0  # installed, no config yet: nothing to do
+    if not os.path.lexists(path):
+        return  # installed, no config yet: nothing to do
     try:
         config = load(path)
     except ConfigError as e:
         _log(3, f"{e}; no dittohead units set up until it is fixed (then: systemctl "
                 "daemon-reload)")
-        return 0
+        return
     for problem in problems(config):
         _log(3, problem)
     try:
         write(normal, expected_dropins(config))
     except OSError as e:
-        _log(3, f"cannot write to {normal}: {e}")
-    return 0
+        _log(3, f"cannot write to {log.printable(str(normal))}: {e}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import re
 import shutil
 import stat
 import subprocess
@@ -17,6 +18,7 @@ from .config import Config, StudyConfig
 from .errors import DittoheadError
 from .examine import MAX_DEPTH
 from .fsops import rename_noreplace, used_percent
+from .log import printable
 from .record import ReceiptError, read_receipt
 from .stage import STAGING_PREFIX
 
@@ -89,9 +91,10 @@ def status_text(data: list[dict[str, Any]]) -> str:
                      f"{s['processing']} processing, {s['failed']} failed, "
                      f"{s['delivered']} delivered")
         last = s["last_delivery"]
-        if last:
-            lines.append(f"  last delivery: {last.get('id')} ({last.get('entry')}, "
-                         f"{last.get('files')} files, {last.get('finished')})")
+        if last:  # its entry is printable() already (Receipt.to_dict)
+            lines.append(f"  last delivery: {printable(str(last.get('id')))} "
+                         f"({last.get('entry')}, {last.get('files')} files, "
+                         f"{last.get('finished')})")
         disk = s["disk"]
         lines.append(f"  destination: {s['destination']} "
                      + (f"{disk['percent']}% used" if disk else "NOT AVAILABLE"))
@@ -111,9 +114,10 @@ def leftovers(study: StudyConfig) -> list[str]:
                 not (study.processing / f"{name[len(STAGING_PREFIX):]}.json").exists():
             # A claim removes its own staging directory when it resumes; without
             # one (removed by hand?) nothing ever will. Nothing in it is delivered.
-            found.append(f"{study.destination / name} belongs to no claim in processing/: "
+            shown = printable(str(study.destination / name))
+            found.append(f"{shown} belongs to no claim in processing/: "
                          "an abandoned staging directory, nothing in it was delivered; "
-                         f"remove it (rm -r {study.destination / name})")
+                         f"remove it (rm -r {shown})")
     queued = list((study.processing / ".mail").glob("*.eml"))
     now = time.time()
     stale = [p for p in queued if now - _mtime(p) > STALE_MAIL]
@@ -204,10 +208,16 @@ def give_back(top: Path, uid: int, service_uid: int) -> None:
     back(str(top), None)
 
 
+# What `retry` accepts as a delivery id: every id new_id() makes (time, slug,
+# hex), with room for other forms, and never a path (no "/", no leading ".").
+DELIVERY_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
 def retry(cfg: Config, study: StudyConfig, delivery: str) -> str:
     """Move failed/<id> back into the inbox under its original name."""
-    if "/" in delivery or delivery.startswith("."):
-        raise DittoheadError(f"{delivery}: not a delivery id")
+    if not DELIVERY_ID_RE.fullmatch(delivery):
+        raise DittoheadError(f"{printable(delivery)}: not a delivery id (like "
+                             "20261127T204655Z-s01-session1-9f3a0c; see `dittohead status`)")
     receipt = study.failed / f"{delivery}.json"
     try:
         r = read_receipt(receipt)
@@ -220,8 +230,8 @@ def retry(cfg: Config, study: StudyConfig, delivery: str) -> str:
     if not os.path.lexists(study.failed / delivery):
         raise DittoheadError(f"{study.failed / delivery} is gone; nothing to retry")
     # Checked before anything is given back, and again by the rename itself.
-    waiting = DittoheadError(f"{study.inbox / name} exists: another upload of that name is "
-                             "waiting; retry after it is delivered")
+    waiting = DittoheadError(f"{printable(str(study.inbox / name))} exists: another upload of "
+                             "that name is waiting; retry after it is delivered")
     if os.path.lexists(study.inbox / name):
         raise waiting
     if r.uploader_uid >= 0:
@@ -236,4 +246,4 @@ def retry(cfg: Config, study: StudyConfig, delivery: str) -> str:
     except FileExistsError:
         raise waiting from None
     os.rename(receipt, study.failed / f"{delivery}.retried.json")
-    return f"{delivery} is back in {study.inbox} as {name}"
+    return f"{delivery} is back in {study.inbox} as {printable(name)}"

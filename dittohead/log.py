@@ -6,6 +6,11 @@ finds them. Without a journal socket (a container, a host without systemd)
 the message goes to stderr as a plain sentence; DITTOHEAD_LOG=stderr sends
 every event there instead of the journal, as one line ending in its
 KEY=value fields (for tests and scripts).
+
+Names come from uploaders, so every name shown (in a message, a field, on
+a terminal, in mail) goes through printable(), and every line written
+through clean(): a name can neither send escape sequences to a terminal
+nor split one log line into two.
 """
 
 from __future__ import annotations
@@ -43,15 +48,71 @@ _PRIORITY = {
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 
 
+# Shown as \uNNNN: Unicode line and paragraph separators and the bidi
+# controls, which reorder what a terminal, a mail reader or a log viewer
+# shows (Trojan Source), though they are not control characters.
+_INVISIBLE = frozenset("\u061c\u200e\u200f\u2028\u2029\u202a\u202b\u202c\u202d\u202e"
+                       "\u2066\u2067\u2068\u2069")
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(c: str) -> str:
+    o = ord(c)
+    if c in _SHORT:
+        return _SHORT[c]
+    if 0xDC80 <= o <= 0xDCFF:  # a byte that is not UTF-8 (surrogateescape)
+        return f"\\x{o - 0xDC00:02x}"
+    if o < 0x20 or o == 0x7F:
+        return f"\\x{o:02x}"
+    if 0x80 <= o <= 0x9F or c in _INVISIBLE or 0xD800 <= o <= 0xDFFF:
+        return f"\\u{o:04x}"
+    return c
+
+
 def printable(name: str) -> str:
-    """A file name as text for humans and JSON: undecodable bytes become \\xNN."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace").replace("\n", "\\n")
+    """A name (file, entry, user) as one line of text that is safe on a terminal.
+
+    The one rule for every name dittohead shows: bytes that are not UTF-8 as
+    \\xNN, control characters as \\n, \\r, \\t or \\xNN (C1: \\u0080-\\u009f),
+    bidi controls and line separators as \\uNNNN, a backslash as \\\\; the
+    rest as it is. Nothing is lost: each escape stands for one byte or
+    character, and an escape cannot be mistaken for a name's own backslash.
+    """
+    try:
+        raw = os.fsencode(name)
+    except UnicodeEncodeError:  # a lone surrogate that is not an undecodable byte
+        raw = name.encode("utf-8", "surrogatepass")
+    text = raw.decode("utf-8", "surrogateescape")
+    if text.isprintable() and "\\" not in text:
+        return text  # the common case, and every name of ASCII letters and digits
+    return "".join("\\\\" if c == "\\" else _escape(c) for c in text)
+
+
+def clean(text: str) -> str:
+    """Text about names (a message, a reason) made safe to show, without escaping twice.
+
+    The same escapes as printable() for control characters, except that a
+    newline stays (messages may be multi-line by design; names in them are
+    escaped already) and a backslash stays (it may begin an escape made by
+    printable()).
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c == "\n" or c.isprintable() else _escape(c) for c in text)
+
+
+# Event fields that hold a name as it is (escaped here); the others hold text.
+NAME_FIELDS = frozenset({"entry", "uploader"})
 
 
 def event(kind: str, message: str, **fields: Any) -> None:
-    """Record one event; `fields` become DITTOHEAD_<NAME> journal fields."""
-    journal_fields = {f"DITTOHEAD_{k.upper()}": _text(v) for k, v in fields.items()
-                      if v is not None}
+    """Record one event; `fields` become DITTOHEAD_<NAME> journal fields.
+
+    `entry` and `uploader` are names as they are (printable() escapes them);
+    the message and other fields are text, with any name in them escaped.
+    """
+    journal_fields = {f"DITTOHEAD_{k.upper()}": _text(v, k in NAME_FIELDS)
+                      for k, v in fields.items() if v is not None}
     journal_fields["MESSAGE_ID"] = MESSAGE_IDS[kind]
     _emit(message, _PRIORITY[kind], journal_fields, tell_person=False)
 
@@ -69,6 +130,10 @@ def send(message: str, *, priority: int, message_id: str | None = None,
 
 
 def _emit(message: str, priority: int, fields: dict[str, str], tell_person: bool) -> None:
+    # The last line of defence: whatever a caller forgot to escape cannot
+    # move a terminal's cursor or forge a line of the log.
+    message = clean(message)
+    fields = {k: clean(v) for k, v in fields.items()}
     wanted = os.environ.get("DITTOHEAD_LOG")
     if wanted != "stderr" and os.path.exists(JOURNAL_SOCKET):
         try:
@@ -99,10 +164,10 @@ def _stderr_is_journal() -> bool:
         return False
 
 
-def _text(value: Any) -> str:
+def _text(value: Any, name: bool) -> str:
     if isinstance(value, (list, tuple)):
-        return "\n".join(printable(str(v)) for v in value)
-    return printable(str(value))
+        return "\n".join(_text(v, name) for v in value)
+    return printable(str(value)) if name else clean(str(value))
 
 
 def _quote(value: str) -> str:

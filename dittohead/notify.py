@@ -25,6 +25,7 @@ import socket
 import syslog
 import time
 from pathlib import Path
+from typing import Any
 
 from . import log
 from .config import Config, StudyConfig
@@ -52,31 +53,78 @@ def queue_dir(study: StudyConfig) -> Path:
 
 def send(cfg: Config, study: StudyConfig, kind: str, subject: str, body: str,
          uploader: str | None = None) -> None:
-    """Queue one event's mail for whoever should hear of it (nothing if nobody)."""
-    to = recipients(cfg, study, kind, uploader)
-    if not to:
+    """Queue one event's mail for whoever should hear of it (nothing if nobody).
+
+    Never raises: the event it tells of has happened already, so a mail that
+    cannot be made or queued is a warning naming why, and nothing else.
+    """
+    try:
+        to = recipients(cfg, study, kind, uploader)
+        data = message(cfg, study, to, subject, body) if to else None
+    except ValueError as e:  # a header the email policy refuses
+        _warn(study, f"could not make the mail about {kind}: {e}")
         return
+    if data is None:
+        return
+    try:
+        q = queue_dir(study)
+        q.mkdir(mode=0o700, exist_ok=True)
+        write_atomic(q / f"{time.time_ns()}-{os.urandom(4).hex()}.eml", data, 0o600)
+    except OSError as e:
+        _warn(study, f"could not queue mail about {kind}: {e}")
+
+
+def message(cfg: Config, study: StudyConfig, to: list[str], subject: str,
+            body: str) -> bytes | None:
+    """The mail as queued, or None when no address is left; ValueError for a bad header.
+
+    Headers are made by the email package's policy, which refuses a line
+    break in any of them; subject and body are escaped first (log.clean),
+    and an address that does not parse as exactly one address is left out.
+    """
     # Imported here, like smtplib below: most runs send no mail, and every
     # run's start-up time is part of each delivery's latency.
     from email.message import EmailMessage
+    from email.policy import default
     from email.utils import formatdate, make_msgid
 
-    msg = EmailMessage()
+    good = [a for a in to if _one_address(study, a)]
+    if not good:
+        return None
+    msg = EmailMessage(policy=default)
     msg["From"] = cfg.notify.sender or f"{cfg.service_user}@{socket.getfqdn()}"
-    msg["To"] = ", ".join(to)
-    msg["Subject"] = f"[dittohead {study.name}] {subject}"
+    msg["To"] = ", ".join(good)
+    msg["Subject"] = " ".join(log.clean(f"[dittohead {study.name}] {subject}").splitlines())
     msg["Date"] = formatdate(localtime=True)
     msg["Message-ID"] = make_msgid(domain="dittohead.invalid")
     msg["Auto-Submitted"] = "auto-generated"  # RFC 3834: no vacation replies
-    msg.set_content(body)
-    q = queue_dir(study)
-    q.mkdir(mode=0o700, exist_ok=True)
+    for name, value in msg.items():
+        if getattr(value, "defects", None):
+            raise ValueError(f"its {name} header '{log.printable(str(value))}': "
+                             f"{value.defects[0]}")
+    msg.set_content(log.clean(body))
+    return msg.as_bytes()
+
+
+def _one_address(study: StudyConfig, text: str) -> bool:
+    """Whether text is one well-formed address; warn about it when not."""
+    from email.headerregistry import HeaderRegistry
+
     try:
-        write_atomic(q / f"{time.time_ns()}-{os.urandom(4).hex()}.eml", msg.as_bytes(), 0o600)
-    except OSError as e:
-        log.send(f"{study.name}: could not queue mail about {kind}: {e}",
-                 priority=syslog.LOG_WARNING, DITTOHEAD_STUDY=study.name,
-                 DITTOHEAD_REASON=str(e))
+        header = HeaderRegistry()("To", text)
+        found: tuple[Any, ...] = getattr(header, "addresses", ())  # an AddressHeader's
+        ok = (text.isprintable() and not header.defects and len(found) == 1
+              and bool(found[0].username and found[0].domain))
+    except (ValueError, IndexError):  # the parser's own errors on some malformed input
+        ok = False
+    if not ok:
+        _warn(study, f"not mailing '{log.printable(text)}': not one valid address")
+    return ok
+
+
+def _warn(study: StudyConfig, text: str) -> None:
+    log.send(f"{study.name}: {text}", priority=syslog.LOG_WARNING,
+             DITTOHEAD_STUDY=study.name, DITTOHEAD_REASON=text)
 
 
 def send_queued(cfg: Config, study: StudyConfig) -> int:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import syslog
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from . import log, notify
 from .claim import Claim
@@ -51,32 +54,55 @@ def storage_failed(study: StudyConfig, c: Claim, uploader: str, error: OSError) 
 
 
 def filed(config: Config, study: StudyConfig, r: Receipt, c: Claim) -> None:
-    """The journal event and mail of a filed entry; after a delivery, the disk check."""
+    """The journal event and mail of a filed entry; after a delivery, the disk check.
+
+    Never raises: the entry is filed whatever happens here, so a failure to
+    tell of it is a warning that says so, never "kept" or "unexpected".
+    """
     name = log.printable(r.entry)
     if r.outcome is Outcome.DELIVERED:
-        msg = (f"{study.name}: delivered {name} from {r.uploader}: {r.files} files, "
-               f"{r.nbytes} bytes into {study.destination}")
+        msg = (f"{study.name}: delivered {name} from {log.printable(r.uploader)}: {r.files} "
+               f"files, {r.nbytes} bytes into {study.destination}")
     else:
-        msg = f"{study.name}: {r.outcome} {name} from {r.uploader}: {r.reason}"
-    log.event(r.outcome, msg, files=r.files, bytes=r.nbytes, reason=r.reason,
-              **fields(study, c, r.uploader))
-    subject, body = mail_text(study, r)
-    notify.send(config, study, r.outcome, subject, body, r.uploader)
+        msg = f"{study.name}: {r.outcome} {name} from {log.printable(r.uploader)}: {r.reason}"
+    filed = f"{name} is filed in {receipt_dir(study, r.outcome) / r.id}, but"
+    with _warned(study, f"{filed} its journal event could not be written"):
+        log.event(r.outcome, msg, files=r.files, bytes=r.nbytes, reason=r.reason,
+                  **fields(study, c, r.uploader))
+    with _warned(study, f"{filed} its mail could not be made"):
+        subject, body = mail_text(study, r)
+        notify.send(config, study, r.outcome, subject, body, r.uploader)
     if r.outcome is Outcome.DELIVERED:
-        try:
-            check_disk(config, study)
-        except OSError as e:
-            log.send(f"{study.name}: could not measure the fill of {study.destination}: {e}",
-                     priority=syslog.LOG_WARNING, DITTOHEAD_STUDY=study.name,
-                     DITTOHEAD_REASON=str(e))
+        with _warned(study, f"{filed} the destination's fill could not be measured"):
+            try:
+                check_disk(config, study)
+            except OSError as e:
+                _warn(study, f"could not measure the fill of {study.destination}: {e}")
+
+
+@contextmanager
+def _warned(study: StudyConfig, text: str) -> Iterator[None]:
+    """Turn any exception into a warning: the entry stays filed and the run goes on."""
+    try:
+        yield
+    except Exception as e:
+        _warn(study, f"{text}: {e!r}")
+
+
+def _warn(study: StudyConfig, text: str) -> None:
+    try:
+        log.send(f"{study.name}: {text}", priority=syslog.LOG_WARNING,
+                 DITTOHEAD_STUDY=study.name, DITTOHEAD_REASON=text)
+    except Exception:  # not even a warning could be written: stderr is all that is left
+        print(f"dittohead: {log.clean(study.name + ': ' + text)}", file=sys.stderr)
 
 
 def mail_text(study: StudyConfig, r: Receipt) -> tuple[str, str]:
-    """The subject and body of the mail about a filed entry."""
+    """The subject and body of the mail about a filed entry (every name escaped)."""
     name = log.printable(r.entry)
     where = receipt_dir(study, r.outcome)
     lines = [f"Study:       {study.name}", f"Entry:       {name}",
-             f"Uploaded by: {r.uploader}", f"Delivery:    {r.id}",
+             f"Uploaded by: {log.printable(r.uploader)}", f"Delivery:    {log.printable(r.id)}",
              f"Outcome:     {r.outcome}"]
     if r.outcome is Outcome.DELIVERED:
         subject = f"delivered {name} ({r.files} files)"
@@ -90,7 +116,7 @@ def mail_text(study: StudyConfig, r: Receipt) -> tuple[str, str]:
                          + (f" and {more} more" if more > 0 else ""))
     else:
         subject = f"{r.outcome}: {name} was NOT delivered"
-        lines += ["", f"Why: {r.reason}", "",
+        lines += ["", f"Why: {log.clean(r.reason or '')}", "",
                   f"The upload is kept, untouched, in {where / r.id}.",
                   "Once the cause is fixed, an admin can put it back in line with:",
                   f"  dittohead retry {study.name} {r.id}"]

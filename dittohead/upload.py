@@ -19,6 +19,7 @@ from pathlib import Path
 from .config import StudyConfig
 from .errors import DittoheadError, UsageError
 from .fsops import rename_noreplace
+from .log import printable
 from .record import Receipt, ReceiptError, read_receipt
 
 
@@ -34,8 +35,8 @@ def _refuse_special(path: Path) -> None:
     elif not stat.S_ISREG(st.st_mode):
         bad.append(str(path))
     if bad:
-        raise UsageError(f"{path}: holds symlinks or special files, which are never "
-                         f"delivered: {', '.join(bad[:10])}")
+        raise UsageError(f"{printable(str(path))}: holds symlinks or special files, which "
+                         f"are never delivered: {', '.join(printable(b) for b in bad[:10])}")
 
 
 def _copy(src: str, dst: str) -> None:
@@ -52,12 +53,13 @@ def upload(study: StudyConfig, path: Path) -> str:
     """Copy one file or directory into the inbox and make it ready; return its name."""
     name = path.resolve().name if path.name in ("", ".", "..") else path.name
     if name.startswith("."):
-        raise UsageError(f"{path}: names starting with '.' are never delivered; rename it")
+        raise UsageError(f"{printable(str(path))}: names starting with '.' are never "
+                         "delivered; rename it")
     _refuse_special(path)
     final = study.inbox / name
     if os.path.lexists(final):
-        raise DittoheadError(f"{final} already waits in the inbox; try again when it has "
-                             "been delivered")
+        raise DittoheadError(f"{printable(str(final))} already waits in the inbox; try again "
+                             "when it has been delivered")
     tmp = study.inbox / f".{name}.{os.getpid()}"
     try:
         if path.is_dir():
@@ -82,8 +84,8 @@ def wait(study: StudyConfig, name: str, since: float, timeout: float) -> Receipt
     deadline = time.monotonic() + timeout
     while os.path.lexists(study.inbox / name):
         if time.monotonic() > deadline:
-            raise DittoheadError(f"{name} is still in the inbox after {timeout:.0f}s: is "
-                                 f"dittohead@{study.name}.path running?")
+            raise DittoheadError(f"{printable(name)} is still in the inbox after "
+                                 f"{timeout:.0f}s: is dittohead@{study.name}.path running?")
         time.sleep(0.2)
     while time.monotonic() < deadline:
         for d in (study.done, study.failed):
@@ -105,4 +107,4 @@ def wait(study: StudyConfig, name: str, since: float, timeout: float) -> Receipt
                 if receipt.entry == name:
                     return receipt
         time.sleep(0.2)
-    raise DittoheadError(f"no receipt for {name} after {timeout:.0f}s")
+    raise DittoheadError(f"no receipt for {printable(name)} after {timeout:.0f}s")

@@ -20,13 +20,17 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from email import message_from_bytes
+from email.message import Message
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -276,3 +280,48 @@ def ra() -> ThrowawayUser:
 @pytest.fixture
 def service_env(shared_base: Path, svc: ThrowawayUser) -> Env:
     return make_env(shared_base, service_user=svc.name)
+
+
+# --- mail: a real SMTP server on 127.0.0.1 --------------------------------------------------
+
+class Inbox:
+    """An aiosmtpd handler that keeps every message it is given."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[list[str], Message]] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        self.messages.append((list(envelope.rcpt_tos), message_from_bytes(envelope.content)))
+        return "250 OK"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def smtp() -> Iterator[tuple[Inbox, int]]:
+    """A real SMTP server on 127.0.0.1 that keeps what it is sent; (inbox, port)."""
+    from aiosmtpd.controller import Controller
+    inbox = Inbox()
+    port = free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield inbox, port
+    finally:
+        controller.stop()
+
+
+def mail_env(base: Path, port: int, on: list[str] | None = None) -> Env:
+    """Study s1 mailing pi@example.edu and its uploaders through 127.0.0.1:port."""
+    env = make_env(base, {"notify": {"to": ["pi@example.edu"],
+                                     **({"on": on} if on is not None else {})}})
+    data = yaml.safe_load(env.config_path.read_text())
+    data["notify"] = {"from": "dittohead@example.edu", "uploader_address": "{user}@example.edu",
+                      "smtp": {"host": "127.0.0.1", "port": port}}
+    env.config_path.write_text(yaml.safe_dump(data))
+    return env
