@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from . import log, notify, report
-from .claim import Claim, StudyLock, claim, pending_claims, ready_entries, release, sweep_stale
+from .claim import Claim, StudyLock, claim, pending_claims, release, sweep_stale
 from .config import Config, StudyConfig
 from .conflicts import check_destination, open_destination
 from .errors import (
@@ -42,10 +42,14 @@ from .fsops import is_enospc, user_name
 from .ownership import Ownership
 from .plan import Plan, remove_spool
 from .publish import publish
+from .readiness import Watch
 from .record import file_entry, filed_receipt
 from .stage import Staging, remove_staging, stage
 
 POLL = 0.2  # seconds between looks at the inbox while lingering
+WAIT_POLL = 1.0  # ... while waiting for entries to become quiet
+DUE_SLACK = 0.05  # seconds after an entry is due (ctimes are stamped by a coarse clock)
+MAX_WAIT = 30 * 60  # the longest a run waits for entries to become quiet
 
 
 @dataclass(frozen=True)
@@ -78,14 +82,14 @@ def process(config: Config, study_name: str, linger: float = 0.0) -> RunResult:
     study = config.study(study_name)
     owner = _ownership(config, study)
     counts: Counter[Outcome] = Counter()
-    with StudyLock(study):
+    with StudyLock(study) as lock:
         sweep_stale(study)
         for c in list(pending_claims(study)):
             if os.path.lexists(study.processing / c.id):
                 counts[handle(config, study, c, owner)] += 1
             else:
                 _report_filed(config, study, c)
-        refused = _drain(config, study, owner, linger, counts)
+        refused = _drain(config, study, owner, linger, counts, lock)
     if os.environ.get("DITTOHEAD_MAIL") != "queue":
         notify.send_queued(config, study)
     if refused:
@@ -99,15 +103,22 @@ def process(config: Config, study_name: str, linger: float = 0.0) -> RunResult:
 
 
 def _drain(config: Config, study: StudyConfig, owner: Ownership, linger: float,
-           counts: Counter[Outcome]) -> int:
+           counts: Counter[Outcome], lock: StudyLock) -> int:
     """Claim and deliver ready entries until the inbox was empty `linger` seconds.
 
-    Returns how many entries could not be claimed (they are left alone).
+    With `linger`, a run also waits for entries that are not quiet yet
+    (readiness.py), looking again when the first is due, for at most MAX_WAIT;
+    once it has filed something it ends instead, so that its mail goes out
+    (the path unit starts the next run at once: the glob matches a waiting
+    entry). Returns how many entries could not be claimed (they are left alone).
     """
     refused: set[str] = set()  # entries we could not claim: don't spin on them
-    quiet_since = time.monotonic()
+    watch = Watch(study)
+    started = quiet_since = time.monotonic()
     while True:
-        names = [n for n in ready_entries(study) if n not in refused]
+        seen = watch.scan()
+        _tell_waiting(study, watch, linger)
+        names = [n for n in seen.ready if n not in refused]
         for name in names:
             try:
                 new = claim(study, name)
@@ -120,12 +131,35 @@ def _drain(config: Config, study: StudyConfig, owner: Ownership, linger: float,
                 continue
             if new is not None:
                 counts[handle(config, study, new, owner)] += 1
+        now = time.monotonic()
         if names:
-            quiet_since = time.monotonic()
-        elif time.monotonic() - quiet_since >= linger:
+            quiet_since = now
+            continue
+        filed = sum(counts[o] for o in (Outcome.DELIVERED, Outcome.FAILED, Outcome.REJECTED))
+        waits = bool(seen.waiting) and linger > 0 and not filed and now - started < MAX_WAIT
+        lingering = now - quiet_since < linger
+        if not waits and not lingering:
             return len(refused)
+        delay = POLL if lingering else WAIT_POLL
+        if seen.next_due is not None:
+            delay = min(delay, seen.next_due + DUE_SLACK)
+        if lingering:
+            time.sleep(delay)
         else:
-            time.sleep(POLL)
+            with lock.released():  # an admin's run need not wait for ours
+                time.sleep(delay)
+
+
+def _tell_waiting(study: StudyConfig, watch: Watch, linger: float) -> None:
+    """Say once per run why an entry is not taken yet (an uploader may ask)."""
+    for name in watch.new_waiting:
+        what = ("holds temporary files of an upload that did not finish" if watch.held(name)
+                else "is still changing")
+        then = ("waiting" if linger > 0
+                else "left in the inbox (the service waits for it)")
+        log.send(f"{log.printable(name)} {what}: it is taken once nothing in it has changed "
+                 f"for {study.quiet_period:g} s; {then}", priority=6,
+                 DITTOHEAD_STUDY=study.name, DITTOHEAD_ENTRY=log.printable(name))
 
 
 def handle(config: Config, study: StudyConfig, c: Claim, owner: Ownership) -> Outcome:
