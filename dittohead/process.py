@@ -6,9 +6,12 @@ claim (claim.py) -> examine (examine.py) -> compare with the destination
 (conflicts.py) -> stage (stage.py, copier.py) -> publish (publish.py) ->
 file in done/ or failed/ (record.py) -> journal event and mail (report.py).
 
-With `--linger N` the run keeps watching the inbox until it has been empty
-for N seconds: a systemd .path unit does not see entries that arrive while
-its service runs (docs/field-notes.md), so the service picks them up itself.
+With `--linger N` the run keeps watching the inbox until it has held no
+ready entry for N seconds: a systemd .path unit does not see entries that
+arrive while its service runs (docs/field-notes.md), so the service picks
+them up itself. It also waits for entries that are not quiet yet
+(readiness.py), which the path unit's glob matches too: ending would only
+have the path unit start the next run at once, again and again.
 """
 
 from __future__ import annotations
