@@ -346,6 +346,8 @@ def make_dropbox(base: Path, python: str) -> Dropbox:
     # JSON strings are valid YAML scalars: no quoting surprises in the paths.
     cfg.write_text(f"dropbox_root: {json.dumps(str(root))}\n"
                    f"service_user: {json.dumps(user)}\n"
+                   # The entry is made before the run: ready at once.
+                   "defaults: {quiet_period: 0}\n"
                    "studies:\n"
                    f"  {STUDY}:\n"
                    f"    destination: {json.dumps(str(dest))}\n")

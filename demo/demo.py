@@ -60,6 +60,8 @@ service_user: {env_user}
 studies:
   nccam3:
     destination: {DEMO}/study/nccam3/raw-data
+    # Taken once nothing in an entry changed for 2 s (default 120 s: see config.yaml).
+    quiet_period: 2
 """)
     os.environ["DITTOHEAD_LOG"] = "stderr"  # the journal's fields, printed
 
@@ -80,8 +82,9 @@ studies:
         return 1
     run("ls", "-la", str(study / "inbox"))
 
-    say("The service drains the inbox (what dittohead@nccam3.service runs)")
-    rc = dittohead("process", "nccam3")
+    say("The service drains the inbox (what dittohead@nccam3.service runs; it waits until "
+        "nothing in an entry changed for quiet_period, 2 s here)")
+    rc = dittohead("process", "nccam3", "--linger", "1")
     print(f"exit code {rc}")
 
     say("Delivered: merged into the destination (.DS_Store skipped)")
@@ -96,7 +99,7 @@ studies:
     say("Someone re-uploads s01 with one file changed: never overwritten")
     (s01 / "eprime" / "s01_run1.txt").write_text("edited by hand\n")
     dittohead("upload", "nccam3", str(s01))
-    dittohead("process", "nccam3")
+    dittohead("process", "nccam3", "--linger", "1")
     failed = sorted((study / "failed").glob("*.json"))[0]
     print(json.dumps(json.loads(failed.read_text()), indent=2))
     dittohead("status", "nccam3")

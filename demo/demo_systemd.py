@@ -53,6 +53,8 @@ studies:
     destination: {DEST}
     group: {STUDY}
     uploaders: [{STUDY}-ra]
+    # Taken once nothing in an entry changed for 2 s (default 120 s: see config.yaml).
+    quiet_period: 2
 """
 
 # What a lab PC leaves behind: demo/demo.py's make_session, run inside the box

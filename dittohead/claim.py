@@ -18,6 +18,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from .errors import ConfigError, DittoheadError, StorageError, TemporaryError
 from .fsops import is_enospc, write_atomic
 from .log import printable
 from .plan import remove_spool
+from .readiness import Watch
 
 # The claim record's "format" (see RECEIPT_FORMAT in record.py for the rules).
 CLAIM_FORMAT = 1
@@ -68,6 +70,15 @@ class StudyLock:
     def __exit__(self, *exc: object) -> None:
         os.close(self.fd)  # releases the flock
 
+    @contextmanager
+    def released(self) -> Iterator[None]:
+        """Let another run (an admin's) take the lock meanwhile, e.g. while waiting."""
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+
 
 def now_iso() -> str:
     """The current time, UTC, second precision, ISO 8601 with Z."""
@@ -86,22 +97,8 @@ def new_id(study: StudyConfig, entry: str) -> str:
 
 
 def ready_entries(study: StudyConfig) -> list[str]:
-    """Names in the inbox that are ready (not starting with '.'), oldest first."""
-    try:
-        with os.scandir(study.inbox) as it:
-            found = []
-            for e in it:
-                if e.name.startswith("."):
-                    continue
-                try:
-                    mtime = e.stat(follow_symlinks=False).st_mtime_ns
-                except FileNotFoundError:
-                    continue
-                found.append((mtime, e.name))
-    except FileNotFoundError:
-        raise TemporaryError(f"{study.inbox} does not exist: run `dittohead setup "
-                             f"{study.name}` (or is it not mounted?)") from None
-    return [name for _, name in sorted(found)]
+    """Names in the inbox that are ready (readiness.py), oldest first."""
+    return Watch(study).scan().ready
 
 
 def claim(study: StudyConfig, entry: str) -> Claim | None:

@@ -36,6 +36,11 @@ UPLOADER_ADDRESS_RE = re.compile(r"[^{}\s]*\{user\}[^{}\s]*")
 # specifiers, glob characters (PathExistsGlob=) and non-ASCII.
 SAFE_PATH_RE = re.compile(r"/[A-Za-z0-9._/+,:=@~-]*")
 DEFAULT_IGNORE = (".DS_Store", "Thumbs.db", "desktop.ini", "._*")
+# Seconds an entry must go unchanged before it is taken (dittohead/readiness.py):
+# longer than a Windows SMB client's 60 s session timeout on a stalled
+# connection. config.yaml and docs/contract.md say why.
+DEFAULT_QUIET_PERIOD = 120.0
+MAX_QUIET_PERIOD = 86400.0
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,7 @@ class StudyConfig:
     ignore: tuple[str, ...]
     disk_warn_percent: tuple[int, ...]
     notify: StudyNotify
+    quiet_period: float = DEFAULT_QUIET_PERIOD
 
     @property
     def inbox(self) -> Path:
@@ -262,7 +268,7 @@ def parse(data: Any, path: Path = DEFAULT_CONFIG) -> Config:
 
 
 _STUDY_KEYS = {"destination", "group", "uploaders", "file_mode", "dir_mode", "ignore",
-               "disk_warn_percent", "notify"}
+               "disk_warn_percent", "notify", "quiet_period"}
 
 
 class _Validator:
@@ -412,13 +418,23 @@ def _study(v: _Validator, key: str, name: str, raw: dict[str, Any],
         v.error(f"{key}.disk_warn_percent", "must be a list of whole percentages (1-100)")
         warn = []
     notify = _study_notify(v, f"{key}.notify", raw.get("notify"))
+    quiet = _quiet_period(v, f"{key}.quiet_period", raw.get("quiet_period",
+                                                          DEFAULT_QUIET_PERIOD))
     if len(v.problems) != before or root is None:
         return None
     assert dest is not None and file_mode is not None and dir_mode is not None
     return StudyConfig(name=name, root=root / name, destination=dest, group=group,
                        uploaders=uploaders, file_mode=file_mode, dir_mode=dir_mode,
                        ignore=ignore or (), disk_warn_percent=tuple(sorted(set(warn))),
-                       notify=notify)
+                       notify=notify, quiet_period=quiet)
+
+
+def _quiet_period(v: _Validator, key: str, value: Any) -> float:
+    if (isinstance(value, bool) or not isinstance(value, int | float)
+            or not 0 <= value <= MAX_QUIET_PERIOD):  # (NaN fails this too)
+        v.error(key, f"must be a number of seconds from 0 to {MAX_QUIET_PERIOD:.0f}")
+        return DEFAULT_QUIET_PERIOD
+    return float(value)
 
 
 def _study_notify(v: _Validator, key: str, raw: Any) -> StudyNotify:

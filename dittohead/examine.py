@@ -19,7 +19,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import parallel
+from . import parallel, readiness
 from .claim import Claim
 from .config import StudyConfig
 from .errors import EntryFailed, EntryRejected
@@ -266,6 +266,8 @@ class _Walker:
 
     def file(self, dir_fd: int, name: str, rel: str, st: os.stat_result, skip: bool) -> None:
         """Take over and plan one regular file (an ignored one is only taken over)."""
+        if not skip and readiness.is_temp(rel.rpartition("/")[2]):
+            self.bad.add(readiness.TEMP_KIND, rel)  # held back until stale: partial
         problem = (_NOT_THEIRS if not self.lockdown.owned(st)
                    else _LINKED if st.st_nlink > 1 else None)
         if problem is not None:

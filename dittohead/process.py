@@ -6,9 +6,12 @@ claim (claim.py) -> examine (examine.py) -> compare with the destination
 (conflicts.py) -> stage (stage.py, copier.py) -> publish (publish.py) ->
 file in done/ or failed/ (record.py) -> journal event and mail (report.py).
 
-With `--linger N` the run keeps watching the inbox until it has been empty
-for N seconds: a systemd .path unit does not see entries that arrive while
-its service runs (docs/field-notes.md), so the service picks them up itself.
+With `--linger N` the run keeps watching the inbox until it has held no
+ready entry for N seconds: a systemd .path unit does not see entries that
+arrive while its service runs (docs/field-notes.md), so the service picks
+them up itself. It also waits for entries that are not quiet yet
+(readiness.py), which the path unit's glob matches too: ending would only
+have the path unit start the next run at once, again and again.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ from .claim import (
     claim,
     note_busy,
     pending_claims,
-    ready_entries,
     release,
     sweep_stale,
 )
@@ -56,10 +58,16 @@ from .fsops import is_enospc, user_name
 from .ownership import Ownership
 from .plan import Plan, remove_spool
 from .publish import publish
+from .readiness import Watch
 from .record import file_entry, filed_receipt
 from .stage import Staging, remove_staging, stage
 
 POLL = 0.2  # seconds between looks at the inbox while lingering
+WAIT_POLL = 1.0  # ... while waiting for entries to become quiet
+DUE_SLACK = 0.05  # seconds after an entry is due (ctimes are stamped by a coarse clock)
+MAX_WAIT = 30 * 60  # the longest a run waits for entries to become quiet
+# A full dropbox: how long before a run tries to claim the entry again.
+CLAIM_RETRY = 30.0
 # How long a claimed entry whose files a program still writes to is kept for
 # later runs before it fails (docs/contract.md, "Delivery guarantees").
 BUSY_LIMIT = 3600
@@ -105,14 +113,14 @@ def process(config: Config, study_name: str, linger: float = 0.0) -> RunResult:
     # is to end the process.
     signal.signal(signal.SIGIO, signal.SIG_IGN)
     counts: Counter[Outcome] = Counter()
-    with StudyLock(study):
+    with StudyLock(study) as lock:
         sweep_stale(study)
         for c in list(pending_claims(study)):
             if os.path.lexists(study.processing / c.id):
                 counts[handle(config, study, c, owner)] += 1
             else:
                 _report_filed(config, study, c)
-        refused = _drain(config, study, owner, linger, counts)
+        refused = _drain(config, study, owner, linger, counts, lock)
     if os.environ.get("DITTOHEAD_MAIL") != "queue":
         notify.send_queued(config, study)
     if refused:
@@ -127,37 +135,82 @@ def process(config: Config, study_name: str, linger: float = 0.0) -> RunResult:
 
 
 def _drain(config: Config, study: StudyConfig, owner: Ownership, linger: float,
-           counts: Counter[Outcome]) -> int:
+           counts: Counter[Outcome], lock: StudyLock) -> int:
     """Claim and deliver ready entries until the inbox was empty `linger` seconds.
 
-    Returns how many entries could not be claimed (they are left alone).
+    With `linger`, a run also waits for entries that are not quiet yet
+    (readiness.py), looking again when the first is due, for at most MAX_WAIT;
+    once it has filed something it ends instead, so that its mail goes out
+    (the path unit starts the next run at once: the glob matches a waiting
+    entry). An entry that cannot be claimed for want of space in the dropbox
+    waits the same way, tried again every CLAIM_RETRY seconds. Returns how
+    many entries may not be claimed at all (they are left alone).
     """
     refused: set[str] = set()  # entries we may not claim: don't spin on them
-    waiting: set[str] = set()  # entries we cannot claim now (the dropbox is full)
-    quiet_since = time.monotonic()
+    later: dict[str, float] = {}  # entries we cannot claim now, and when to try again
+    watch = Watch(study)
+    started = quiet_since = time.monotonic()
     while True:
-        names = [n for n in ready_entries(study) if n not in refused and n not in waiting]
+        seen = watch.scan()
+        _tell_waiting(study, watch, linger)
+        names = [n for n in seen.ready
+                 if n not in refused and later.get(n, 0.0) <= time.monotonic()]
         for name in names:
-            try:
-                new = claim(study, name)
-            except (ClaimRefused, TemporaryError) as e:
-                # The entry stays in the inbox, untouched; the others go on.
-                if isinstance(e, ClaimRefused):
-                    refused.add(name)
-                else:
-                    waiting.add(name)
-                    counts[Outcome.RETRY_LATER] += 1
-                log.send(str(e), priority=3 if isinstance(e, ClaimRefused) else 4,
-                         DITTOHEAD_STUDY=study.name, DITTOHEAD_ENTRY=log.printable(name))
-                continue
-            if new is not None:
-                counts[handle(config, study, new, owner)] += 1
+            _claim_and_handle(config, study, owner, name, counts, refused, later)
+        now = time.monotonic()
         if names:
-            quiet_since = time.monotonic()
-        elif time.monotonic() - quiet_since >= linger:
+            quiet_since = now
+            continue
+        filed = sum(counts[o] for o in (Outcome.DELIVERED, Outcome.FAILED, Outcome.REJECTED))
+        waits = (bool(seen.waiting) or bool(later)) and linger > 0 and not filed \
+            and now - started < MAX_WAIT
+        lingering = now - quiet_since < linger
+        if not waits and not lingering:
+            counts[Outcome.RETRY_LATER] += len(later)  # still in the inbox: exit 75
             return len(refused)
+        delay = POLL if lingering else WAIT_POLL
+        for due in [seen.next_due, *(t - now for t in later.values())]:
+            if due is not None:
+                delay = max(0.0, min(delay, due + DUE_SLACK))
+        if lingering:
+            time.sleep(delay)
         else:
-            time.sleep(POLL)
+            with lock.released():  # an admin's run need not wait for ours
+                time.sleep(delay)
+
+
+def _claim_and_handle(config: Config, study: StudyConfig, owner: Ownership, name: str,
+                      counts: Counter[Outcome], refused: set[str],
+                      later: dict[str, float]) -> None:
+    """Claim one ready entry and deliver it; one that cannot be claimed stays untouched."""
+    try:
+        new = claim(study, name)
+    except ClaimRefused as e:
+        refused.add(name)
+        log.send(str(e), priority=3, DITTOHEAD_STUDY=study.name,
+                 DITTOHEAD_ENTRY=log.printable(name))
+        return
+    except TemporaryError as e:
+        if name not in later:  # said once per run, not every CLAIM_RETRY
+            log.send(str(e), priority=4, DITTOHEAD_STUDY=study.name,
+                     DITTOHEAD_ENTRY=log.printable(name))
+        later[name] = time.monotonic() + CLAIM_RETRY
+        return
+    later.pop(name, None)
+    if new is not None:
+        counts[handle(config, study, new, owner)] += 1
+
+
+def _tell_waiting(study: StudyConfig, watch: Watch, linger: float) -> None:
+    """Say once per run why an entry is not taken yet (an uploader may ask)."""
+    for name in watch.new_waiting:
+        what = ("holds temporary files of an upload that did not finish" if watch.held(name)
+                else "is still changing")
+        then = ("waiting" if linger > 0
+                else "left in the inbox (the service waits for it)")
+        log.send(f"{log.printable(name)} {what}: it is taken once nothing in it has changed "
+                 f"for {study.quiet_period:g} s; {then}", priority=6,
+                 DITTOHEAD_STUDY=study.name, DITTOHEAD_ENTRY=log.printable(name))
 
 
 def handle(config: Config, study: StudyConfig, c: Claim, owner: Ownership) -> Outcome:

@@ -167,7 +167,8 @@ def make_env(base: Path, study_keys: Mapping[str, object] | None = None,
     data = {
         "dropbox_root": str(base / "box"),
         "service_user": service_user or me(),
-        "studies": {"s1": {"destination": str(dest), **(study_keys or {})}},
+        # quiet_period 0: entries are ready at once, as dropped (test_readiness.py sets it).
+        "studies": {"s1": {"destination": str(dest), "quiet_period": 0, **(study_keys or {})}},
     }
     path = base / "config.yaml"
     path.write_text(yaml.safe_dump(data))

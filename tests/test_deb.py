@@ -46,6 +46,8 @@ NOTIFY_ID = "d49d0a088dd54a0286ba26b8f857ba0b"  # units/dittohead-notify-failure
 DEST = "/srv/dittohead-deb/s1"
 CONFIG = f"""\
 # dropbox_root: the default, /data-dropbox, which the package's tmpfiles.d makes.
+# quiet_period 0: the upload renames into place, ready at once.
+defaults: {{quiet_period: 0}}
 studies:
   s1:
     destination: {DEST}

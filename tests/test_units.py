@@ -196,6 +196,9 @@ ROOT = "/srv/dh"  # a tmpfs of its own inside the box: room for large entries
 SMTP_PORT = 2525  # a debugging SMTP server inside the box (its own network namespace)
 CONFIG = f"""\
 dropbox_root: {ROOT}/dropbox
+# These tests upload by rename: ready at once (tests/test_clients.py waits for quiet).
+defaults:
+  quiet_period: 0
 notify:
   from: dittohead@example.edu
   smtp: {{host: 127.0.0.1, port: {SMTP_PORT}}}
