@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("process", help="drain a study's inbox once (what the service runs)")
     s.add_argument("study")
     s.add_argument("--linger", type=float, default=0.0, metavar="SECONDS",
-                   help="keep watching until the inbox has been empty this long (default 0)")
+                   help="keep watching until no entry has been ready for this long, and "
+                        "wait for entries still being written (default 0)")
 
     s = sub.add_parser("mail", help="send a study's queued mail (what dittohead-mail@ runs)")
     s.add_argument("study")

@@ -15,10 +15,11 @@ from typing import Any
 
 from . import layout
 from .config import Config, StudyConfig
-from .errors import DittoheadError
+from .errors import DittoheadError, TemporaryError
 from .examine import MAX_DEPTH
 from .fsops import rename_noreplace, used_percent
 from .log import printable
+from .readiness import Watch
 from .record import ReceiptError, read_receipt
 from .stage import STAGING_PREFIX
 
@@ -70,9 +71,11 @@ def status(cfg: Config, study: StudyConfig) -> dict[str, Any]:
             last = read_receipt(study.done / done[0]).to_dict()
         except (OSError, ReceiptError):
             last = None
+    ready, waiting = _ready_and_waiting(study, inbox)
     return {
         "study": study.name,
-        "pending": len([n for n in inbox if not n.startswith(".")]),
+        "pending": ready,
+        "waiting": waiting,
         "uploading": len([n for n in inbox if n.startswith(".")]),
         "processing": len(processing),
         "failed": len(failed),
@@ -84,10 +87,20 @@ def status(cfg: Config, study: StudyConfig) -> dict[str, Any]:
     }
 
 
+def _ready_and_waiting(study: StudyConfig, inbox: list[str]) -> tuple[int, int]:
+    """How many inbox entries are ready, and how many wait to be quiet (readiness.py)."""
+    try:
+        seen = Watch(study).scan()
+    except (TemporaryError, OSError):  # an inbox we cannot read: count names only
+        return len([n for n in inbox if not n.startswith(".")]), 0
+    return len(seen.ready), len(seen.waiting)
+
+
 def status_text(data: list[dict[str, Any]]) -> str:
     lines = []
     for s in data:
-        lines.append(f"{s['study']}: {s['pending']} pending, {s['uploading']} uploading, "
+        lines.append(f"{s['study']}: {s['pending']} pending, {s['waiting']} waiting to be "
+                     f"quiet, {s['uploading']} uploading, "
                      f"{s['processing']} processing, {s['failed']} failed, "
                      f"{s['delivered']} delivered")
         last = s["last_delivery"]

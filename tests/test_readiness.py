@@ -7,6 +7,7 @@ with writers at work beside them. The same with rsync and a booted systemd: test
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -340,3 +341,14 @@ def test_quiet_period_defaults_and_is_validated() -> None:
     text = str(e.value)
     for i in range(7):
         assert f"studies.s{i}.quiet_period: must be a number of seconds" in text
+
+
+def test_status_tells_waiting_entries_from_ready_ones(shared_base: Path) -> None:
+    env = quiet_env(shared_base, 60)
+    (env.study.inbox / "still-copying").mkdir()
+    (env.study.inbox / "still-copying" / "a.txt").write_bytes(b"a")
+    r = env.run("status", "s1", "--json")
+    assert r.returncode == 0, r.stderr
+    (s,) = json.loads(r.stdout)
+    assert (s["pending"], s["waiting"]) == (0, 1)
+    assert "0 pending, 1 waiting to be quiet" in env.run("status", "s1").stdout
