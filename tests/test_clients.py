@@ -1,9 +1,10 @@
-"""Clients that cannot rename, on a booted systemd: rsync straight into the inbox, a writer
-pausing between files, and the path unit while an entry waits to become quiet.
+"""Everyday clients on a booted systemd: rsync straight into the inbox, a writer pausing
+between files, the path unit while an entry waits to become quiet, a writer holding a
+descriptor of a claimed file, and a shell whose cwd is inside a claimed entry.
 
-Boots one box (tests/sysbox.py) with `make install` done in it, as tests/test_units.py
-does, and adds study q1 with a quiet_period of QUIET seconds. Uploads run as a non-root
-user, the way users run them at a terminal.
+Boots one box (tests/boxes.py: tests/sysbox.py with `make install` done in it) and adds
+study q1 with a quiet_period of QUIET seconds; s1 (quiet_period 0) takes dot-rule
+uploads. Uploads run as a non-root user, the way users run them at a terminal.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from .test_units import CONFIG, DELIVERED, ROOT, UPLOADER, Box, boot_installed
+from dittohead.log import MESSAGE_IDS
+
+from .boxes import CONFIG, ROOT, UPLOADER, Box, boot_installed
 
 pytestmark = [pytest.mark.systemd, pytest.mark.slow]
 
@@ -24,6 +27,7 @@ INBOX = f"{ROOT}/dropbox/{STUDY}/inbox"
 DEST = f"{ROOT}/study/{STUDY}"
 # Unit "starting" messages of PID 1 (systemd's catalog: a job was started).
 UNIT_STARTING = "7d4958e842da4a758f6c1cdc7b36dcc5"
+DELIVERED = MESSAGE_IDS["delivered"]
 
 # Runs in the box as the uploader: write files straight into inbox/NAME, pausing between.
 PAUSING_WRITER_PY = r"""
