@@ -5,7 +5,8 @@ checkout in it (tests/boxes.py), and adds two studies: `burst0` with
 quiet_period 0 and `burst2` with a small one (--quiet, 2 s). For each, one
 non-root uploader drops --entries entries (default 1,000) of --files small
 files each, as fast as one process can, the way users must: build `.name`,
-rename it to `name`. Then it measures and checks:
+rename it to `name` (--interval: a pause after each rename, for uploads
+arriving one after another). Then it measures and checks:
 
 - drain time: from the first rename until every entry has its receipt in
   done/ and nothing is left in inbox/ or processing/ (polled every POLL s),
@@ -18,8 +19,11 @@ rename it to `name`. Then it measures and checks:
   `sha256sum -c` in the destination and in done/<id>/, with the digests the
   uploader computed of what it wrote.
 
+The box's dropbox and destinations are on a tmpfs, where syncs cost nothing:
+the drain times are a floor; the point is how the units behave under a burst.
+
 Usage: sudo .venv/bin/python bench/burst.py [--entries N] [--files N] [--quiet S]
-       [--json PATH]      (or `make burst`; exits 77 where no box can boot)
+       [--interval S] [--json PATH]      (or `make burst`; exits 77 where no box can boot)
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ NOTIFY_ID = "d49d0a088dd54a0286ba26b8f857ba0b"  # units/dittohead-notify-failure
 UPLOAD_PY = r"""
 import hashlib, json, os, sys, time
 inbox, prefix, n, files = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+interval = float(sys.argv[5])
 os.umask(0o022)
 digests, renamed = {}, {}
 for i in range(n):
@@ -65,6 +70,8 @@ for i in range(n):
         digests[rel] = hashlib.sha256(data).hexdigest()
     renamed[name] = time.time()
     os.rename(tmp, os.path.join(inbox, name))
+    if interval:
+        time.sleep(interval)
 print(json.dumps({"renamed": renamed, "digests": digests}))
 """
 
@@ -116,6 +123,7 @@ class Result:
     quiet_period: float
     entries: int
     files_per_entry: int
+    interval_s: float  # the uploader's pause after each rename
     upload_s: float  # first rename to last
     drain_s: float  # first rename until all filed, inbox and processing empty
     idle_s: float  # first rename until the service was inactive again
@@ -124,6 +132,7 @@ class Result:
     latency_max_s: float
     service_starts: int
     delivery_runs: int
+    journal_lines: int  # what the delivery service logged (journald limits it per unit)
     problems: tuple[str, ...]
 
 
@@ -170,11 +179,13 @@ def events_since(box: Box, since: float, *matches: str) -> list[dict[str, Any]]:
     return box.journal(f"--since=@{since:.6f}", *matches)
 
 
-def burst(box: Box, study: str, quiet: float, entries: int, files: int) -> Result:
+def burst(box: Box, study: str, quiet: float, entries: int, files: int,
+          interval: float) -> Result:
     """Upload the burst, wait for it to drain, and check what the units and files say."""
     since = time.time()
     r = box.box.run("/usr/bin/python3", "-c", UPLOAD_PY, f"{ROOT}/dropbox/{study}/inbox",
-                    "e", str(entries), str(files), user=UPLOADER, timeout=DRAIN_TIMEOUT)
+                    "e", str(entries), str(files), str(interval), user=UPLOADER,
+                    timeout=DRAIN_TIMEOUT)
     up = json.loads(r.stdout)
     renamed: dict[str, float] = up["renamed"]
     t0 = min(renamed.values())
@@ -188,15 +199,22 @@ def burst(box: Box, study: str, quiet: float, entries: int, files: int) -> Resul
     if not latencies:
         latencies = [float("nan")]
     starts = events_since(box, since, f"MESSAGE_ID={UNIT_STARTING}",
-                           f"UNIT=dittohead@{study}.service")
+                          f"UNIT=dittohead@{study}.service")
+    lines = box.sh(f"journalctl _SYSTEMD_UNIT=dittohead@{study}.service --since=@{since:.6f} "
+                   "-o cat --no-pager | wc -l").stdout
     problems = check_units(box, study, since) + check_files(box, study, renamed, up["digests"])
+    if len(delivered) != entries:  # the journal is the audit log: one event per delivery
+        problems.append(f"the journal holds {len(delivered)} delivered events "
+                        f"for {entries} entries")
     return Result(study=study, quiet_period=quiet, entries=entries, files_per_entry=files,
+                  interval_s=interval,
                   upload_s=round(max(renamed.values()) - t0, 3), drain_s=round(drain, 3),
                   idle_s=round(idle, 3),
                   latency_median_s=round(statistics.median(latencies), 3),
                   latency_p90_s=round(latencies[int(0.9 * (len(latencies) - 1))], 3),
                   latency_max_s=round(latencies[-1], 3), service_starts=len(starts),
                   delivery_runs=len({e["_SYSTEMD_INVOCATION_ID"] for e in delivered}),
+                  journal_lines=int(lines),
                   problems=tuple(problems))
 
 
@@ -216,6 +234,10 @@ def check_units(box: Box, study: str, since: float) -> list[str]:
     limits = [ln for ln in path_log.splitlines() if "limit" in ln.lower()]
     if limits:
         problems.append(f"start/trigger limit in the journal: {limits[:3]}")
+    dropped = box.sh(f"journalctl -u systemd-journald --since=@{since:.6f} -o cat --no-pager "
+                     "| grep -i suppressed", check=False).stdout.strip()
+    if dropped:
+        problems.append(f"journald dropped messages: {dropped.splitlines()[:2]}")
     for what, mid in (("notify-failure", NOTIFY_ID), ("retry-later", MESSAGE_IDS["retry-later"]),
                       ("failed", MESSAGE_IDS["failed"]), ("rejected", MESSAGE_IDS["rejected"])):
         events = events_since(box, since, f"MESSAGE_ID={mid}")
@@ -265,7 +287,8 @@ def report(results: list[Result]) -> None:
               f"inactive after {r.idle_s:.1f} s); rename -> delivered: median "
               f"{r.latency_median_s:.2f} s, p90 {r.latency_p90_s:.2f} s, "
               f"max {r.latency_max_s:.2f} s")
-        print(f"  {r.service_starts} service start(s), {r.delivery_runs} delivering run(s)")
+        print(f"  {r.service_starts} service start(s), {r.delivery_runs} delivering run(s); "
+              f"the service logged {r.journal_lines} journal lines")
         if r.problems:
             for p in r.problems:
                 print(f"  PROBLEM: {p}")
@@ -279,6 +302,8 @@ def main() -> int:
     p.add_argument("--entries", type=int, default=1000)
     p.add_argument("--files", type=int, default=3, help="small files per entry")
     p.add_argument("--quiet", type=float, default=2.0, help="quiet_period of the 2nd study")
+    p.add_argument("--interval", type=float, default=0.0,
+                   help="seconds between two renames (default: none, as fast as possible)")
     p.add_argument("--json", type=Path, default=REPO / "bench" / "out" / "burst.json")
     args = p.parse_args()
     reason = sysbox.available()
@@ -290,7 +315,8 @@ def main() -> int:
         box = boot_installed(Path(d) / "box")
         try:
             setup(box, quiet)
-            results = [burst(box, s, q, args.entries, args.files) for s, q in quiet.items()]
+            results = [burst(box, s, q, args.entries, args.files, args.interval)
+                       for s, q in quiet.items()]
         finally:
             box.box.poweroff()
     args.json.parent.mkdir(parents=True, exist_ok=True)
