@@ -63,6 +63,11 @@ demo: venv
 bench: venv
 	$(VENV)/bin/python bench/bench_delivery.py
 
+# As root: 1,000 uploads at once on a booted throwaway systemd (bench/burst.py).
+.PHONY: burst
+burst: venv
+	$(VENV)/bin/python bench/burst.py
+
 clean:
 	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache *.egg-info build dist
 

@@ -1,7 +1,7 @@
 """Latency from the rename into the inbox to the `delivered` journal entry.
 
 Boots a throwaway systemd (tests/sysbox.py, needs root), `make install`s this
-checkout in it, sets up the test studies of tests/test_units.py, and uploads
+checkout in it, sets up the test studies of tests/boxes.py, and uploads
 one small file at a time as a non-root user, the way users must (write
 `.name`, rename to `name`). Each latency is the journal's receive time of the
 entry's `delivered` event minus the time just before the rename, both read
@@ -30,8 +30,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from dittohead.log import MESSAGE_IDS  # noqa: E402
 from tests import sysbox  # noqa: E402
-from tests.test_units import DELIVERED, ROOT, UPLOADER, Box, boot_installed  # noqa: E402
+from tests.boxes import ROOT, UPLOADER, Box, boot_installed  # noqa: E402
+
+DELIVERED = MESSAGE_IDS["delivered"]
 
 # Runs in the box as the uploader: print the time, rename at once.
 RENAME_PY = r"""
