@@ -158,3 +158,20 @@ def test_a_destination_the_service_cannot_write_is_a_config_error_and_keeps_the_
     r = as_service(env, svc, "process", "s1")
     assert r.returncode == 0, r.stderr
     delivered(env, ra)
+
+
+def test_check_names_destination_directories_the_service_cannot_write(
+        service_env: Env, svc: ThrowawayUser) -> None:
+    env = service_env
+    (env.study.destination / "admins" / "deeper").mkdir(parents=True)  # root's, 0755
+    (env.study.destination / "ours").mkdir()
+    os.chown(env.study.destination / "ours", svc.uid, svc.gid)
+    (env.study.destination / "group").mkdir()
+    os.chmod(env.study.destination / "group", 0o770)
+    os.chown(env.study.destination / "group", 0, svc.gid)
+    r = env.run("check", "s1")
+    assert r.returncode == 1
+    closed = sorted(line for line in r.stdout.splitlines() if "is not writable by" in line)
+    assert [line.split(": ", 1)[1].split(" is ")[0] for line in closed] == [
+        str(env.study.destination / "admins"), str(env.study.destination / "admins/deeper")]
+    assert f"entries adding to it fail (chown {svc.name} it)" in closed[0]
