@@ -230,6 +230,24 @@ def resume_claim(study: StudyConfig, c: Claim, service_uid: int) -> bool:
     return True
 
 
+def adopt_claimed(study: StudyConfig, c: Claim, owner: Ownership) -> None:
+    """Take over the directory of a claim made before claims did (an older version).
+
+    Else an entry rejected before its walk could not be moved on to failed/.
+    """
+    try:
+        fd = os.open(study.processing / c.id, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                     | os.O_CLOEXEC)
+    except OSError:
+        return  # a plain file, or unreadable: examine says why
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != owner.uid and c.uploader_uid in (-1, st.st_uid):
+            Lockdown(st.st_uid, owner.uid, owner.service_gid).take_dir(fd, st)
+    finally:
+        os.close(fd)
+
+
 def pending_claims(study: StudyConfig) -> Iterator[Claim]:
     """Claim records a previous run left in processing/ (a crash, or retry later).
 

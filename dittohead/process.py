@@ -32,6 +32,7 @@ from .claim import (
     Claim,
     ClaimRefused,
     StudyLock,
+    adopt_claimed,
     busy_seconds,
     claim,
     note_busy,
@@ -120,6 +121,7 @@ def process(config: Config, study_name: str, linger: float = 0.0) -> RunResult:
             # (resume_claim: a run killed between taking a directory over and
             # renaming it left it in the inbox; it finishes the claim.)
             if os.path.lexists(study.processing / c.id) or resume_claim(study, c, owner.uid):
+                adopt_claimed(study, c, owner)
                 counts[handle(config, study, c, owner)] += 1
             else:
                 _report_filed(config, study, c)

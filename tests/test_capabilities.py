@@ -20,7 +20,9 @@ from .conftest import (
     SERVICE_CAPS,
     Env,
     ThrowawayUser,
+    add_group,
     as_service,
+    make_env,
     manifest_verifies,
     no_leftovers,
     tree,
@@ -175,3 +177,23 @@ def test_check_names_destination_directories_the_service_cannot_write(
     assert [line.split(": ", 1)[1].split(" is ")[0] for line in closed] == [
         str(env.study.destination / "admins"), str(env.study.destination / "admins/deeper")]
     assert f"entries adding to it fail (chown {svc.name} it)" in closed[0]
+
+
+def test_a_claim_of_an_older_version_still_the_uploaders_is_filed_when_rejected(
+        shared_base: Path, svc: ThrowawayUser, ra: ThrowawayUser) -> None:
+    # Claimed before claims took directories over, then rejected before its walk:
+    # moving it on to failed/ needs it to be the service's first.
+    add_group("dh-test-other")
+    env = make_env(shared_base, {"uploaders": ["dh-test-other"]}, service_user=svc.name)
+    upload(env, ra, "old")
+    claim_id = "20260101T000000Z-old-000000"
+    os.rename(env.study.inbox / "old", env.study.processing / claim_id)
+    (env.study.processing / f"{claim_id}.json").write_text(json.dumps(
+        {"format": 1, "id": claim_id, "entry": "old", "entry_hex": b"old".hex(),
+         "started": "2026-01-01T00:00:00Z", "uploader_uid": ra.uid}))
+    r = as_service(env, svc, "process", "s1")
+    assert r.returncode == 0, r.stderr
+    [rc] = env.failed_receipts()
+    assert json.loads(rc.read_text())["outcome"] == "rejected"
+    assert tree(env.study.failed / claim_id) == FILES
+    no_leftovers(env)
