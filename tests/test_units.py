@@ -638,19 +638,19 @@ class TestOnSystemd:
         try:
             box.box.run("systemctl", "stop", "dittohead@s1.path")
             box.wait_inactive("dittohead@s1.service")
-            box.upload("s1", [(name, {"d/f.txt": 10})], umask=umask)
+            box.upload("s1", [(name, {f"{name}/f.txt": 10})], umask=umask)
             since = box.now()
             box.box.run("systemctl", "start", "dittohead@s1.service", check=False)
             msgs = " ".join(str(e.get("MESSAGE")) for e in
                             box.journal("-u", "dittohead@s1.service", f"--since=@{since}"))
             assert f"cannot claim {name}" in msgs and missing in msgs, msgs
-            owner = box.sh(f"stat -c %U {ROOT}/dropbox/s1/inbox/{name}/d/f.txt").stdout
+            owner = box.sh(f"stat -c %U {ROOT}/dropbox/s1/inbox/{name}/{name}/f.txt").stdout
             assert owner.strip() == UPLOADER  # untouched, still in the inbox
         finally:
             box.dropin("dittohead@s1.service", "90-caps", None)
             box.box.run("systemctl", "reset-failed", "dittohead@s1.service")
             box.box.run("systemctl", "start", "dittohead@s1.path")
-        assert box.wait_delivered("s1", [name]).get(name) == 1
+        assert box.wait_delivered("s1", [name]).get(name) == 1, box.debug("s1")
 
     def test_cap_chown_is_needed_for_a_study_group_the_destination_lacks(self,
                                                                         box: Box) -> None:
