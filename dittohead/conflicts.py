@@ -107,8 +107,13 @@ class _Closed:
 
 
 def _writable(fd: int) -> bool:
-    """Whether this process may add names to the directory fd (its capabilities count)."""
-    return os.access(".", os.W_OK | os.X_OK, dir_fd=fd, effective_ids=True)
+    """Whether this process may add names to the directory fd (its capabilities count).
+
+    A read-only filesystem counts as writable here: writing then fails with
+    EROFS, a storage error (74) that keeps the entry, not a question of owners.
+    """
+    return (os.access(".", os.W_OK | os.X_OK, dir_fd=fd, effective_ids=True)
+            or bool(os.fstatvfs(fd).f_flag & os.ST_RDONLY))
 
 
 def _dest_dir(dest: DirCache, state: State, d: DirPlan, conflicts: Findings) -> int:
