@@ -5,8 +5,15 @@ A claim writes the claim record `processing/<id>.json`, then renames
 between leaves a record whose entry is still in the inbox: `pending_claims`
 yields it, and the caller, finding no entry under its id, drops the record;
 the entry is then claimed again under a new id. A per-study flock on
-processing/ keeps two runs from claiming one entry twice. Why the service
-needs CAP_DAC_OVERRIDE to claim: docs/design.md, "Privileges".
+processing/ keeps two runs from claiming one entry twice.
+
+A directory is taken over (lockdown.py) between the record and the rename:
+the kernel lets a directory move to another parent only if the mover may
+write to it (its ".." changes), and the service has no CAP_DAC_OVERRIDE to
+skip that check. Its uploader can then no longer rename, replace or remove it
+in the sticky inbox; a run killed in between finds it there, the service's,
+and `resume_claim` finishes the rename under the same id. docs/design.md,
+"Privileges".
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import fcntl
 import json
 import os
 import re
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -24,8 +32,11 @@ from pathlib import Path
 
 from .config import StudyConfig
 from .errors import ConfigError, DittoheadError, StorageError, TemporaryError
+from .faults import point
 from .fsops import is_enospc, write_atomic
+from .lockdown import Lockdown
 from .log import printable
+from .ownership import Ownership
 from .plan import remove_spool
 from .readiness import Watch
 
@@ -101,33 +112,140 @@ def ready_entries(study: StudyConfig) -> list[str]:
     return Watch(study).scan().ready
 
 
-def claim(study: StudyConfig, entry: str) -> Claim | None:
-    """Move one ready entry to processing/<id>; None if it vanished meanwhile."""
+def claim(study: StudyConfig, entry: str, owner: Ownership) -> Claim | None:
+    """Move one ready entry to processing/<id>; None if it vanished or changed meanwhile.
+
+    The uploader is the owner of the inode opened here (O_NOFOLLOW), not of
+    whatever the name leads to a moment later.
+    """
     try:
-        uid = os.lstat(study.inbox / entry).st_uid
+        pfd = os.open(study.inbox / entry, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
-    c = Claim(id=new_id(study, entry), entry=entry, started=now_iso(), uploader_uid=uid)
+    except OSError as e:
+        raise _claim_error(study, entry, e) from None
+    fd = -1
+    try:
+        st = os.fstat(pfd)
+        if stat.S_ISDIR(st.st_mode):
+            try:  # "." of the inode opened: no name to race on
+                fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
+            except OSError as e:
+                raise _claim_error(study, entry, e, "CAP_DAC_READ_SEARCH") from None
+        return _claim_inode(study, entry, owner, st, fd)
+    finally:
+        os.close(pfd)
+        if fd >= 0:
+            os.close(fd)
+
+
+def _claim_inode(study: StudyConfig, entry: str, owner: Ownership, st: os.stat_result,
+                 fd: int) -> Claim | None:
+    """Record, take over (a directory: fd >= 0), rename; see claim()."""
+    c = Claim(id=new_id(study, entry), entry=entry, started=now_iso(), uploader_uid=st.st_uid)
     record = study.processing / f"{c.id}.json"
     try:
         _write_record(record, c)
     except OSError as e:
         raise _claim_error(study, entry, e) from None
+    src, dst = study.inbox / entry, study.processing / c.id
+    taken = False
     try:
-        os.rename(study.inbox / entry, study.processing / c.id)
-    except FileNotFoundError:
-        record.unlink()
-        return None
-    except OSError as e:
+        if fd >= 0:
+            taken = _take_top(study, entry, owner, fd, st)
+            if not taken:
+                record.unlink()
+                return None
+        os.rename(src, dst)
+    except BaseException as e:
         record.unlink(missing_ok=True)
-        raise _claim_error(study, entry, e) from None
-    moved = os.lstat(study.processing / c.id).st_uid
-    if moved != uid:
-        # Its uploader removed it and another user dropped the same name in
-        # between: the record must name whoever owns what was claimed.
-        c = replace(c, uploader_uid=moved)
-        _write_record(record, c)
+        if taken:
+            _give_top_back(fd, st)
+        if isinstance(e, FileNotFoundError):
+            return None
+        if isinstance(e, OSError):
+            raise _claim_error(study, entry, e) from None
+        raise
+    moved = os.lstat(dst)
+    if (moved.st_dev, moved.st_ino) == (st.st_dev, st.st_ino):
+        return c
+    if taken:  # nobody but the service (or root) can rename a directory it owns here
+        raise DittoheadError(f"claiming {printable(entry)} moved another inode than the one "
+                             f"taken over to {dst}; both are left as they are for an admin")
+    # A file: its uploader removed it and another user dropped the same name in
+    # between. The record must name whoever owns what was claimed.
+    c = replace(c, uploader_uid=moved.st_uid)
+    _write_record(record, c)
     return c
+
+
+def _take_top(study: StudyConfig, entry: str, owner: Ownership, fd: int,
+              st: os.stat_result) -> bool:
+    """Take the entry's directory (fd) over; False if the name no longer leads to it."""
+    try:
+        Lockdown(st.st_uid, owner.uid, owner.service_gid).take_dir(fd, st)
+    except ConfigError:
+        raise ClaimRefused(f"cannot claim {printable(entry)} in {study.inbox}: it cannot be "
+                           "taken over from its uploader (does the service have "
+                           "CAP_CHOWN?). The entry waits in the inbox.") from None
+    point("chowned")
+    try:
+        now = os.lstat(study.inbox / entry)
+    except FileNotFoundError:
+        now = None
+    if now is not None and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+        return True
+    # Its uploader renamed it before it was taken over: give it back untouched.
+    _give_top_back(fd, st)
+    return False
+
+
+def _give_top_back(fd: int, st: os.stat_result) -> None:
+    """Undo _take_top: the mode while it is still ours, then the owner."""
+    os.fchmod(fd, stat.S_IMODE(st.st_mode))
+    os.fchown(fd, st.st_uid, st.st_gid)
+
+
+def resume_claim(study: StudyConfig, c: Claim, service_uid: int) -> bool:
+    """Finish a claim killed between the takeover and the rename; True if it was.
+
+    Such an entry is still in the inbox under its name, a directory the
+    service owns although the record names another uploader: nothing but a
+    claim makes one (`retry` gives an entry back before putting it there).
+    """
+    if c.uploader_uid in (-1, service_uid) or any(
+            os.path.lexists(d / n) for d in (study.done, study.failed)
+            for n in (c.id, f"{c.id}.json")):
+        return False
+    try:
+        st = os.lstat(study.inbox / c.entry)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != service_uid:
+        return False
+    try:
+        os.rename(study.inbox / c.entry, study.processing / c.id)
+    except OSError as e:
+        raise _claim_error(study, c.entry, e) from None
+    return True
+
+
+def adopt_claimed(study: StudyConfig, c: Claim, owner: Ownership) -> None:
+    """Take over the directory of a claim made before claims did (an older version).
+
+    Else an entry rejected before its walk could not be moved on to failed/.
+    """
+    try:
+        fd = os.open(study.processing / c.id, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                     | os.O_CLOEXEC)
+    except OSError:
+        return  # a plain file, or unreadable: examine says why
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != owner.uid and c.uploader_uid in (-1, st.st_uid):
+            Lockdown(st.st_uid, owner.uid, owner.service_gid).take_dir(fd, st)
+    finally:
+        os.close(fd)
 
 
 def pending_claims(study: StudyConfig) -> Iterator[Claim]:
@@ -194,7 +312,8 @@ class ClaimRefused(ConfigError):
     """The service may not move an entry out of the inbox: its privileges or setup are wrong."""
 
 
-def _claim_error(study: StudyConfig, entry: str, e: OSError) -> DittoheadError:
+def _claim_error(study: StudyConfig, entry: str, e: OSError,
+                 cap: str = "CAP_DAC_READ_SEARCH and CAP_CHOWN") -> DittoheadError:
     """What a failed claim means for the run, with the true reason (the entry stays put)."""
     what = f"cannot claim {printable(entry)} in {study.inbox}: {e.strerror}"
     if is_enospc(e):
@@ -204,7 +323,7 @@ def _claim_error(study: StudyConfig, entry: str, e: OSError) -> DittoheadError:
         return StorageError(f"{what}: the dropbox's storage failed or went read-only; "
                             "see the kernel log (the entry waits in the inbox)")
     if e.errno in (errno.EACCES, errno.EPERM):
-        return ClaimRefused(f"{what} (does the service have CAP_DAC_OVERRIDE? is the "
+        return ClaimRefused(f"{what} (does the service have {cap}? is the "
                             f"study set up: `dittohead setup {study.name}`?)")
     if e.errno == errno.EXDEV:
         return ClaimRefused(f"{what}: the inbox and processing/ must be on one filesystem")

@@ -13,7 +13,7 @@ import stat
 
 from .config import StudyConfig
 from .copier import hash_source
-from .errors import EntryFailed, TemporaryError
+from .errors import ConfigError, EntryFailed, TemporaryError
 from .examine import Findings, kind_of
 from .fsops import DIR_FLAGS, DirCache, Source, hash_at, join
 from .plan import EXISTS, PRESENT, DirPlan, FilePlan, Plan, State
@@ -29,8 +29,14 @@ def open_destination(study: StudyConfig) -> int:
 
 
 def check_destination(study: StudyConfig, plan: Plan, dest_fd: int) -> None:
-    """Mark files already delivered; fail on conflicts; retry later if space is short."""
+    """Mark files already delivered; fail on conflicts and on directories the service
+    cannot write to; retry later if space is short."""
+    if not _writable(dest_fd):
+        raise ConfigError(f"the service cannot write to the destination {study.destination}: "
+                          "it must be the service user's (`dittohead setup "
+                          f"{study.name}`); the entry stays claimed in processing/")
     conflicts = Findings()
+    closed = _Closed()
     block = os.fstatvfs(dest_fd).f_frsize or 4096
     need = 0  # bytes, each new file rounded up to whole blocks
     new_inodes = 0
@@ -48,6 +54,7 @@ def check_destination(study: StudyConfig, plan: Plan, dest_fd: int) -> None:
                         continue
                     if state.flags(r.index) & PRESENT:
                         continue
+                    closed.check(d.rel, dfd)
                 need += -(-r.size // block) * block
                 new_inodes += 1
             elif isinstance(r, DirPlan):
@@ -57,14 +64,56 @@ def check_destination(study: StudyConfig, plan: Plan, dest_fd: int) -> None:
                     d = None  # its files are covered by that conflict
                 elif dfd < 0:
                     new_inodes += 1
+                    parent = r.rel.rpartition("/")[0]
+                    if closed.unasked(parent):  # it exists: r is renamed into it
+                        closed.check(parent, dest.dir_fd(parent))
+                else:
+                    closed.seen.setdefault(r.rel, None)
     if conflicts:
         raise EntryFailed(f"conflicts with files already in {study.destination} "
                           f"(different content, never overwritten): {conflicts.text('c')}."
                           " Nothing of this entry was delivered.")
+    if closed.found:
+        raise EntryFailed(f"the service cannot write to directories in {study.destination} "
+                          f"that this entry adds to: {closed.found.text('w')}. An admin must "
+                          "make them writable by the service user (chown them to it), then "
+                          "retry the entry. Nothing of this entry was delivered.")
     _check_space(study, dest_fd, need + new_inodes * block, new_inodes)
 
 
 _NOT_A_DIR = -2
+
+
+class _Closed:
+    """Existing destination directories an entry adds to that the service cannot write.
+
+    Without CAP_DAC_OVERRIDE the service writes only where the modes (or ACLs)
+    let it: a directory an admin made root's 0755 would fail the publish.
+    """
+
+    def __init__(self) -> None:
+        self.seen: dict[str, bool | None] = {"": True}  # rel -> writable (None: not asked)
+        self.found = Findings()
+
+    def unasked(self, rel: str) -> bool:
+        """Whether rel exists in the destination and its writability is not known yet."""
+        return rel in self.seen and self.seen[rel] is None
+
+    def check(self, rel: str, fd: int) -> None:
+        if self.seen.get(rel) is None:
+            self.seen[rel] = _writable(fd)
+            if not self.seen[rel]:
+                self.found.add("w", rel + "/")
+
+
+def _writable(fd: int) -> bool:
+    """Whether this process may add names to the directory fd (its capabilities count).
+
+    A read-only filesystem counts as writable here: writing then fails with
+    EROFS, a storage error (74) that keeps the entry, not a question of owners.
+    """
+    return (os.access(".", os.W_OK | os.X_OK, dir_fd=fd, effective_ids=True)
+            or bool(os.fstatvfs(fd).f_flag & os.ST_RDONLY))
 
 
 def _dest_dir(dest: DirCache, state: State, d: DirPlan, conflicts: Findings) -> int:

@@ -175,6 +175,7 @@ def check(cfg: Config, studies: list[StudyConfig]) -> list[str]:
         if st.st_uid != svc.pw_uid or not st.st_mode & 0o200:
             found.append(p + f"destination {study.destination} is not owned and writable "
                          f"by {cfg.service_user}: deliveries will fail")
+        found += [p + x for x in closed_dirs(study.destination, svc)]
         disk = disk_use(study.destination)
         if disk and study.disk_warn_percent and disk["percent"] >= study.disk_warn_percent[0]:
             found.append(p + f"destination is {disk['percent']}% full")
@@ -194,6 +195,43 @@ def check(cfg: Config, studies: list[StudyConfig]) -> list[str]:
         from . import generator
         found += generator.problems(cfg) + generator.drift(cfg)
     return found
+
+
+# How many directories of a destination `check` looks at (about a second's walk).
+CLOSED_DIRS_MAX = 100_000
+
+
+def closed_dirs(dest: Path, svc: pwd.struct_passwd, most: int = CLOSED_DIRS_MAX) -> list[str]:
+    """Directories below dest the service user may not add to, by their modes (not ACLs).
+
+    The service has no CAP_DAC_OVERRIDE: an entry that adds to one fails.
+    """
+    groups = set(os.getgrouplist(svc.pw_name, svc.pw_gid))
+    closed: list[str] = []
+    seen = 0
+    for path, dirs, _, fd in os.fwalk(dest, follow_symlinks=False):
+        for name in dirs:
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except OSError:
+                continue  # gone meanwhile
+            if not stat.S_ISDIR(st.st_mode):
+                continue  # a symlink: never followed
+            bits = (st.st_mode >> 6 if st.st_uid == svc.pw_uid
+                    else st.st_mode >> 3 if st.st_gid in groups else st.st_mode) & 0o3
+            if bits != 0o3:
+                closed.append(os.path.join(path, name))
+        seen += 1
+        if seen >= most:
+            dirs.clear()
+    problems = [f"{printable(d)} is not writable by {svc.pw_name}: entries adding to it fail "
+                f"(chown {svc.pw_name} it)" for d in closed[:10]]
+    if len(closed) > 10:
+        problems.append(f"... and {len(closed) - 10} more directories in {dest} like these")
+    if seen >= most:
+        problems.append(f"{dest}: only {most} directories were checked for the service's "
+                        "write access")
+    return problems
 
 
 def give_back(top: Path, uid: int, service_uid: int) -> None:

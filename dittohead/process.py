@@ -32,11 +32,13 @@ from .claim import (
     Claim,
     ClaimRefused,
     StudyLock,
+    adopt_claimed,
     busy_seconds,
     claim,
     note_busy,
     pending_claims,
     release,
+    resume_claim,
     sweep_stale,
 )
 from .config import Config, StudyConfig
@@ -116,7 +118,10 @@ def process(config: Config, study_name: str, linger: float = 0.0) -> RunResult:
     with StudyLock(study) as lock:
         sweep_stale(study)
         for c in list(pending_claims(study)):
-            if os.path.lexists(study.processing / c.id):
+            # (resume_claim: a run killed between taking a directory over and
+            # renaming it left it in the inbox; it finishes the claim.)
+            if os.path.lexists(study.processing / c.id) or resume_claim(study, c, owner.uid):
+                adopt_claimed(study, c, owner)
                 counts[handle(config, study, c, owner)] += 1
             else:
                 _report_filed(config, study, c)
@@ -184,7 +189,7 @@ def _claim_and_handle(config: Config, study: StudyConfig, owner: Ownership, name
                       later: dict[str, float]) -> None:
     """Claim one ready entry and deliver it; one that cannot be claimed stays untouched."""
     try:
-        new = claim(study, name)
+        new = claim(study, name, owner)
     except ClaimRefused as e:
         refused.add(name)
         log.send(str(e), priority=3, DITTOHEAD_STUDY=study.name,

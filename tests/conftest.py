@@ -253,7 +253,7 @@ def _remove_throwaway_users() -> Iterator[None]:
         subprocess.run(["groupdel", g], check=False, capture_output=True)
 
 
-SERVICE_CAPS = "+dac_override,+chown"  # exactly what units/dittohead@.service grants
+SERVICE_CAPS = "+dac_read_search,+chown"  # exactly what units/dittohead@.service grants
 
 
 def as_service(env: Env, svc: ThrowawayUser, *args: str, caps: str | None = SERVICE_CAPS,

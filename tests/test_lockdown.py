@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Env, ThrowawayUser, as_service, tree, wait_for
+from .conftest import SERVICE_CAPS, Env, ThrowawayUser, as_service, tree, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -44,7 +44,7 @@ def test_a_held_directory_cannot_add_rename_or_rewrite_after_the_claim(
         _as(ra, "mv", str(hidden), str(env.study.inbox / "e"))
         run = subprocess.Popen(
             ["setpriv", f"--reuid={svc.uid}", f"--regid={svc.gid}", "--init-groups",
-             "--inh-caps=+dac_override,+chown", "--ambient-caps=+dac_override,+chown",
+             f"--inh-caps={SERVICE_CAPS}", f"--ambient-caps={SERVICE_CAPS}",
              "env", f"PYTHONPATH={Path(__file__).resolve().parent.parent}",
              "DITTOHEAD_LOG=stderr", f"DITTOHEAD_TEST_FAULT=checked=wait:{signals}/resume",
              "/usr/bin/python3", "-m", "dittohead", "--config", str(env.config_path),

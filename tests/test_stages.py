@@ -28,7 +28,7 @@ from .conftest import Env
 
 def _claimed(env: Env, files: dict[str, bytes]) -> claimmod.Claim:
     env.drop("e", files)
-    c = claimmod.claim(env.study, "e")
+    c = claimmod.claim(env.study, "e", _owner(env))
     assert c is not None
     return c
 
@@ -62,7 +62,7 @@ def test_claim_records_the_entry_then_moves_it_out_of_the_inbox(env: Env) -> Non
 
 
 def test_claiming_an_entry_that_vanished_leaves_no_record(env: Env) -> None:
-    assert claimmod.claim(env.study, "gone") is None
+    assert claimmod.claim(env.study, "gone", _owner(env)) is None
     assert os.listdir(env.study.processing) == []
 
 

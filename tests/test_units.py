@@ -126,7 +126,7 @@ def test_service_capabilities_are_exactly_two() -> None:
     text = (REPO / "units" / "dittohead@.service").read_text()
     for key in ("AmbientCapabilities", "CapabilityBoundingSet"):
         values = re.findall(rf"^{key}=(.*)$", text, re.M)
-        assert values == ["CAP_DAC_OVERRIDE CAP_CHOWN"], (key, values)
+        assert values == ["CAP_DAC_READ_SEARCH CAP_CHOWN"], (key, values)
 
 
 def test_every_unit_builds_its_root_from_an_allowlist() -> None:
@@ -460,27 +460,34 @@ class TestOnSystemd:
         print(f"\nsystemd-analyze security dittohead@s1.service: {m.group(1)}")
         assert float(m.group(1)) <= EXPOSURE_MAX
 
-    def test_cap_dac_override_is_needed_to_claim_a_directory(self, box: Box) -> None:
-        box.dropin("dittohead@s1.service", "90-caps", caps_dropin("CAP_CHOWN"))
+    @pytest.mark.parametrize(("kept", "missing", "umask"), [
+        ("CAP_CHOWN", "CAP_DAC_READ_SEARCH", 0o077),  # a private upload cannot be read
+        ("CAP_DAC_READ_SEARCH", "CAP_CHOWN", 0o022),  # no directory can be taken over
+    ])
+    def test_each_capability_is_needed_to_claim_an_upload(self, box: Box, kept: str,
+                                                          missing: str, umask: int) -> None:
+        name = f"needs-{missing.lower()}"
+        box.dropin("dittohead@s1.service", "90-caps", caps_dropin(kept))
         try:
             box.box.run("systemctl", "stop", "dittohead@s1.path")
             box.wait_inactive("dittohead@s1.service")
-            box.upload("s1", [("needs-override", {"d/f.txt": 10})], umask=0o022)
+            box.upload("s1", [(name, {f"{name}/f.txt": 10})], umask=umask)
             since = box.now()
             box.box.run("systemctl", "start", "dittohead@s1.service", check=False)
-            # (OnSuccess= restarts the path unit, which starts the next run at once.)
             msgs = " ".join(str(e.get("MESSAGE")) for e in
                             box.journal("-u", "dittohead@s1.service", f"--since=@{since}"))
-            assert "cannot claim needs-override" in msgs and "Permission denied" in msgs
-            assert "needs-override" in box.sh(f"ls {ROOT}/dropbox/s1/inbox").stdout
+            assert f"cannot claim {name}" in msgs and missing in msgs, msgs
+            owner = box.sh(f"stat -c %U {ROOT}/dropbox/s1/inbox/{name}/{name}/f.txt").stdout
+            assert owner.strip() == UPLOADER  # untouched, still in the inbox
         finally:
             box.dropin("dittohead@s1.service", "90-caps", None)
+            box.box.run("systemctl", "reset-failed", "dittohead@s1.service")
             box.box.run("systemctl", "start", "dittohead@s1.path")
-        assert box.wait_delivered("s1", ["needs-override"]).get("needs-override") == 1
+        assert box.wait_delivered("s1", [name]).get(name) == 1, box.debug("s1")
 
     def test_cap_chown_is_needed_for_a_study_group_the_destination_lacks(self,
                                                                         box: Box) -> None:
-        box.dropin("dittohead@s3.service", "90-caps", caps_dropin("CAP_DAC_OVERRIDE"))
+        box.dropin("dittohead@s3.service", "90-caps", caps_dropin("CAP_DAC_READ_SEARCH"))
         try:
             box.upload("s3", [("needs-chown", {"c/f.txt": 10})])
             box.box.run("systemctl", "start", "dittohead@s3.service", check=False)
@@ -493,6 +500,24 @@ class TestOnSystemd:
         assert box.delivered("s3").get("needs-chown") == 1
         owner = box.sh(f"stat -c '%U %G' {ROOT}/study/s3/c/f.txt").stdout.split()
         assert owner == ["dittohead", "sbxs1"]
+
+    def test_a_destination_directory_the_service_cannot_write_fails_the_entry(
+            self, box: Box) -> None:
+        box.sh(f"mkdir -m 0755 {ROOT}/study/s1/admins")  # root's: no DAC_OVERRIDE to write it
+        try:
+            box.upload("s1", [("into-admins", {"admins/f.txt": 10, "ok/g.txt": 5})])
+            reason = ""
+            deadline = time.monotonic() + 60
+            while not reason and time.monotonic() < deadline:
+                time.sleep(0.25)
+                reason = next((str(r["reason"]) for r in box.receipts("s1")["failed"]
+                               if r["entry"] == "into-admins"), "")
+            assert "the service cannot write to directories in" in reason, reason
+            assert "admins/" in reason
+            assert box.sh(f"ls {ROOT}/study/s1/admins").stdout == ""
+            assert "ok" not in box.sh(f"ls {ROOT}/study/s1").stdout.split()
+        finally:
+            box.sh(f"rmdir {ROOT}/study/s1/admins")
 
     def test_a_config_error_is_told_at_the_terminal_and_in_the_journal(self,
                                                                         box: Box) -> None:
