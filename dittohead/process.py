@@ -239,6 +239,13 @@ def handle(config: Config, study: StudyConfig, c: Claim, owner: Ownership) -> Ou
     except ConfigError:
         raise
     except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM):
+            # What the writability check could not foresee (NFS root squash,
+            # an ACL): the unit's setup, not the entry, is wrong.
+            where = log.printable(str(e.filename)) if e.filename else "the destination"
+            raise ConfigError(f"{e.strerror}: {where}: the service user must be able to "
+                              f"write every directory of {study.destination}; "
+                              f"{log.printable(c.entry)} stays claimed") from None
         if e.errno not in STORAGE_ERRNOS:
             report.unexpected(study, c, uploader, e)
             return Outcome.ERROR

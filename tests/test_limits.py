@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import pytest
 from dittohead.errors import EXIT_IOERR, EXIT_OK, EXIT_TEMPFAIL
 from dittohead.examine import MAX_DEPTH
 
-from .conftest import Env, make_env, no_leftovers, tree
+from .conftest import REPO, Env, make_env, no_leftovers, tree, wait_for
 
 
 def _chain(top: Path, name: str, levels: int) -> None:
@@ -149,3 +151,41 @@ def test_read_only_destination_is_a_storage_error_74_and_the_entry_stays_claimed
     subprocess.run(["mount", "-o", "remount,rw", dest], check=True)
     assert env.process().returncode == EXIT_OK
     assert tree(env.study.destination) == {"a.txt": b"a"}
+
+
+@pytest.mark.root
+def test_a_destination_directory_refusing_writes_unforeseen_is_a_config_error(
+        shared_base: Path) -> None:
+    # Writable when checked, refused when published (as NFS root squash or an
+    # immutable flag set meanwhile do): the service's setup is wrong, not the
+    # entry, which stays claimed; never an unexpected error.
+    env = make_env(shared_base)
+    sub = env.study.destination / "sub"
+    sub.mkdir()
+    st = os.stat(env.study.destination)
+    os.chown(sub, st.st_uid, st.st_gid)
+    env.drop("e", {"sub/new.txt": b"n"})
+    go = shared_base / "go"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "dittohead", "--config", str(env.config_path), "process", "s1"],
+        env={**os.environ, "DITTOHEAD_LOG": "stderr",
+             "DITTOHEAD_TEST_FAULT": f"checked=wait:{go}"},
+        cwd=str(REPO), stderr=subprocess.PIPE, text=True)
+    try:
+        # The plan's state file is written when the walk ends; the destination
+        # check follows within milliseconds, then the run waits for `go`.
+        wait_for(lambda: any(env.study.processing.glob(".*.state")), 30, "the plan")
+        time.sleep(1)
+        subprocess.run(["chattr", "+i", str(sub)], check=True)
+        go.touch()
+        _, err = run.communicate(timeout=60)
+        assert run.returncode == 78, err
+        assert "must be able to write every directory" in err
+        assert not env.done_receipts() and not env.failed_receipts()
+        assert not list(env.study.destination.glob(".incoming-*"))
+    finally:
+        subprocess.run(["chattr", "-i", str(sub)], check=True)
+        if run.poll() is None:
+            run.kill()
+    assert env.process().returncode == EXIT_OK
+    assert tree(env.study.destination) == {"sub/new.txt": b"n"}
