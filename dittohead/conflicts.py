@@ -14,7 +14,8 @@ import stat
 from .config import StudyConfig
 from .copier import hash_source
 from .errors import ConfigError, EntryFailed, TemporaryError
-from .examine import Findings, kind_of
+from .examine import kind_of
+from .findings import Findings
 from .fsops import DIR_FLAGS, DirCache, Source, hash_at, join
 from .plan import EXISTS, PRESENT, DirPlan, FilePlan, Plan, State
 

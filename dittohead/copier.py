@@ -24,12 +24,14 @@ import os
 import stat
 import time
 from collections import deque
+from collections.abc import Iterable
 from hashlib import sha256
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import faults
 from .errors import EntryBusy, EntryFailed
-from .fsops import CHUNK, FILE_FLAGS, hash_fd, join, syncfs
+from .fsops import CHUNK, FILE_FLAGS, Source, hash_fd, join, syncfs
 from .log import printable
 from .ownership import Ownership
 from .plan import FilePlan
@@ -195,6 +197,8 @@ def _check_back(dst: int, buf: bytearray, back: bytearray, n: int, offset: int) 
         raise EntryFailed(_MISMATCH)
 
 
+_SWAPPED = ("a file of the entry is not the one taken over from its uploader (replaced "
+            "during the delivery); nothing of this entry was delivered")
 _MISMATCH = ("a staged copy read back different from what was written (a storage or memory "
              "fault?); nothing of this entry was delivered.")
 
@@ -218,6 +222,33 @@ def hash_source(src_dir: int, name: str, rel: str, f: FilePlan) -> bytes:
         os.close(src)
 
 
+def still_written(processing: Path, claim_id: str, plain_file: bool,
+                  names: Iterable[str]) -> list[str]:
+    """Which of these files of a claimed entry (found busy before) a program still writes.
+
+    Checked before anything is copied, so an entry kept for a writer does not
+    copy gigabytes on every retry only to find the same file busy again.
+    """
+    busy = []
+    with Source(processing, claim_id, plain_file) as src:
+        for rel in names:
+            where, _, name = rel.rpartition("/")
+            try:
+                fd = os.open(claim_id if plain_file else name, FILE_FLAGS,
+                             dir_fd=src.dir_fd(where))
+            except BlockingIOError:  # a write lease
+                busy.append(rel)
+                continue
+            except OSError:
+                continue  # gone or no longer a file: the copy will tell
+            try:
+                if _writers(fd):
+                    busy.append(rel)
+            finally:
+                os.close(fd)
+    return busy
+
+
 def _open_source(src_dir: int, name: str, rel: str, f: FilePlan) -> int:
     try:
         return os.open(name, FILE_FLAGS, dir_fd=src_dir)
@@ -230,6 +261,8 @@ def _open_source(src_dir: int, name: str, rel: str, f: FilePlan) -> int:
 def _unwritten(src: int, rel: str, f: FilePlan) -> os.stat_result:
     """fstat of the open source once it is proven that nobody writes to it; else EntryBusy."""
     st = os.fstat(src)
+    if st.st_uid != os.geteuid():
+        raise EntryFailed(_SWAPPED)  # the lockdown gave every planned file to us
     if not stat.S_ISREG(st.st_mode) or st.st_size != f.size or st.st_mtime_ns != f.mtime_ns:
         raise _changed(rel, f, "changed after the entry was claimed")
     writers = _writers(src)
@@ -254,8 +287,12 @@ def _writers(fd: int) -> bool | None:
     except OSError as e:
         if e.errno == errno.EAGAIN:
             return True
-        if e.errno in (errno.EINVAL, errno.ENOSYS, errno.ENOLCK, errno.EACCES):
+        if e.errno in (errno.EINVAL, errno.ENOSYS, errno.ENOLCK):
             return None  # NFS, FUSE, fs.leases-enable=0: timestamps only
+        if e.errno == errno.EACCES:
+            # Leases need the file's owner; after the lockdown that is us. A
+            # file that is not ours was swapped in: never read it as the entry's.
+            raise EntryFailed(_SWAPPED) from None
         raise
     # Dropped at once: a held lease would have a writer's open() signal us.
     fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)

@@ -19,18 +19,18 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import parallel, readiness
+from . import faults, parallel, readiness
 from .claim import Claim
 from .config import StudyConfig
 from .errors import EntryFailed, EntryRejected
+from .faults import point
+from .findings import Findings
 from .fsops import CHUNK, DIR_FLAGS, join, user_name
 from .lockdown import Lockdown
-from .log import printable
 from .ownership import Ownership
 from .plan import Plan, spool_files
+from .stage import STAGING_PREFIX
 
-# How many names a failure reason lists before it says "and N more".
-LIST_MAX = 20
 # Limits of what can be delivered (docs/contract.md): deeper trees and longer
 # paths fail with a reason, in the run that finds them, instead of stopping
 # the walk (Python's recursion) or the copy (PATH_MAX) on every run.
@@ -40,42 +40,10 @@ PATH_MAX = 4096  # <linux/limits.h>, with the terminating NUL
 _TIME_RANGE = range(-(1 << 63), 1 << 63)
 _TOO_DEEP = f"directories nested deeper than {MAX_DEPTH} levels"
 _TOO_LONG = f"paths longer than Linux allows ({PATH_MAX - 1} bytes with the destination's)"
+_RESERVED = (f"names dittohead keeps for itself at the top of a destination "
+             f"({STAGING_PREFIX}*; rename them)")
 _ODD_TIME = ("files dated before 1677 or after 2262 (their times cannot be kept; "
              "`touch` them)")
-
-
-class Findings:
-    """Problems by kind, each with a count and the first few names."""
-
-    def __init__(self) -> None:
-        self.kinds: dict[str, tuple[int, list[str]]] = {}
-
-    def add(self, kind: str, name: str) -> None:
-        count, names = self.kinds.get(kind, (0, []))
-        if len(names) < LIST_MAX:
-            names.append(name)
-        self.kinds[kind] = (count + 1, names)
-
-    def text(self, kind: str) -> str:
-        count, names = self.kinds[kind]
-        more = f" and {count - len(names)} more" if count > len(names) else ""
-        return ", ".join(_shortened(printable(n)) for n in names) + more
-
-    def __bool__(self) -> bool:
-        return bool(self.kinds)
-
-    def merge(self, kinds: dict[str, tuple[int, list[str]]]) -> None:
-        """Add another Findings' kinds (a worker's), keeping the first names of each."""
-        for kind, (count, names) in kinds.items():
-            mine, kept = self.kinds.get(kind, (0, []))
-            self.kinds[kind] = (mine + count, (kept + names)[:LIST_MAX])
-
-
-def _shortened(name: str, most: int = 200) -> str:
-    """A name a reason can show: the start and the end of a very long path."""
-    if len(name) <= most:
-        return name
-    return f"{name[:most // 2]}...{name[-most // 2:]}"
 
 
 def new_plan(study: StudyConfig, c: Claim) -> Plan:
@@ -225,6 +193,8 @@ class _Walker:
                 self.bad.add(_NOT_THEIRS, rel + "/")
                 os.close(fd)
                 return None
+            if faults.enabled():
+                point(f"taking:{rel}")  # the race tests act between the fstat and the chown
             self.lockdown.take_dir(fd, st)
         except BaseException:
             os.close(fd)
@@ -245,6 +215,9 @@ class _Walker:
             if len(os.fsencode(path)) > self.room:
                 self.bad.add(_TOO_LONG, path)
                 continue
+            if not rel and name.startswith(STAGING_PREFIX):
+                self.bad.add(_RESERVED, path)  # it would meet a delivery's staging
+                continue
             skip = self.ignored(name) is not None
             if skip:
                 self.plan.add_skipped(path)
@@ -255,12 +228,12 @@ class _Walker:
                 continue
             if stat.S_ISDIR(est.st_mode):
                 if skip:
-                    self.take_ignored_dir(fd, name)
+                    self.take_ignored_dir(fd, name, path)
                 else:
                     subdirs.append(name)
             elif stat.S_ISREG(est.st_mode):
                 self.file(fd, name, path, est, skip)
-            elif not skip:
+            else:  # ignored or not: never filed in done/ unnoticed
                 self.bad.add(kind_of(est.st_mode), path)
         return subdirs
 
@@ -271,9 +244,9 @@ class _Walker:
         problem = (_NOT_THEIRS if not self.lockdown.owned(st)
                    else _LINKED if st.st_nlink > 1 else None)
         if problem is not None:
-            if not skip:
-                self.bad.add(problem, rel)
-            return  # never taken: another user's, or another name's
+            # Ignored or not: never taken, and never filed unnoticed in done/.
+            self.bad.add(problem, rel)
+            return
         self.lockdown.take_file(dir_fd, name, st)
         if not skip and not _plannable(st):
             self.bad.add(_ODD_TIME, rel)
@@ -281,24 +254,34 @@ class _Walker:
             self.plan.add_file(rel.rpartition("/")[2], st.st_size, st.st_atime_ns,
                                st.st_mtime_ns, bool(st.st_mode & stat.S_IXUSR))
 
-    def take_ignored_dir(self, parent_fd: int, name: str, depth: int = 0) -> None:
-        """Take over an ignored directory and its contents: never delivered, but filed."""
-        if depth >= MAX_DEPTH:
-            return  # what is deeper stays its uploader's: it is never delivered anyway
-        quiet = self.like(self.plan, Findings())
-        opened = quiet.open_dir(parent_fd, name, name)
+    def take_ignored_dir(self, parent_fd: int, name: str, rel: str) -> None:
+        """Take over an ignored directory and its contents: never delivered, but filed.
+
+        Ignored means only "not delivered": every other rule holds inside
+        (owners, other names, types, depth), since all of it is filed in done/.
+        """
+        if rel.count("/") >= MAX_DEPTH:
+            self.bad.add(_TOO_DEEP, rel + "/")
+            return
+        opened = self.open_dir(parent_fd, name, rel)
         if opened is None:
             return
         fd, _ = opened
         try:
             with os.scandir(fd) as it:
-                names = [de.name for de in it]
+                names = sorted(de.name for de in it)
             for sub in names:
-                est = os.stat(sub, dir_fd=fd, follow_symlinks=False)
+                path = join(rel, sub)
+                try:
+                    est = os.stat(sub, dir_fd=fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
                 if stat.S_ISDIR(est.st_mode):
-                    quiet.take_ignored_dir(fd, sub, depth + 1)
+                    self.take_ignored_dir(fd, sub, path)
                 elif stat.S_ISREG(est.st_mode):
-                    quiet.file(fd, sub, sub, est, skip=True)
+                    self.file(fd, sub, path, est, skip=True)
+                else:
+                    self.bad.add(kind_of(est.st_mode), path)
         finally:
             os.close(fd)
 

@@ -3,7 +3,8 @@
 `DITTOHEAD_TEST_FAULT=<point>` SIGKILLs the process when it reaches that
 point; `<point>=wait:<file>` instead waits until <file> exists (so a test can
 fill a disk at a chosen moment). Points are named where `point()` is called:
-chowned, claimed, checked, staged:N, synced, published:N, verified, receipt, filed.
+chowned, claimed, taking:REL (a directory of the entry, between its fstat and its
+takeover), checked, staged:N, synced, published:N, verified, receipt, filed.
 `DITTOHEAD_TEST_FAULT=no-lease` makes the copy act as on a filesystem
 without leases (NFS), so the timestamp checks alone can be tested.
 """

@@ -180,6 +180,7 @@ def check(cfg: Config, studies: list[StudyConfig]) -> list[str]:
         if disk and study.disk_warn_percent and disk["percent"] >= study.disk_warn_percent[0]:
             found.append(p + f"destination is {disk['percent']}% full")
         found += [p + x for x in leftovers(study)]
+        found += [p + x for x in shared_filesystem(study)]
         if _systemd_booted():
             for unit in (f"dittohead@{study.name}.path", f"dittohead@{study.name}.timer"):
                 r = subprocess.run(["systemctl", "is-enabled", unit], capture_output=True,
@@ -232,6 +233,37 @@ def closed_dirs(dest: Path, svc: pwd.struct_passwd, most: int = CLOSED_DIRS_MAX)
         problems.append(f"{dest}: only {most} directories were checked for the service's "
                         "write access")
     return problems
+
+
+# Places on a typical host where users may write, outside any inbox.
+USER_WRITABLE = ("/tmp", "/var/tmp", "/home", "/dev/shm", "/srv", "/var/mail")
+
+
+def shared_filesystem(study: StudyConfig) -> list[str]:
+    """The inbox on one filesystem with a place users write: a rename could feign an uploader.
+
+    Linux records no one's name on a rename: a user who may write a
+    directory holding another user's file or directory can move it into the
+    inbox (same filesystem), and it is delivered as its owner's. With the
+    dropbox on a filesystem of its own, everything in an inbox was made
+    there by its owner (the inboxes are sticky).
+    """
+    try:
+        dev = os.stat(study.inbox).st_dev
+    except OSError:
+        return []  # layout.problems() names it
+    shared = []
+    for place in USER_WRITABLE:
+        try:
+            if os.stat(place).st_dev == dev:
+                shared.append(place)
+        except OSError:
+            continue
+    if not shared:
+        return []
+    return [f"{study.inbox} is on the same filesystem as {', '.join(shared)}: a user could "
+            "rename another user's file from there into the inbox, delivered as that user's. "
+            "Put dropbox_root on a filesystem of its own (docs/contract.md, Installing)"]
 
 
 def give_back(top: Path, uid: int, service_uid: int) -> None:

@@ -89,15 +89,26 @@ def setup(config: Config, study: StudyConfig) -> list[str]:
         if stat.S_IMODE(st.st_mode) != w.mode:
             os.chmod(w.path, w.mode)
             changed.append(f"mode of {w.path} -> {w.mode:04o}")
+    pw = pwd.getpwnam(config.service_user)
+    gid = grp.getgrnam(study.group).gr_gid if study.group else pw.pw_gid
     if not os.path.lexists(study.destination):
-        pw = pwd.getpwnam(config.service_user)
-        gid = grp.getgrnam(study.group).gr_gid if study.group else pw.pw_gid
         os.makedirs(study.destination.parent, exist_ok=True)
         os.mkdir(study.destination, 0o700)
         os.chown(study.destination, pw.pw_uid, gid)
         os.chmod(study.destination, study.dir_mode)
         changed.append(f"created {study.destination} {study.dir_mode:04o} "
                        f"{_owner(pw.pw_uid, gid)}")
+    elif os.lstat(study.destination).st_uid != pw.pw_uid:
+        # The service has no CAP_DAC_OVERRIDE: it writes where it owns. Only
+        # the top is taken; what is below keeps its owners (`check` lists the
+        # directories the service cannot write).
+        st = os.lstat(study.destination)
+        if not stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"{study.destination} exists and is not a directory")
+        os.chown(study.destination, pw.pw_uid, gid if study.group else st.st_gid,
+                 follow_symlinks=False)
+        changed.append(f"owner of {study.destination} -> "
+                       f"{_owner(pw.pw_uid, gid if study.group else st.st_gid)}")
     return changed
 
 

@@ -40,16 +40,19 @@ class Lockdown:
     def owned(self, st: os.stat_result) -> bool:
         """Whether the inode may be in the entry: the uploader's, or already taken over.
 
-        Root may deliver anything it could copy anyway.
+        Root too delivers only its own files: a root-owned directory left
+        where users may write could be filled with other users' files and
+        moved into the inbox by anyone (the entry's owner is not who dropped it).
         """
-        return self.uploader == 0 or st.st_uid in (self.uploader, self.uid)
+        return st.st_uid in (self.uploader, self.uid)
 
     def take_dir(self, fd: int, st: os.stat_result) -> None:
         """Take over an open directory (st: its fstat)."""
         try:
-            if (st.st_uid, st.st_gid) != (self.uid, self.gid):
+            taken = (st.st_uid, st.st_gid) != (self.uid, self.gid)
+            if taken:
                 os.fchown(fd, self.uid, self.gid)
-            mode = _mode(st, 0o700)
+            mode = _mode(st, 0o700, taken)
             if mode is not None:
                 os.fchmod(fd, mode)
         except OSError as e:
@@ -61,20 +64,26 @@ class Lockdown:
         By name is safe there: nobody else can rename or replace anything in it.
         """
         try:
-            if (st.st_uid, st.st_gid) != (self.uid, self.gid):
-                # Clears the set-id bits: _mode() compares with st, from before.
+            taken = (st.st_uid, st.st_gid) != (self.uid, self.gid)
+            if taken:
                 os.chown(name, self.uid, self.gid, dir_fd=dir_fd, follow_symlinks=False)
-            mode = _mode(st, 0o400)
+            mode = _mode(st, 0o400, taken)
             if mode is not None:
                 os.chmod(name, mode, dir_fd=dir_fd)  # a regular file: nothing to follow
         except OSError as e:
             _raise_why(e)
 
 
-def _mode(st: os.stat_result, owner_bits: int) -> int | None:
-    """The mode a taken inode gets, or None where it has it already."""
+def _mode(st: os.stat_result, owner_bits: int, chowned: bool) -> int | None:
+    """The mode a taken inode gets, or None where it has it already.
+
+    Right after a chown it is always set: until the chown the uploader could
+    chmod the inode (777, an ACL mask), so `st`, from before, proves nothing
+    about the mode now. Computed from st all the same, every write bit for
+    group and others goes; a chmod also narrows an ACL's mask to those bits.
+    """
     mode = (stat.S_IMODE(st.st_mode) & _KEEP) | owner_bits
-    return None if mode == stat.S_IMODE(st.st_mode) else mode
+    return None if mode == stat.S_IMODE(st.st_mode) and not chowned else mode
 
 
 def _raise_why(e: OSError) -> NoReturn:

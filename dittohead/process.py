@@ -43,6 +43,7 @@ from .claim import (
 )
 from .config import Config, StudyConfig
 from .conflicts import check_destination, open_destination
+from .copier import still_written
 from .errors import (
     EXIT_IOERR,
     EXIT_OK,
@@ -54,8 +55,9 @@ from .errors import (
     Outcome,
     TemporaryError,
 )
-from .examine import LIST_MAX, examine, new_plan, uploader_uid
+from .examine import examine, new_plan, uploader_uid
 from .faults import point
+from .findings import LIST_MAX
 from .fsops import is_enospc, user_name
 from .ownership import Ownership
 from .plan import Plan, remove_spool
@@ -272,6 +274,7 @@ def deliver(study: StudyConfig, c: Claim, owner: Ownership) -> Attempt:
             point("claimed")
             plan = new_plan(study, c)
             examine(study, plan, c.entry, owner)
+            _not_written_still(study, c, plan)
             check_destination(study, plan, dest_fd)
             point("checked")
             with Staging(dest_fd, c.id, study.destination) as staging:
@@ -290,6 +293,17 @@ def deliver(study: StudyConfig, c: Claim, owner: Ownership) -> Attempt:
         return Attempt(Outcome.RETRY_LATER, plan,
                        f"the destination is full ({e.strerror}); rolled back, will retry")
     return Attempt(Outcome.DELIVERED, plan)
+
+
+def _not_written_still(study: StudyConfig, c: Claim, plan: Plan) -> None:
+    """Before any copying: raise EntryBusy if a file found busy last time still is."""
+    if not c.busy_files:
+        return
+    busy = still_written(study.processing, c.id, plan.plain_file, c.busy_files)
+    if busy:
+        names = ", ".join(log.printable(f) for f in busy[:LIST_MAX])
+        raise EntryBusy(busy, f"{names} still open for writing by a program; nothing "
+                        "was copied, the entry is kept for a later run")
 
 
 def _still_busy(study: StudyConfig, c: Claim, attempt: Attempt) -> tuple[Claim, Attempt]:

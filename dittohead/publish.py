@@ -17,8 +17,8 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from .errors import DittoheadError, EntryFailed, TemporaryError
-from .examine import LIST_MAX
 from .faults import point
+from .findings import LIST_MAX
 from .fsops import DirCache, is_enospc, join, rename_noreplace, syncfs
 from .log import printable
 from .plan import COPIED, CREATED, DirPlan, FilePlan, Plan, State

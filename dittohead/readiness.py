@@ -12,9 +12,12 @@ fails it naming the file. docs/design.md, "Readiness".
 
 The walk reads the uploader's directories before any takeover: it opens
 each directory O_NOFOLLOW relative to its parent's fd, lstats names, never
-opens a file, stops at the first recent change, and is bounded in depth and
-names. What it cannot see (too deep, too many names, unreadable) does not
-hold the entry: examine judges the whole entry once it is claimed.
+opens a file, stops at the first recent change, and is bounded in depth.
+It has no bound on names: an entry it stopped looking into could be taken
+while still being written. Its cost, a walk of the entry at most once per
+quiet period while it waits, is the uploader's own entry's size. What it
+cannot see (too deep, unreadable) does not hold the entry: examine judges
+the whole entry once it is claimed (and fails what is too deep).
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ TEMP_KIND = ("temporary files of an upload that did not finish (rsync's .name.XX
 # many quiet periods (20 minutes at the default 120 s).
 STALE_FACTOR = 10
 MAX_DEPTH = 256  # directory levels below the entry that the walk descends
-MAX_NAMES = 1_000_000  # names one walk looks at
 NS = 1_000_000_000
 
 
@@ -171,7 +173,7 @@ def walk(inbox: os.PathLike[str] | str, name: str, since: int, now: int,
     w = _Walk(since, now, ignored, newest)
     try:
         w.descend(top, name, False)  # (an entry's own directory name is never ignored)
-        while w.stack and w.newest <= since and w.names < MAX_NAMES:
+        while w.stack and w.newest <= since:
             fd, subdirs = w.stack[-1]
             if not subdirs:
                 os.close(w.stack.pop()[0])
@@ -198,7 +200,6 @@ class _Walk:
         self.since, self.now, self.ignored = since, now, ignored
         self.newest = newest
         self.temp = False
-        self.names = 0
         self.stack: list[tuple[int, list[tuple[str, bool]]]] = []
 
     def descend(self, parent: int, name: str, skip: bool) -> None:
@@ -215,7 +216,6 @@ class _Walk:
         try:
             with os.scandir(fd) as it:
                 for e in it:
-                    self.names += 1
                     st = e.stat(follow_symlinks=False)
                     self.newest = max(self.newest, st.st_ctime_ns)
                     if stat.S_ISDIR(st.st_mode):

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from pathlib import Path
 
 from . import faults, parallel
 from .copier import Copier
+from .errors import ConfigError
 from .faults import point
 from .fsops import DIR_FLAGS, DirCache
 from .manifest import Manifest
@@ -55,12 +57,19 @@ def staging_name(claim_id: str) -> str:
 
 def remove_staging(dest_fd: int, claim_id: str) -> bool:
     """Remove a (possibly half-built) staging directory; True if one was there."""
+    name = staging_name(claim_id)
     try:
-        # shutil's fd-based walk never follows a symlink (not that any could be
-        # in there: the directory is the service's own, mode 0700).
-        shutil.rmtree(staging_name(claim_id), dir_fd=dest_fd)
+        st = os.stat(name, dir_fd=dest_fd, follow_symlinks=False)
     except FileNotFoundError:
         return False
+    if not stat.S_ISDIR(st.st_mode) or stat.S_IMODE(st.st_mode) != 0o700:
+        # Not one we made (each is a 0700 directory): someone's data under our
+        # name. Never remove it; an admin must move it away.
+        raise ConfigError(f"{name} in the destination is not a staging directory of "
+                          "dittohead, but its name is reserved for one: move it away")
+    # shutil's fd-based walk never follows a symlink (not that any could be
+    # in there: the directory is the service's own, mode 0700).
+    shutil.rmtree(name, dir_fd=dest_fd)
     return True
 
 

@@ -176,3 +176,12 @@ def test_same_name_already_delivered_is_compared_only_once_no_one_writes_it(
         os.close(fd)
     assert env.process().returncode == EXIT_OK
     assert len(env.done_receipts()) == 2
+
+
+def test_a_writer_found_before_is_checked_first_and_nothing_is_copied_again(
+        env: Env, writer: tuple[Path, int]) -> None:
+    assert env.process().returncode == EXIT_TEMPFAIL
+    r = env.process()
+    assert r.returncode == EXIT_TEMPFAIL, r.stderr
+    assert "log.txt still open for writing by a program; nothing was copied" in r.stderr
+    _kept_untouched(env)

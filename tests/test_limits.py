@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from dittohead.errors import EXIT_IOERR, EXIT_OK, EXIT_TEMPFAIL
+from dittohead.errors import EXIT_IOERR, EXIT_OK, EXIT_TEMPFAIL, ConfigError
 from dittohead.examine import MAX_DEPTH
+from dittohead.stage import remove_staging
 
 from .conftest import REPO, Env, make_env, no_leftovers, tree, wait_for
 
@@ -189,3 +190,44 @@ def test_a_destination_directory_refusing_writes_unforeseen_is_a_config_error(
             run.kill()
     assert env.process().returncode == EXIT_OK
     assert tree(env.study.destination) == {"sub/new.txt": b"n"}
+
+
+def test_a_top_level_name_kept_for_staging_fails_the_entry(env: Env) -> None:
+    env.drop("e", {".incoming-20261130T000000Z-x-abcdef/precious.txt": b"p", "ok.txt": b"o"})
+    r = env.process()
+    assert r.returncode == EXIT_OK, r.stderr
+    assert "names dittohead keeps for itself" in _failed_reason(env)
+    assert tree(env.study.destination) == {}
+
+
+def test_someone_elses_file_under_a_staging_name_is_never_removed(env: Env) -> None:
+    env.drop("e", {"a.txt": b"a"})
+    # What an admin (or an older version) left under the name a claim's staging takes:
+    claim_id = "20261130T000000Z-e-abcdef"
+    (env.study.destination / f".incoming-{claim_id}").write_bytes(b"someone's")
+    fd = os.open(env.study.destination, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(ConfigError, match="not a staging directory"):
+            remove_staging(fd, claim_id)
+    finally:
+        os.close(fd)
+    assert (env.study.destination / f".incoming-{claim_id}").read_bytes() == b"someone's"
+
+
+def test_a_symlink_in_an_ignored_directory_fails_the_entry(env: Env) -> None:
+    def build(t: Path) -> None:
+        (t / "data.txt").write_bytes(b"d")
+        (t / "__MACOSX").mkdir()
+        (t / "__MACOSX" / "shadow").symlink_to("/etc/shadow")
+
+    env.reload(ignore=["__MACOSX"])
+    _drop_built(env, "e", build)
+    r = env.process()
+    assert r.returncode == EXIT_OK, r.stderr
+    assert "symlinks not delivered: __MACOSX/shadow" in _failed_reason(env)
+
+
+def test_check_says_when_the_dropbox_shares_a_filesystem_with_users(env: Env) -> None:
+    r = env.run("check", "s1")
+    assert "on the same filesystem as" in r.stdout + r.stderr
+    assert "/var/tmp" in r.stdout + r.stderr

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -115,3 +117,68 @@ def test_retry_gives_a_failed_entry_back_to_its_uploader(
     back = env.study.inbox / "e"
     assert all(p.stat().st_uid == ra.uid for p in [back, *back.rglob("*")])
     _as(ra, "rm", "-r", str(back))  # theirs again: they may change or remove it
+
+
+def test_a_chmod_racing_the_takeover_leaves_nothing_writable(
+        service_env: Env, svc: ThrowawayUser, ra: ThrowawayUser, shared_base: Path) -> None:
+    # The uploader owns `z` until the chown lands: a chmod 777 just before it
+    # must not leave a service-owned directory anyone can write into.
+    env = service_env
+    signals = shared_base / "signals"
+    signals.mkdir()
+    os.chmod(signals, 0o777)
+    entry = env.drop("e", {"z/f.txt": b"mine"}, uid=ra.uid)
+    # The uploader's shell sits in z from before the claim.
+    shell = subprocess.Popen([*ra.prefix(), "sh", "-c",
+                              f"cd {entry}/z && while [ ! -e {signals}/chmod ]; do sleep 0.02;"
+                              f" done; chmod 0777 . && : > {signals}/done"])
+    results: list[subprocess.CompletedProcess[str]] = []
+    run = threading.Thread(target=lambda: results.append(as_service(
+        env, svc, "process", "s1",
+        extra_env={"DITTOHEAD_TEST_FAULT": f"taking:z=wait:{signals}/go"})))
+    run.start()
+    try:
+        def at_z() -> bool:
+            claimed = [p for p in env.study.processing.iterdir()
+                       if p.is_dir() and not p.name.startswith(".")]
+            return bool(claimed) and claimed[0].stat().st_uid == svc.uid
+        wait_for(at_z, 20, "the claim")
+        time.sleep(0.5)  # the walk is held at z: after its fstat, before its chown
+        (signals / "chmod").touch()
+        wait_for(lambda: (signals / "done").exists(), 20, "the uploader's chmod")
+    finally:
+        (signals / "go").touch()
+        run.join(60)
+        shell.kill()
+    (r,) = results
+    assert r.returncode == 0, r.stderr
+    done = env.study.done / json.loads(env.done_receipts()[0].read_text())["id"]
+    assert not (done / "z").stat().st_mode & 0o022
+    assert tree(env.study.destination) == {"z/f.txt": b"mine"}
+
+
+def test_a_root_owned_entry_holding_another_users_file_fails(
+        service_env: Env, svc: ThrowawayUser, ra: ThrowawayUser) -> None:
+    # Root's directory, left where users write, filled with ra's file and
+    # moved into the inbox by anyone: root's entries hold root's files only.
+    env = service_env
+    entry = env.drop("projects", {"notes.txt": b"root's", "other.txt": b"ra's"})
+    os.chown(entry / "other.txt", ra.uid, ra.gid)
+    r = as_service(env, svc, "process", "s1")
+    assert r.returncode == 0, r.stderr
+    reason = json.loads(env.failed_receipts()[0].read_text())["reason"]
+    assert "owned by another user than the uploader" in reason and "other.txt" in reason
+    assert tree(env.study.destination) == {}
+
+
+def test_another_users_file_in_an_ignored_directory_fails_the_entry(
+        service_env: Env, svc: ThrowawayUser, ra: ThrowawayUser, shared_base: Path) -> None:
+    env = service_env
+    env.reload(ignore=["._*"])
+    entry = env.drop("e", {"data.txt": b"d", "._meta/secret": b"not ra's"}, uid=ra.uid)
+    os.chown(entry / "._meta" / "secret", svc.uid + 1, svc.gid)
+    r = as_service(env, svc, "process", "s1")
+    assert r.returncode == 0, r.stderr
+    reason = json.loads(env.failed_receipts()[0].read_text())["reason"]
+    assert "._meta/secret" in reason
+    assert tree(env.study.destination) == {}
