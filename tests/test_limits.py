@@ -231,3 +231,14 @@ def test_check_says_when_the_dropbox_shares_a_filesystem_with_users(env: Env) ->
     r = env.run("check", "s1")
     assert "on the same filesystem as" in r.stdout + r.stderr
     assert "/var/tmp" in r.stdout + r.stderr
+
+
+def test_a_killed_attempts_staging_in_a_setgid_destination_is_removed(env: Env) -> None:
+    os.chmod(env.study.destination, 0o2755)
+    env.drop("e", {"a.txt": b"a"})
+    assert env.process(env={"DITTOHEAD_TEST_FAULT": "staged:1"}).returncode != 0
+    assert list(env.study.destination.glob(".incoming-*"))
+    r = env.process()
+    assert r.returncode == EXIT_OK, r.stderr
+    assert tree(env.study.destination) == {"a.txt": b"a"}
+    no_leftovers(env)
