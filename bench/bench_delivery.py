@@ -89,8 +89,8 @@ SMALL_SIZE = 4096
 TOOLS = ("cp", "rsync", "dittohead")
 DITTOHEAD = "dittohead"
 # The targets the headlines check.
-TARGET_BIG_VS_CP = 1.3
-TARGET_SMALL_VS_CP = 1.5
+TARGET_BIG_VS_CP = 1.15
+TARGET_SMALL_VS_CP = 1.3
 TARGET_RSS_MB = 100.0
 
 

@@ -112,9 +112,9 @@ def process(config: Config, study_name: str, linger: float = 0.0) -> RunResult:
     """Resume pending claims, then claim and deliver every ready entry."""
     study = config.study(study_name)
     owner = _ownership(config, study)
-    # The copy takes read leases (copier.py) and drops them at once; should a
-    # writer open a file in between, the kernel signals SIGIO, whose default
-    # is to end the process.
+    # The copy holds a read lease on each file it reads (copier.py); should a
+    # writer (root: nobody else may) open one meanwhile, the kernel signals
+    # SIGIO, whose default is to end the process.
     signal.signal(signal.SIGIO, signal.SIG_IGN)
     counts: Counter[Outcome] = Counter()
     with StudyLock(study) as lock:
