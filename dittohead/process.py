@@ -162,7 +162,10 @@ def _drain(config: Config, study: StudyConfig, owner: Ownership, linger: float,
         _tell_waiting(study, watch, linger)
         names = [n for n in seen.ready
                  if n not in refused and later.get(n, 0.0) <= time.monotonic()]
+        scanned = time.monotonic()
         for name in names:
+            if time.monotonic() - scanned > POLL and not watch.still_ready(name):
+                continue  # changed since the scan: waiting again
             _claim_and_handle(config, study, owner, name, counts, refused, later)
         now = time.monotonic()
         if names:

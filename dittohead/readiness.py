@@ -105,6 +105,22 @@ class Watch:
         return Scan(ready=[n for _, n in sorted(ready)], waiting=waiting,
                     next_due=None if next_due is None else max(0, next_due - now) / NS)
 
+    def still_ready(self, name: str) -> bool:
+        """Judge a ready entry again, right before it is claimed.
+
+        A scan's verdict ages while the run delivers the entries before this
+        one (minutes, for a big one): a client may have started writing into
+        it meanwhile. Not ready any more, it is waiting again.
+        """
+        if not self.quiet_ns:
+            return True
+        now = time.time_ns() + self.offset
+        due = self.judge(name, now)
+        if due is None:
+            return True
+        self.due[name] = due
+        return False
+
     def held(self, name: str) -> bool:
         """Whether a waiting entry is quiet but holds temporary names."""
         return name in self.holding

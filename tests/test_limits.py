@@ -242,3 +242,14 @@ def test_a_killed_attempts_staging_in_a_setgid_destination_is_removed(env: Env) 
     assert r.returncode == EXIT_OK, r.stderr
     assert tree(env.study.destination) == {"a.txt": b"a"}
     no_leftovers(env)
+
+
+@pytest.mark.root
+def test_many_empty_files_fit_a_small_destination(shared_base: Path) -> None:
+    env = make_env(shared_base)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,nr_inodes=20000,mode=0755",
+                    "dittohead-test", str(env.study.destination)], check=True)
+    env.drop("empties", {f"d{i // 1000}/f{i}": b"" for i in range(3000)})
+    r = env.process()
+    assert r.returncode == EXIT_OK, r.stderr
+    assert len(env.done_receipts()) == 1

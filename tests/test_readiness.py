@@ -352,3 +352,35 @@ def test_status_tells_waiting_entries_from_ready_ones(shared_base: Path) -> None
     (s,) = json.loads(r.stdout)
     assert (s["pending"], s["waiting"]) == (0, 1)
     assert "0 pending, 1 waiting to be quiet" in env.run("status", "s1").stdout
+
+
+def test_an_entry_written_to_while_earlier_ones_are_delivered_is_judged_again(
+        shared_base: Path) -> None:
+    # Both entries are quiet when the run looks; the first one's delivery
+    # takes a while (held here), and meanwhile a client starts writing into
+    # the second: it must not be claimed half-written on the strength of the
+    # old look.
+    env = quiet_env(shared_base, 1)
+    for name in ("a", "b"):
+        (env.study.inbox / name).mkdir()
+        (env.study.inbox / name / "first.txt").write_bytes(b"1")
+    time.sleep(1.5)
+    go = shared_base / "go"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "dittohead", "--config", str(env.config_path), "process", "s1"],
+        env={**os.environ, "DITTOHEAD_LOG": "stderr",
+             "DITTOHEAD_TEST_FAULT": f"checked=wait:{go}"},
+        stderr=subprocess.PIPE, text=True, cwd=str(REPO))
+    try:
+        deadline = time.monotonic() + 20
+        while len(list(env.study.processing.glob("*.json"))) < 1:
+            assert time.monotonic() < deadline, "no claim"
+            time.sleep(0.05)
+        (env.study.inbox / "b" / "second.txt").write_bytes(b"2")  # the client goes on
+        time.sleep(0.5)  # a's delivery goes on a while longer
+    finally:
+        go.touch()
+        _, err = run.communicate(timeout=60)
+    assert run.returncode == 0, err
+    assert len(env.done_receipts()) == 1  # a only
+    assert sorted(os.listdir(env.study.inbox / "b")) == ["first.txt", "second.txt"]
