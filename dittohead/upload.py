@@ -67,6 +67,10 @@ def upload(study: StudyConfig, path: Path) -> str:
             for top, dirs, _ in os.walk(tmp):
                 for d in [top, *[os.path.join(top, x) for x in dirs]]:
                     os.chmod(d, stat.S_IMODE(os.lstat(d).st_mode) | 0o700)
+            # Private until claimed: it may wait in the inbox a quiet period,
+            # and a group-writable directory copied from a shared project
+            # folder would let others move files out of it or into it.
+            os.chmod(tmp, 0o700)
         else:
             _copy(str(path), str(tmp))
         rename_noreplace(tmp, final)

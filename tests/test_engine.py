@@ -279,6 +279,7 @@ def test_upload_copies_as_dot_name_then_renames_and_is_delivered(env: Env,
                                                                   tmp_path: Path) -> None:
     src = tmp_path / "s01-session1"
     (src / "eprime").mkdir(parents=True)
+    os.chmod(src, 0o2775)  # a shared project folder
     (src / "eprime" / "s01.txt").write_bytes(b"trial data")
     os.chmod(src / "eprime" / "s01.txt", 0o200)  # not even readable by its owner
     single = tmp_path / "notes.txt"
@@ -287,6 +288,8 @@ def test_upload_copies_as_dot_name_then_renames_and_is_delivered(env: Env,
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(env.study.inbox)) == ["notes.txt", "s01-session1"]
     assert os.stat(env.study.inbox / "s01-session1" / "eprime" / "s01.txt").st_mode & 0o400
+    # Private while it waits: nobody else can reach inside before the claim.
+    assert os.stat(env.study.inbox / "s01-session1").st_mode & 0o777 == 0o700
     r = env.process()
     assert r.returncode == 0, r.stderr
     assert tree(env.study.destination) == {"eprime/s01.txt": b"trial data",
