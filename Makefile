@@ -45,7 +45,12 @@ typecheck: venv
 # Root and systemd tests run too: as root they use throwaway users and a
 # throwaway systemd on an overlay root; without root they are skipped with
 # the reason printed (see the -ra summary).
+# lintian checks the .deb that tests/test_deb.py builds: without it that
+# test is skipped, so CI (a clean root machine) gets it here.
+TEST_APT_PACKAGES := lintian
+
 pytest: venv
+	$(call apt_ensure,$(TEST_APT_PACKAGES))
 	$(VENV)/bin/pytest -v
 
 test: lint typecheck pytest
