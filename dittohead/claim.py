@@ -59,6 +59,10 @@ class Claim:
     # after the claim (ISO 8601 UTC; "" never), and the files found so far.
     busy_since: str = ""
     busy_files: tuple[str, ...] = ()
+    # A directory entry as it was before the claim took it over: dev, ino,
+    # uid, gid, mode. A run killed between the takeover and the rename, after
+    # its uploader renamed it, finds it by inode and gives it back.
+    top: tuple[int, ...] = ()
 
 
 class StudyLock:
@@ -142,7 +146,10 @@ def claim(study: StudyConfig, entry: str, owner: Ownership) -> Claim | None:
 def _claim_inode(study: StudyConfig, entry: str, owner: Ownership, st: os.stat_result,
                  fd: int) -> Claim | None:
     """Record, take over (a directory: fd >= 0), rename; see claim()."""
-    c = Claim(id=new_id(study, entry), entry=entry, started=now_iso(), uploader_uid=st.st_uid)
+    top = ((st.st_dev, st.st_ino, st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
+           if fd >= 0 else ())
+    c = Claim(id=new_id(study, entry), entry=entry, started=now_iso(), uploader_uid=st.st_uid,
+              top=top)
     record = study.processing / f"{c.id}.json"
     try:
         _write_record(record, c)
@@ -220,14 +227,41 @@ def resume_claim(study: StudyConfig, c: Claim, service_uid: int) -> bool:
     try:
         st = os.lstat(study.inbox / c.entry)
     except FileNotFoundError:
-        return False
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != service_uid:
+        st = None
+    if st is None or not stat.S_ISDIR(st.st_mode) or st.st_uid != service_uid or (
+            c.top and (st.st_dev, st.st_ino) != tuple(c.top[:2])):
+        _give_back_renamed(study, c, service_uid)
         return False
     try:
         os.rename(study.inbox / c.entry, study.processing / c.id)
     except OSError as e:
         raise _claim_error(study, c.entry, e) from None
     return True
+
+
+def _give_back_renamed(study: StudyConfig, c: Claim, service_uid: int) -> None:
+    """The taken directory under another name (its uploader renamed it just before
+    the takeover, and the run was killed before it could tell): give it back."""
+    if len(c.top) != 5:
+        return
+    dev, ino, uid, gid, mode = c.top
+    try:
+        names = os.listdir(study.inbox)
+    except OSError:
+        return
+    for name in names:
+        try:
+            fd = os.open(study.inbox / name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == (dev, ino) and st.st_uid == service_uid:
+                os.fchmod(fd, mode)  # while it is still ours
+                os.fchown(fd, uid, gid)
+                return
+        finally:
+            os.close(fd)
 
 
 def adopt_claimed(study: StudyConfig, c: Claim, owner: Ownership) -> None:
@@ -261,7 +295,8 @@ def pending_claims(study: StudyConfig) -> Iterator[Claim]:
             c = Claim(id=data["id"], entry=os.fsdecode(bytes.fromhex(data["entry_hex"])),
                       started=data["started"], uploader_uid=int(data.get("uploader_uid", -1)),
                       busy_since=str(data.get("busy_since", "")),
-                      busy_files=tuple(str(f) for f in data.get("busy_files", ())))
+                      busy_files=tuple(str(f) for f in data.get("busy_files", ())),
+                      top=tuple(int(x) for x in data.get("top", ())))
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not a claim record of ours; `check` reports strays
         yield c
@@ -335,6 +370,8 @@ def _write_record(path: Path, c: Claim) -> None:
             "entry": os.fsencode(c.entry).decode("utf-8", "backslashreplace"),
             "entry_hex": os.fsencode(c.entry).hex(), "started": c.started,
             "uploader_uid": c.uploader_uid}
+    if c.top:
+        data["top"] = list(c.top)
     if c.busy_since:
         data |= {"busy_since": c.busy_since, "busy_files": list(c.busy_files)}
     write_atomic(path, json.dumps(data).encode() + b"\n")

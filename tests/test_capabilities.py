@@ -126,6 +126,25 @@ def test_a_run_killed_between_takeover_and_rename_finishes_the_claim(
     assert data["id"] == claim_id
 
 
+def test_a_directory_renamed_just_before_a_killed_takeover_is_given_back(
+        service_env: Env, svc: ThrowawayUser, ra: ThrowawayUser) -> None:
+    # The uploader renamed the entry between the claim's open and its chown,
+    # and the run was killed before it could see that: the next run finds the
+    # directory by inode under its new name and gives it back, untouched.
+    env = service_env
+    entry = upload(env, ra)
+    r = as_service(env, svc, "process", "s1", extra_env={"DITTOHEAD_TEST_FAULT": "chowned"})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    moved = env.study.inbox / ".renamed"
+    os.rename(entry, moved)  # what the uploader did, a moment before the chown
+    r = as_service(env, svc, "process", "s1")
+    assert r.returncode == 0, r.stderr
+    untouched(moved, ra)
+    assert stat.S_IMODE(moved.stat().st_mode) == 0o700
+    assert not list(env.study.processing.glob("*.json"))  # the claim is forgotten
+    assert not env.done_receipts() and not env.failed_receipts()
+
+
 def test_a_destination_directory_the_service_cannot_write_fails_the_entry_naming_it(
         service_env: Env, svc: ThrowawayUser, ra: ThrowawayUser) -> None:
     env = service_env
