@@ -111,12 +111,18 @@ def test_a_claimed_directory_is_the_services_before_it_leaves_the_inbox(
     delivered(env, ra)
 
 
-def test_a_run_killed_between_takeover_and_rename_finishes_the_claim(
-        service_env: Env, svc: ThrowawayUser, ra: ThrowawayUser) -> None:
-    env = service_env
+def killed_after_takeover(env: Env, svc: ThrowawayUser, ra: ThrowawayUser) -> Path:
+    """ra's upload, taken over by a run killed before it renamed it out of the inbox."""
     entry = upload(env, ra)
     r = as_service(env, svc, "process", "s1", extra_env={"DITTOHEAD_TEST_FAULT": "chowned"})
     assert r.returncode == -signal.SIGKILL, r.stderr
+    return entry
+
+
+def test_a_run_killed_between_takeover_and_rename_finishes_the_claim(
+        service_env: Env, svc: ThrowawayUser, ra: ThrowawayUser) -> None:
+    env = service_env
+    entry = killed_after_takeover(env, svc, ra)
     [record] = env.study.processing.glob("*.json")
     claim_id = json.loads(record.read_text())["id"]
     assert entry.lstat().st_uid == svc.uid  # taken over, still in the inbox
@@ -132,9 +138,7 @@ def test_a_directory_renamed_just_before_a_killed_takeover_is_given_back(
     # and the run was killed before it could see that: the next run finds the
     # directory by inode under its new name and gives it back, untouched.
     env = service_env
-    entry = upload(env, ra)
-    r = as_service(env, svc, "process", "s1", extra_env={"DITTOHEAD_TEST_FAULT": "chowned"})
-    assert r.returncode == -signal.SIGKILL, r.stderr
+    entry = killed_after_takeover(env, svc, ra)
     moved = env.study.inbox / ".renamed"
     os.rename(entry, moved)  # what the uploader did, a moment before the chown
     r = as_service(env, svc, "process", "s1")
