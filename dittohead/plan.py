@@ -185,6 +185,15 @@ class Plan:
         """Where stage() puts the manifest together; record.py files it in done/."""
         return self.path.with_suffix(".sha256")
 
+    def file_paths(self) -> Iterator[str]:
+        """Every planned file's path relative to the entry's top, in plan order."""
+        rel = ""
+        for r in self.records():
+            if isinstance(r, DirPlan):
+                rel = r.rel
+            elif isinstance(r, FilePlan):
+                yield f"{rel}/{r.name}" if rel else r.name
+
     def records(self) -> Iterator[DirPlan | FilePlan | str]:
         """Every record in walk order: directories, their files, skipped paths (str)."""
         if self._cache is None and self._records <= CACHE_MAX:

@@ -185,3 +185,16 @@ def test_a_writer_found_before_is_checked_first_and_nothing_is_copied_again(
     assert r.returncode == EXIT_TEMPFAIL, r.stderr
     assert "log.txt still open for writing by a program; nothing was copied" in r.stderr
     _kept_untouched(env)
+
+
+def test_a_big_entry_with_a_file_still_written_copies_nothing(env: Env) -> None:
+    entry = env.drop("big", {"a-big.bin": b"\1" * (64 << 20), "z-log.txt": b"log\n"})
+    fd = os.open(entry / "z-log.txt", os.O_WRONLY | os.O_APPEND)
+    try:
+        r = env.process()
+    finally:
+        os.close(fd)
+    assert r.returncode == EXIT_TEMPFAIL, r.stderr
+    assert "z-log.txt still open for writing by a program; nothing was copied" in r.stderr
+    _kept_untouched(env)
+    assert env.process().returncode == EXIT_OK
