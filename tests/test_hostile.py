@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dittohead.config import MAX_BYTES, MAX_DEPTH, MAX_NODES, load, parse
+from dittohead.config import load, parse
+from dittohead.configfile import MAX_BYTES, MAX_DEPTH, MAX_NODES
 from dittohead.errors import ConfigError
 from dittohead.log import clean, printable
 
