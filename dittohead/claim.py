@@ -37,7 +37,7 @@ from .fsops import is_enospc, write_atomic
 from .lockdown import Lockdown
 from .log import printable
 from .ownership import Ownership
-from .plan import remove_spool
+from .plan import remove_killed, remove_spool
 from .readiness import Watch
 
 # The claim record's "format" (see RECEIPT_FORMAT in record.py for the rules).
@@ -302,6 +302,9 @@ def pending_claims(study: StudyConfig) -> Iterator[Claim]:
         yield c
 
 
+_KILLED = re.compile(r"\.killed-[0-9]+$")
+
+
 def sweep_stale(study: StudyConfig) -> None:
     """Remove temporary files a killed run left in processing/ (call with the lock held).
 
@@ -316,7 +319,9 @@ def sweep_stale(study: StudyConfig) -> None:
         if name.endswith(".tmp"):
             p.unlink(missing_ok=True)
         elif name.endswith((".plan", ".state", ".sha256")):
-            claim_id = name[1:].rsplit(".", 1)[0]
+            # A killed attempt's kept plan (`.<id>.killed-<k>.plan`) lives as
+            # long as its claim: it says what to undo should the entry fail.
+            claim_id = _KILLED.sub("", name[1:].rsplit(".", 1)[0])
             if not (study.processing / f"{claim_id}.json").exists():
                 p.unlink(missing_ok=True)
 
@@ -325,6 +330,7 @@ def release(study: StudyConfig, c: Claim) -> None:
     """Forget the claim record once the entry has been filed in done/ or failed/."""
     (study.processing / f"{c.id}.json").unlink(missing_ok=True)
     remove_spool(study.processing, c.id)
+    remove_killed(study.processing, c.id)
 
 
 def note_busy(study: StudyConfig, c: Claim, files: list[str], keep: int) -> Claim:

@@ -55,6 +55,37 @@ def remove_spool(processing: Path, claim_id: str) -> None:
         (processing / name).unlink(missing_ok=True)
 
 
+def keep_killed(processing: Path, claim_id: str) -> None:
+    """Keep a killed attempt's plan and state (`.<id>.killed-<k>.*`) instead of removing them.
+
+    They name what it may have published: should a later attempt fail, that
+    is removed again (publish.undo_killed), so a failed entry leaves nothing
+    in the destination.
+    """
+    plan, state, _ = spool_files(processing, claim_id)
+    if not (plan.exists() and state.exists()):
+        return
+    k = len(killed_plans(processing, claim_id))
+    kept = processing / f".{claim_id}.killed-{k}.plan"
+    state.rename(kept.with_suffix(".state"))
+    plan.rename(kept)
+
+
+def killed_plans(processing: Path, claim_id: str) -> list[Path]:
+    """The plans keep_killed() kept for this claim, oldest first."""
+    found = re.compile(re.escape(f".{claim_id}.killed-") + r"([0-9]+)\.plan")
+    with os.scandir(processing) as it:
+        kept = [(int(m.group(1)), e.name) for e in it if (m := found.fullmatch(e.name))]
+    return [processing / name for _, name in sorted(kept)]
+
+
+def remove_killed(processing: Path, claim_id: str) -> None:
+    """Forget what keep_killed() kept (the entry was delivered, or filed)."""
+    for plan in killed_plans(processing, claim_id):
+        plan.with_suffix(".state").unlink(missing_ok=True)
+        plan.unlink(missing_ok=True)
+
+
 @dataclass(frozen=True, slots=True)
 class DirPlan:
     """A directory record; placed() yields copies with where it is staged filled in."""

@@ -60,8 +60,8 @@ from .faults import point
 from .findings import LIST_MAX
 from .fsops import is_enospc, user_name
 from .ownership import Ownership
-from .plan import Plan, remove_spool
-from .publish import publish
+from .plan import Plan, keep_killed, killed_plans, remove_killed, remove_spool
+from .publish import publish, undo_killed
 from .readiness import Watch
 from .record import file_entry, filed_receipt
 from .stage import Staging, remove_staging, stage
@@ -235,12 +235,15 @@ def handle(config: Config, study: StudyConfig, c: Claim, owner: Ownership) -> Ou
     re-trigger the path unit.
     """
     uploader = _uploader(study, c)
-    # Each attempt spools its plan and manifest anew: never reuse a killed one's.
+    # Each attempt spools its plan and manifest anew; a killed one's plan is
+    # kept only to undo what it may have published, should this one fail.
+    keep_killed(study.processing, c.id)
     remove_spool(study.processing, c.id)
     try:
         attempt = deliver(study, c, owner)
         if attempt.busy:
             c, attempt = _still_busy(study, c, attempt)
+        attempt = _settle_killed(study, c, attempt)
         if attempt.outcome is Outcome.RETRY_LATER:
             report.kept(study, c, uploader, attempt.reason or "")
             return attempt.outcome
@@ -300,6 +303,22 @@ def deliver(study: StudyConfig, c: Claim, owner: Ownership) -> Attempt:
         return Attempt(Outcome.RETRY_LATER, plan,
                        f"the destination is full ({e.strerror}); rolled back, will retry")
     return Attempt(Outcome.DELIVERED, plan)
+
+
+def _settle_killed(study: StudyConfig, c: Claim, attempt: Attempt) -> Attempt:
+    """All or nothing across a kill: an entry that ends undelivered takes back what a
+    killed attempt at it published; a delivered one owns it (it was found present)."""
+    if attempt.outcome is Outcome.RETRY_LATER:
+        return attempt  # the next attempt decides
+    if attempt.outcome is not Outcome.DELIVERED and killed_plans(study.processing, c.id):
+        try:
+            with _destination(study) as dest_fd:
+                undo_killed(study.processing, c.id, dest_fd)
+        except TemporaryError as e:
+            return Attempt(Outcome.RETRY_LATER, attempt.plan,
+                           f"{e} (an earlier, killed attempt's files must go first)")
+    remove_killed(study.processing, c.id)
+    return attempt
 
 
 def _not_written_still(study: StudyConfig, c: Claim, plan: Plan) -> None:

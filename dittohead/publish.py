@@ -14,6 +14,7 @@ import errno
 import os
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 from .errors import DittoheadError, EntryFailed, TemporaryError
@@ -21,7 +22,7 @@ from .faults import point
 from .findings import LIST_MAX
 from .fsops import DirCache, is_enospc, join, rename_noreplace, syncfs
 from .log import printable
-from .plan import COPIED, CREATED, DirPlan, FilePlan, Plan, State
+from .plan import COPIED, CREATED, DirPlan, FilePlan, Plan, State, killed_plans
 from .stage import Staging
 
 
@@ -212,9 +213,19 @@ def _destination_moved(staging: Staging) -> str | None:
     return None
 
 
+def undo_killed(processing: Path, claim_id: str, dest_fd: int) -> None:
+    """Remove what killed attempts at this claim published (their kept plans, plan.py)."""
+    for path in killed_plans(processing, claim_id):
+        _undo(Plan(claim_id=claim_id, uploader_uid=-1, uploader="", path=path), dest_fd)
+
+
 def _rollback(plan: Plan, staging: Staging) -> None:
-    """Remove what this delivery published: only names that still lead to our staged inodes."""
-    with plan.state() as state, DirCache(staging.dest_fd) as dest:
+    _undo(plan, staging.dest_fd)
+
+
+def _undo(plan: Plan, dest_fd: int) -> None:
+    """Remove what a delivery published: only names that still lead to its staged inodes."""
+    with plan.state() as state, DirCache(dest_fd) as dest:
         for d, f in plan.iter_files():
             if not state.flags(f.index) & COPIED:
                 continue
@@ -226,7 +237,7 @@ def _rollback(plan: Plan, staging: Staging) -> None:
         created = [dp.rel for dp in plan.iter_dirs() if state.flags(dp.index) & CREATED]
     for rel in reversed(created):  # children first
         try:
-            os.rmdir(rel, dir_fd=staging.dest_fd)
+            os.rmdir(rel, dir_fd=dest_fd)
         except OSError:
             pass  # not empty: someone else put something there; it stays
 

@@ -86,3 +86,36 @@ def test_temporary_files_of_a_killed_run_are_swept(env: Env) -> None:
     env.drop("e", {"a": b"1"})
     assert env.process().returncode == 0
     no_leftovers(env)
+
+
+def test_a_killed_attempts_files_are_taken_back_when_the_resumed_one_fails(env: Env) -> None:
+    # All or nothing across a kill: the killed attempt published a.txt; before
+    # the next run, another c.txt appears in the destination, so the entry
+    # fails; a.txt, which that attempt put there, must not stay behind.
+    (env.study.destination / "sub").mkdir()
+    env.drop("e", {"sub/a.txt": b"a", "sub/b.txt": b"b", "sub/c.txt": b"c"})
+    r = env.process(env={"DITTOHEAD_TEST_FAULT": "published:1"})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert tree(env.study.destination / "sub") == {"a.txt": b"a"}
+    (env.study.destination / "sub" / "c.txt").write_bytes(b"someone else's")
+    r = env.process()
+    assert r.returncode == 0, r.stderr
+    (rc,) = env.failed_receipts()
+    assert "sub/c.txt" in json.loads(rc.read_text())["reason"]
+    assert tree(env.study.destination) == {"sub/c.txt": b"someone else's"}
+    no_leftovers(env)
+    assert not [p for p in env.study.processing.iterdir() if "killed" in p.name]
+
+
+def test_a_killed_attempts_files_belong_to_the_resumed_delivery(env: Env) -> None:
+    (env.study.destination / "sub").mkdir()
+    files = {"sub/a.txt": b"a", "sub/b.txt": b"b"}
+    env.drop("e", files)
+    r = env.process(env={"DITTOHEAD_TEST_FAULT": "published:1"})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert env.process().returncode == 0
+    assert tree(env.study.destination) == files
+    (rc,) = env.done_receipts()
+    manifest_verifies(env, rc)
+    no_leftovers(env)
+    assert not [p for p in env.study.processing.iterdir() if "killed" in p.name]
