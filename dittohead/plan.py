@@ -63,12 +63,26 @@ def keep_killed(processing: Path, claim_id: str) -> None:
     in the destination.
     """
     plan, state, _ = spool_files(processing, claim_id)
+    for half in _killed_states_alone(processing, claim_id):
+        # A kill between the two renames below: finish that keep first.
+        if plan.exists():
+            plan.rename(half.with_suffix(".plan"))
+        else:
+            half.unlink()
     if not (plan.exists() and state.exists()):
         return
-    k = len(killed_plans(processing, claim_id))
-    kept = processing / f".{claim_id}.killed-{k}.plan"
-    state.rename(kept.with_suffix(".state"))
-    plan.rename(kept)
+    kept = killed_plans(processing, claim_id)
+    k = 1 + max((int(p.stem.rpartition("-")[2]) for p in kept), default=-1)
+    target = processing / f".{claim_id}.killed-{k}.plan"
+    state.rename(target.with_suffix(".state"))
+    plan.rename(target)
+
+
+def _killed_states_alone(processing: Path, claim_id: str) -> list[Path]:
+    found = re.compile(re.escape(f".{claim_id}.killed-") + r"[0-9]+\.state")
+    with os.scandir(processing) as it:
+        states = [processing / e.name for e in it if found.fullmatch(e.name)]
+    return [st for st in states if not st.with_suffix(".plan").exists()]
 
 
 def killed_plans(processing: Path, claim_id: str) -> list[Path]:
@@ -82,8 +96,8 @@ def killed_plans(processing: Path, claim_id: str) -> list[Path]:
 def remove_killed(processing: Path, claim_id: str) -> None:
     """Forget what keep_killed() kept (the entry was delivered, or filed)."""
     for plan in killed_plans(processing, claim_id):
+        plan.unlink(missing_ok=True)  # first: a plan never stays without its state
         plan.with_suffix(".state").unlink(missing_ok=True)
-        plan.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,7 +60,7 @@ from .faults import point
 from .findings import LIST_MAX
 from .fsops import is_enospc, user_name
 from .ownership import Ownership
-from .plan import Plan, keep_killed, killed_plans, remove_killed, remove_spool
+from .plan import Plan, keep_killed, remove_killed, remove_spool
 from .publish import publish, undo_killed
 from .readiness import Watch
 from .record import file_entry, filed_receipt
@@ -162,11 +162,11 @@ def _drain(config: Config, study: StudyConfig, owner: Ownership, linger: float,
     watch = Watch(study)
     started = quiet_since = time.monotonic()
     while True:
+        scanned = time.monotonic()  # a verdict is as old as the scan's start
         seen = watch.scan()
         _tell_waiting(study, watch, linger)
         names = [n for n in seen.ready
                  if n not in refused and later.get(n, 0.0) <= time.monotonic()]
-        scanned = time.monotonic()
         for name in names:
             if time.monotonic() - scanned > POLL and not watch.still_ready(name):
                 continue  # changed since the scan: waiting again
@@ -235,15 +235,14 @@ def handle(config: Config, study: StudyConfig, c: Claim, owner: Ownership) -> Ou
     re-trigger the path unit.
     """
     uploader = _uploader(study, c)
-    # Each attempt spools its plan and manifest anew; a killed one's plan is
-    # kept only to undo what it may have published, should this one fail.
-    keep_killed(study.processing, c.id)
-    remove_spool(study.processing, c.id)
     try:
+        # Each attempt spools its plan and manifest anew; a killed one's plan
+        # is kept to undo what it published, first thing in deliver().
+        keep_killed(study.processing, c.id)
+        remove_spool(study.processing, c.id)
         attempt = deliver(study, c, owner)
         if attempt.busy:
             c, attempt = _still_busy(study, c, attempt)
-        attempt = _settle_killed(study, c, attempt)
         if attempt.outcome is Outcome.RETRY_LATER:
             report.kept(study, c, uploader, attempt.reason or "")
             return attempt.outcome
@@ -278,8 +277,12 @@ def deliver(study: StudyConfig, c: Claim, owner: Ownership) -> Attempt:
     try:
         with _destination(study) as dest_fd:
             # A killed attempt's staging directory goes before the space check,
-            # which it would otherwise fail.
+            # which it would otherwise fail; what it published goes too, before
+            # any other entry can count it as delivered: all or nothing across
+            # a kill (docs/design.md, "Crash safety").
             remove_staging(dest_fd, c.id)
+            undo_killed(study.processing, c.id, dest_fd)
+            remove_killed(study.processing, c.id)
             owner = owner.for_destination(dest_fd)
             point("claimed")
             plan = new_plan(study, c)
@@ -303,22 +306,6 @@ def deliver(study: StudyConfig, c: Claim, owner: Ownership) -> Attempt:
         return Attempt(Outcome.RETRY_LATER, plan,
                        f"the destination is full ({e.strerror}); rolled back, will retry")
     return Attempt(Outcome.DELIVERED, plan)
-
-
-def _settle_killed(study: StudyConfig, c: Claim, attempt: Attempt) -> Attempt:
-    """All or nothing across a kill: an entry that ends undelivered takes back what a
-    killed attempt at it published; a delivered one owns it (it was found present)."""
-    if attempt.outcome is Outcome.RETRY_LATER:
-        return attempt  # the next attempt decides
-    if attempt.outcome is not Outcome.DELIVERED and killed_plans(study.processing, c.id):
-        try:
-            with _destination(study) as dest_fd:
-                undo_killed(study.processing, c.id, dest_fd)
-        except TemporaryError as e:
-            return Attempt(Outcome.RETRY_LATER, attempt.plan,
-                           f"{e} (an earlier, killed attempt's files must go first)")
-    remove_killed(study.processing, c.id)
-    return attempt
 
 
 def _not_written_still(study: StudyConfig, c: Claim, plan: Plan) -> None:

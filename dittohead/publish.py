@@ -216,7 +216,8 @@ def _destination_moved(staging: Staging) -> str | None:
 def undo_killed(processing: Path, claim_id: str, dest_fd: int) -> None:
     """Remove what killed attempts at this claim published (their kept plans, plan.py)."""
     for path in killed_plans(processing, claim_id):
-        _undo(Plan(claim_id=claim_id, uploader_uid=-1, uploader="", path=path), dest_fd)
+        if path.with_suffix(".state").exists():  # else nothing says which inodes were its
+            _undo(Plan(claim_id=claim_id, uploader_uid=-1, uploader="", path=path), dest_fd)
 
 
 def _rollback(plan: Plan, staging: Staging) -> None:
@@ -234,12 +235,30 @@ def _undo(plan: Plan, dest_fd: int) -> None:
                     os.unlink(f.name, dir_fd=dest.dir_fd(d.rel))
             except OSError:
                 pass  # not published, or its directory is gone
-        created = [dp.rel for dp in plan.iter_dirs() if state.flags(dp.index) & CREATED]
+        created = _created_dirs(plan, state, dest)
     for rel in reversed(created):  # children first
         try:
             os.rmdir(rel, dir_fd=dest_fd)
         except OSError:
             pass  # not empty: someone else put something there; it stays
+
+
+def _created_dirs(plan: Plan, state: State, dest: DirCache) -> list[str]:
+    """The new directories a delivery published, parents first.
+
+    CREATED is set once a new directory is published; a kill right after the
+    rename of its subtree's root leaves it unset, so a root whose name leads to
+    the inode we staged counts too, with everything new below it.
+    """
+    created = []
+    ours = False  # the current new subtree's root is the one we staged
+    for r in plan.placed(state):
+        if isinstance(r, DirPlan):
+            if r.root:
+                ours = _is_our_dir(r, state, dest)
+            if r.new and (ours or state.flags(r.index) & CREATED):
+                created.append(r.rel)
+    return created
 
 
 def _raise_classified(e: OSError, doing: str) -> NoReturn:

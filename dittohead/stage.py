@@ -62,11 +62,11 @@ def remove_staging(dest_fd: int, claim_id: str) -> bool:
         st = os.stat(name, dir_fd=dest_fd, follow_symlinks=False)
     except FileNotFoundError:
         return False
-    if not stat.S_ISDIR(st.st_mode) or st.st_mode & 0o777 != 0o700 \
-            or st.st_uid != os.geteuid():
-        # Not one we made (each is ours, rwx------, setgid in a setgid
-        # destination): someone's data under our name. Never remove it; an
-        # admin must move it away.
+    if not stat.S_ISDIR(st.st_mode) or st.st_mode & 0o777 != 0o700:
+        # Not one we made (each is a directory rwx------, setgid in a setgid
+        # destination; its owner is whoever ran the killed attempt, the
+        # service or an admin by hand): someone's data under our name. Never
+        # remove it; an admin must move it away.
         raise ConfigError(f"{name} in the destination is not a staging directory of "
                           "dittohead, but its name is reserved for one: move it away")
     # shutil's fd-based walk never follows a symlink (not that any could be

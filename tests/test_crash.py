@@ -119,3 +119,58 @@ def test_a_killed_attempts_files_belong_to_the_resumed_delivery(env: Env) -> Non
     manifest_verifies(env, rc)
     no_leftovers(env)
     assert not [p for p in env.study.processing.iterdir() if "killed" in p.name]
+
+
+def _killed_at_first_publish(env: Env, files: dict[str, bytes]) -> str:
+    """Drop `e` and kill its delivery right after its first name is published; its id."""
+    env.drop("e", files)
+    r = env.process(env={"DITTOHEAD_TEST_FAULT": "published:1"})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    (record,) = env.study.processing.glob("*.json")
+    return str(json.loads(record.read_text())["id"])
+
+
+def test_another_entry_never_counts_on_what_a_killed_attempt_published(env: Env) -> None:
+    # A killed attempt published sub/a.txt; its entry is then kept for later.
+    # Another entry with the same sub/a.txt must get a file of its own, which
+    # the first entry's later failure cannot take away.
+    (env.study.destination / "sub").mkdir()
+    _killed_at_first_publish(env, {"sub/a.txt": b"a", "sub/b.txt": b"b", "sub/c.txt": b"c"})
+    claimed = next(p for p in env.study.processing.iterdir() if p.is_dir()
+                   and not p.name.startswith("."))
+    fd = os.open(claimed / "sub" / "b.txt", os.O_WRONLY | os.O_APPEND)  # a writer: kept
+    try:
+        assert env.process().returncode == 75
+        assert tree(env.study.destination / "sub") == {}  # undone before anything else
+        env.drop("other", {"sub/a.txt": b"a", "sub/d.txt": b"d"})
+        assert env.process().returncode == 75  # `other` delivered, `e` still kept
+    finally:
+        os.close(fd)
+    (env.study.destination / "sub" / "c.txt").write_bytes(b"someone else's")
+    assert env.process().returncode == 0  # `e` fails on the conflict
+    assert len(env.failed_receipts()) == 1
+    (rc,) = env.done_receipts()
+    manifest_verifies(env, rc)
+    assert tree(env.study.destination / "sub") == {"a.txt": b"a", "d.txt": b"d",
+                                                   "c.txt": b"someone else's"}
+
+
+def test_a_new_directory_published_just_before_a_kill_is_taken_back(env: Env) -> None:
+    (env.study.destination / "sub").mkdir()
+    _killed_at_first_publish(env, {"new/x/f.txt": b"f", "sub/c.txt": b"c"})
+    assert (env.study.destination / "new" / "x" / "f.txt").exists()
+    (env.study.destination / "sub" / "c.txt").write_bytes(b"someone else's")
+    assert env.process().returncode == 0
+    assert len(env.failed_receipts()) == 1
+    assert sorted(os.listdir(env.study.destination)) == ["sub"]
+
+
+def test_a_kill_between_keeping_a_plan_and_its_state_is_finished_next_time(env: Env) -> None:
+    (env.study.destination / "sub").mkdir()
+    claim_id = _killed_at_first_publish(env, {"sub/a.txt": b"a", "sub/c.txt": b"c"})
+    proc = env.study.processing
+    (proc / f".{claim_id}.state").rename(proc / f".{claim_id}.killed-0.state")
+    (env.study.destination / "sub" / "c.txt").write_bytes(b"someone else's")
+    assert env.process().returncode == 0
+    assert tree(env.study.destination / "sub") == {"c.txt": b"someone else's"}
+    assert not [p for p in proc.iterdir() if "killed" in p.name]
