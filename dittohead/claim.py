@@ -167,7 +167,7 @@ def _claim_inode(study: StudyConfig, entry: str, owner: Ownership, st: os.stat_r
     except BaseException as e:
         record.unlink(missing_ok=True)
         if taken:
-            _give_top_back(fd, st)
+            _give_top_back(fd, st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
         if isinstance(e, FileNotFoundError):
             return None
         if isinstance(e, OSError):
@@ -203,14 +203,14 @@ def _take_top(study: StudyConfig, entry: str, owner: Ownership, fd: int,
     if now is not None and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
         return True
     # Its uploader renamed it before it was taken over: give it back untouched.
-    _give_top_back(fd, st)
+    _give_top_back(fd, st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
     return False
 
 
-def _give_top_back(fd: int, st: os.stat_result) -> None:
+def _give_top_back(fd: int, uid: int, gid: int, mode: int) -> None:
     """Undo _take_top: the mode while it is still ours, then the owner."""
-    os.fchmod(fd, stat.S_IMODE(st.st_mode))
-    os.fchown(fd, st.st_uid, st.st_gid)
+    os.fchmod(fd, mode)
+    os.fchown(fd, uid, gid)
 
 
 def resume_claim(study: StudyConfig, c: Claim, service_uid: int) -> bool:
@@ -257,8 +257,7 @@ def _give_back_renamed(study: StudyConfig, c: Claim, service_uid: int) -> None:
         try:
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) == (dev, ino) and st.st_uid == service_uid:
-                os.fchmod(fd, mode)  # while it is still ours
-                os.fchown(fd, uid, gid)
+                _give_top_back(fd, uid, gid, mode)
                 return
         finally:
             os.close(fd)

@@ -9,12 +9,9 @@ is collected, and the entry fails with all of them. docs/design.md, "Examine".
 from __future__ import annotations
 
 import errno
-import fnmatch
-import functools
 import grp
 import os
 import pwd
-import re
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,7 +62,7 @@ def examine(study: StudyConfig, plan: Plan, entry: str, owner: Ownership) -> Non
     with every problem. The plan keeps its totals when the entry fails (for the receipt).
     """
     _authorize(study, plan.uploader_uid, owner.uid)
-    walker = _Walker(_ignore_matcher(study.ignore),
+    walker = _Walker(readiness.ignore_matcher(study.ignore),
                      Lockdown(plan.uploader_uid, owner.uid, owner.service_gid), plan, Findings(),
                      PATH_MAX - 2 - len(os.fsencode(str(study.destination))))
     proc_fd = os.open(study.processing, DIR_FLAGS)
@@ -119,14 +116,6 @@ def _authorize(study: StudyConfig, uid: int, service_uid: int) -> None:
                         f"{study.name} ({', '.join(study.uploaders)})")
 
 
-@functools.cache
-def _ignore_matcher(patterns: tuple[str, ...]) -> Callable[[str], object]:
-    """All patterns as one compiled regex (fnmatchcase's own translation): runs per name."""
-    if not patterns:
-        return lambda name: None
-    return re.compile("|".join(fnmatch.translate(p) for p in patterns)).match
-
-
 def kind_of(mode: int) -> str:
     """What a non-regular, non-directory inode is, in the plural, for a reason."""
     if stat.S_ISLNK(mode):
@@ -167,9 +156,6 @@ class _Walker:
 
     def walk(self, parent_fd: int, name: str, rel: str) -> None:
         """The directory parent/name and everything below it."""
-        if rel.count("/") >= MAX_DEPTH:
-            self.bad.add(_TOO_DEEP, rel + "/")
-            return
         opened = self.open_dir(parent_fd, name, rel)
         if opened is None:
             return
@@ -181,7 +167,11 @@ class _Walker:
             os.close(fd)
 
     def open_dir(self, parent_fd: int, name: str, rel: str) -> tuple[int, os.stat_result] | None:
-        """Open a directory and take it over; None (and a finding) if it is not the uploader's."""
+        """Open a directory and take it over; None (and a finding) if it is not the uploader's,
+        or deeper than MAX_DEPTH (not opened: what is below stays its uploader's)."""
+        if rel.count("/") >= MAX_DEPTH:
+            self.bad.add(_TOO_DEEP, rel + "/")
+            return None
         try:
             fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
         except OSError as e:
@@ -260,9 +250,6 @@ class _Walker:
         Ignored means only "not delivered": every other rule holds inside
         (owners, other names, types, depth), since all of it is filed in done/.
         """
-        if rel.count("/") >= MAX_DEPTH:
-            self.bad.add(_TOO_DEEP, rel + "/")
-            return
         opened = self.open_dir(parent_fd, name, rel)
         if opened is None:
             return

@@ -23,6 +23,7 @@ the whole entry once it is claimed (and fails what is too deep).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
 import re
 import stat
@@ -71,7 +72,7 @@ class Watch:
     def __init__(self, study: StudyConfig) -> None:
         self.study = study
         self.quiet_ns = round(study.quiet_period * NS)
-        self.ignored = _matcher(study.ignore)
+        self.ignored = ignore_matcher(study.ignore)
         self.due: dict[str, int] = {}  # name -> not worth walking before (filesystem ns)
         self.offset = 0  # the filesystem's clock minus ours, ns
         self.new_waiting: list[str] = []  # entries the last scan found waiting for the first time
@@ -244,8 +245,13 @@ class _Walk:
             self.newest = max(self.newest, self.now)
 
 
-def _matcher(patterns: tuple[str, ...]) -> Callable[[str], object]:
-    """The study's ignore patterns as one regex: an ignored name never holds an entry."""
+@functools.cache
+def ignore_matcher(patterns: tuple[str, ...]) -> Callable[[str], object]:
+    """A study's ignore patterns as one compiled regex (fnmatchcase's own translation).
+
+    Runs once per name, in the readiness walk and in examine's; cached per
+    pattern tuple.
+    """
     if not patterns:
         return lambda name: None
     return re.compile("|".join(fnmatch.translate(p) for p in patterns)).match

@@ -259,13 +259,19 @@ SERVICE_CAPS = "+dac_read_search,+chown"  # exactly what units/dittohead@.servic
 def as_service(env: Env, svc: ThrowawayUser, *args: str, caps: str | None = SERVICE_CAPS,
                extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run `dittohead ARGS` as the service user with the unit's capabilities."""
+    return subprocess.run(service_argv(env, svc, *args, caps=caps, extra_env=extra_env),
+                          capture_output=True, text=True, timeout=120, cwd="/")
+
+
+def service_argv(env: Env, svc: ThrowawayUser, *args: str, caps: str | None = SERVICE_CAPS,
+                 extra_env: dict[str, str] | None = None) -> list[str]:
+    """The command line of `dittohead ARGS` as the service user (for tests that hold a run)."""
     cmd = ["setpriv", f"--reuid={svc.uid}", f"--regid={svc.gid}", "--init-groups"]
     if caps:
         cmd += [f"--inh-caps={caps}", f"--ambient-caps={caps}"]
-    cmd += ["env", f"PYTHONPATH={REPO}", "DITTOHEAD_LOG=stderr",
+    return [*cmd, "env", f"PYTHONPATH={REPO}", "DITTOHEAD_LOG=stderr",
             *[f"{k}={v}" for k, v in (extra_env or {}).items()],
             "/usr/bin/python3", "-m", "dittohead", "--config", str(env.config_path), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd="/")
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from .conftest import (
-    SERVICE_CAPS,
     Env,
     ThrowawayUser,
     add_group,
@@ -25,6 +24,7 @@ from .conftest import (
     make_env,
     manifest_verifies,
     no_leftovers,
+    service_argv,
     tree,
     wait_for,
 )
@@ -91,12 +91,9 @@ def test_a_claimed_directory_is_the_services_before_it_leaves_the_inbox(
     entry = upload(env, ra)
     go = env.study.root / ".test-go"
     run = subprocess.Popen(
-        ["setpriv", f"--reuid={svc.uid}", f"--regid={svc.gid}", "--init-groups",
-         f"--inh-caps={SERVICE_CAPS}", f"--ambient-caps={SERVICE_CAPS}",
-         "env", f"PYTHONPATH={Path(__file__).resolve().parent.parent}",
-         "DITTOHEAD_LOG=stderr", f"DITTOHEAD_TEST_FAULT=chowned=wait:{go}",
-         "/usr/bin/python3", "-m", "dittohead", "--config", str(env.config_path),
-         "process", "s1"], stderr=subprocess.PIPE, text=True, cwd="/")
+        service_argv(env, svc, "process", "s1",
+                     extra_env={"DITTOHEAD_TEST_FAULT": f"chowned=wait:{go}"}),
+        stderr=subprocess.PIPE, text=True, cwd="/")
     try:
         wait_for(lambda: entry.lstat().st_uid == svc.uid, 20, "the takeover")
         # Its uploader can neither take it back nor put something else in its place.

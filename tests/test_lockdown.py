@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import SERVICE_CAPS, Env, ThrowawayUser, as_service, tree, wait_for
+from .conftest import Env, ThrowawayUser, as_service, service_argv, tree, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -45,12 +45,9 @@ def test_a_held_directory_cannot_add_rename_or_rewrite_after_the_claim(
         wait_for(lambda: (signals / "ready").exists(), 10, "the uploader's shell")
         _as(ra, "mv", str(hidden), str(env.study.inbox / "e"))
         run = subprocess.Popen(
-            ["setpriv", f"--reuid={svc.uid}", f"--regid={svc.gid}", "--init-groups",
-             f"--inh-caps={SERVICE_CAPS}", f"--ambient-caps={SERVICE_CAPS}",
-             "env", f"PYTHONPATH={Path(__file__).resolve().parent.parent}",
-             "DITTOHEAD_LOG=stderr", f"DITTOHEAD_TEST_FAULT=checked=wait:{signals}/resume",
-             "/usr/bin/python3", "-m", "dittohead", "--config", str(env.config_path),
-             "process", "s1"], stderr=subprocess.PIPE, text=True, cwd="/")
+            service_argv(env, svc, "process", "s1",
+                         extra_env={"DITTOHEAD_TEST_FAULT": f"checked=wait:{signals}/resume"}),
+            stderr=subprocess.PIPE, text=True, cwd="/")
         def locked() -> bool:
             claimed = [p for p in env.study.processing.iterdir()
                        if p.is_dir() and not p.name.startswith(".")]

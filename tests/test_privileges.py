@@ -23,8 +23,6 @@ from pathlib import Path
 import pytest
 
 from .conftest import (
-    REPO,
-    SERVICE_CAPS,
     Env,
     ThrowawayUser,
     add_group,
@@ -32,6 +30,7 @@ from .conftest import (
     make_env,
     manifest_verifies,
     no_leftovers,
+    service_argv,
     tree,
 )
 
@@ -139,12 +138,8 @@ def test_overlapping_runs_claim_each_entry_once(service_env: Env, svc: Throwaway
     env = service_env
     for i in range(40):
         env.drop(f"e{i:02d}", {f"f{i:02d}.txt": os.urandom(2000)})
-    procs = [subprocess.Popen(
-        ["setpriv", f"--reuid={svc.uid}", f"--regid={svc.gid}", "--init-groups",
-         f"--inh-caps={SERVICE_CAPS}", f"--ambient-caps={SERVICE_CAPS}",
-         "env", f"PYTHONPATH={REPO}", "DITTOHEAD_LOG=stderr", "/usr/bin/python3", "-m",
-         "dittohead", "--config", str(env.config_path), "process", "s1"],
-        stderr=subprocess.PIPE, text=True, cwd="/") for _ in range(3)]
+    procs = [subprocess.Popen(service_argv(env, svc, "process", "s1"),
+                              stderr=subprocess.PIPE, text=True, cwd="/") for _ in range(3)]
     for p in procs:
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
