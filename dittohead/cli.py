@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from . import __version__, config, log
 from .errors import (
@@ -23,6 +23,9 @@ from .errors import (
     TemporaryError,
     UsageError,
 )
+
+if TYPE_CHECKING:
+    from .upload import Before
 
 
 class _Parser(argparse.ArgumentParser):
@@ -168,10 +171,10 @@ def _uploaders_view(args: argparse.Namespace, cfg: config.Config) -> int:
 
 
 def _upload(args: argparse.Namespace) -> int:
-    from .upload import upload
+    from .upload import before, upload
     cfg = config.load(config.config_path(args.config))
     study = cfg.study(args.study)
-    since = time.time() - 1
+    then = before(study)
     names = []
     for p in args.paths:
         try:
@@ -183,10 +186,10 @@ def _upload(args: argparse.Namespace) -> int:
         _say(f"{log.printable(str(p))} -> {log.printable(str(study.inbox / names[-1]))}")
     if not args.wait:
         return 0
-    return _waited(study, names, since, args.timeout)
+    return _waited(study, names, then, args.timeout)
 
 
-def _waited(study: config.StudyConfig, names: list[str], since: float, timeout: float) -> int:
+def _waited(study: config.StudyConfig, names: list[str], then: Before, timeout: float) -> int:
     """Print each upload's outcome; the exit code says the worst (docs/contract.md)."""
     from .outcomes import shown
     from .upload import wait
@@ -194,7 +197,7 @@ def _waited(study: config.StudyConfig, names: list[str], since: float, timeout: 
     deadline = time.monotonic() + timeout
     for n in names:
         try:
-            note = wait(study, n, since, max(0.0, deadline - time.monotonic()))
+            note = wait(study, n, then, max(0.0, deadline - time.monotonic()))
         except TemporaryError as e:
             _say(str(e), sys.stderr)
             codes.append(EXIT_TEMPFAIL)

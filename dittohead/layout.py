@@ -29,7 +29,7 @@ from pathlib import Path
 from .config import Config, StudyConfig
 from .errors import ConfigError
 from .fsops import write_atomic
-from .outcomes import open_outcomes, outcomes_dir
+from .outcomes import acl_problem, open_outcomes, outcomes_dir
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,8 @@ def problems(config: Config, study: StudyConfig) -> list[str]:
         if mode != w.mode or (st.st_uid, st.st_gid) != (w.uid, w.gid):
             out.append(f"{w.path}: is {mode:04o} {_owner(st.st_uid, st.st_gid)}, should be "
                        f"{w.mode:04o} {_owner(w.uid, w.gid)}")
+    if os.path.isdir(study.users):
+        out += filter(None, [acl_problem(study)])
     return out
 
 

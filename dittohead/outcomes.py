@@ -80,6 +80,17 @@ def acl_for_user(uid: int, perm: int) -> bytes:
     return struct.pack("<I", _ACL_VERSION) + b"".join(struct.pack("<HHI", *e) for e in entries)
 
 
+def acl_problem(study: StudyConfig) -> str | None:
+    """Why uploaders could not read their folders here (no POSIX ACLs), or None."""
+    try:
+        os.getxattr(study.users, _ACL_XATTR, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.ENOTSUP):
+            return (f"{study.users}: the filesystem has no POSIX ACLs (mount it with acl): "
+                    "uploaders cannot read their outcomes")
+    return None
+
+
 def _subdir(parent_fd: int, name: str, mode: int, service: tuple[int, int]) -> tuple[int, bool]:
     """Open (making it if missing) a directory the service owns; refuse anything else."""
     try:
