@@ -68,7 +68,7 @@ studies:
     say("An admin sets up the study (root would also set owners; here: you)")
     study = DEMO / "dropbox" / "nccam3"
     for sub, mode in (("inbox", 0o1733), ("processing", 0o750), ("done", 0o750),
-                      ("failed", 0o750), ("users", 0o711)):
+                      ("failed", 0o750), ("users", 0o751)):
         (study / sub).mkdir(parents=True)
         os.chmod(study / sub, mode)
     (DEMO / "study" / "nccam3" / "raw-data").mkdir(parents=True)

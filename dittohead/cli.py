@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("setup", help="create or repair a study's layout (root)")
     s.add_argument("study")
+    s.add_argument("--user", action="append", default=[], metavar="NAME",
+                   help="only make this user's own folder (inbox and outcomes); repeatable")
 
     s = sub.add_parser("status", help="pending, processing and failed entries; disk use")
     s.add_argument("study", nargs="?")
@@ -125,10 +127,13 @@ def _run(args: argparse.Namespace) -> int:
         from .notify import send_queued
         return EXIT_TEMPFAIL if send_queued(cfg, cfg.study(args.study)) else 0
     if args.command == "setup":
-        from .layout import setup
+        from .layout import setup, user_folders
         if os.geteuid() != 0:
             raise UsageError("setup must run as root (it sets owners)")
-        for line in setup(cfg, cfg.study(args.study)) or ["nothing to change"]:
+        study = cfg.study(args.study)
+        done = (user_folders(cfg, study, {_uid(n) for n in args.user}) if args.user
+                else setup(cfg, study))
+        for line in done or ["nothing to change"]:
             _say(line)
         return 0
     if args.command == "retry":
@@ -152,6 +157,14 @@ def _run(args: argparse.Namespace) -> int:
             _say(line)
         return 1 if found else 0
     raise UsageError(f"unknown command {args.command}")  # pragma: no cover
+
+
+def _uid(name: str) -> int:
+    import pwd
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        raise UsageError(f"--user: no such user {log.printable(name)}") from None
 
 
 def _uploaders_view(args: argparse.Namespace, cfg: config.Config) -> int:
