@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dittohead import layout
-from dittohead.outcomes import open_outcomes, outcomes_dir
+from dittohead.outcomes import acl_problem, open_outcomes, outcomes_dir
 
 from .conftest import (
     IS_ROOT,
@@ -280,3 +281,19 @@ def test_own_inbox_is_listable_and_writable_by_its_uploader_only(
     assert (env.study.destination / "a.txt").read_bytes() == b"hi\n"
     assert as_user(ra, "ls", str(inbox)).stdout == ""
     assert "s13: delivered" in dittohead_as(ra, env, "status", "--mine", "s1").stdout
+
+
+@root
+@needs_root
+def test_check_says_when_the_dropbox_has_no_acls(env: Env, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    # ramfs has no xattrs at all, so no ACLs (ext4 cannot be mounted without them now).
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mnt)], check=True)
+    try:
+        (mnt / "users").mkdir()
+        study = dataclasses.replace(env.study, root=mnt)
+        assert "has no POSIX ACLs" in str(acl_problem(study))
+        assert acl_problem(env.study) is None
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
