@@ -31,7 +31,7 @@ deps:
 $(VENV)/.stamp: pyproject.toml | deps
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -e '.[test,server]'
 	touch $@
 
 venv: deps $(VENV)/.stamp
