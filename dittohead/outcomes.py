@@ -1,128 +1,241 @@
-"""`dittohead upload --host --wait`: each upload's outcome, read from the server.
+"""Each uploader's outcomes: a folder in the dropbox that only they can read.
 
-The uploader's outcomes folder holds one `<id>.json` per upload of theirs
-(docs/contract.md); it is read with `dittohead status --mine --json STUDY` over
-ssh when the account has a shell, else listed and fetched over SFTP. Outcomes
-already there before the upload are not taken for its own.
+    <study>/users/                   0711 svc:svc  traverse only: nobody lists who uploads
+    <study>/users/<user>/            0750 svc:svc  plus the POSIX ACL entry user:<uid>:r-x
+    <study>/users/<user>/outcomes/   0755 svc:svc  (reached only through the folder above)
+        <id>.txt   for people: what became of the upload and what to do next (CRLF lines,
+                   so that Notepad on an old lab PC shows them as lines)
+        <id>.json  for programs (`upload --wait`, `status --mine`): the receipt's keys plus
+                   "advice"; "outcome" is "pending" while the entry is kept for a later run
+
+An ACL rather than ownership: the service keeps owning every name it writes
+(it has no CAP_DAC_OVERRIDE and must never write into a directory an
+uploader controls), and the uploader needs no group. These files are
+copies for the uploader's convenience: done/ and failed/ hold the records
+of authority, so they are written without fsync, and a problem writing
+them never fails nor delays a delivery (report.py warns).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
-import tempfile
+import re
+import stat
+import struct
 import time
 from pathlib import Path
 from typing import Any
 
-from .log import printable
-from .sftpsend import quote, run_batch
-from .sshrun import Ssh
+from .config import Config, StudyConfig
+from .fsops import user_name
+from .log import clean, printable
+from .record import Receipt
 
-POLL = 1.0  # seconds between looks
-FINAL = ("delivered", "failed", "rejected")
-# --wait's exit codes (docs/contract.md): the worst outcome wins, 77 > 65 > 75.
-EXIT_DATAERR, EXIT_NOPERM, EXIT_TEMPFAIL = 65, 77, 75
+USERS_MODE = 0o711
+FOLDER_MODE = 0o750
+OUTCOMES_MODE = 0o755
+NOTE_MODE = 0o644
+PENDING = "pending"
+# A user name used as it is for the folder: what useradd, sssd and winbind
+# give; anything else (a '/', a leading '.', control characters) gets the uid.
+_FOLDER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@$+-]{0,63}")
 
+# The kernel's POSIX ACL xattr (include/uapi/linux/posix_acl_xattr.h).
+_ACL_XATTR = "system.posix_acl_access"
+_ACL_VERSION = 2
+_USER_OBJ, _USER, _GROUP_OBJ, _MASK, _OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
+_NO_ID = 0xFFFFFFFF
 
-class Watcher:
-    """The caller's outcomes for one study on one server."""
-
-    def __init__(self, ssh: Ssh, shell: bool, study: str, folder: str) -> None:
-        self.ssh, self.shell, self.study, self.folder = ssh, shell, study, folder
-        self.before: set[str] = set()  # ids there before the upload
-        self.final: dict[str, dict[str, Any]] = {}  # id: outcome, once final
-
-    def _over_ssh(self) -> list[dict[str, Any]]:
-        r = self.ssh.run(["dittohead", "status", "--mine", "--json", self.study], timeout=60)
-        if r.returncode != 0:
-            return []
-        try:
-            data = json.loads(r.stdout)
-        except ValueError:
-            return []
-        return [o for o in data if isinstance(o, dict)] if isinstance(data, list) else []
-
-    def _over_sftp(self, bodies: bool = True) -> list[dict[str, Any]]:
-        if not self.folder:
-            return []
-        folder = self.folder.encode()
-        _, parts = run_batch(self.ssh, [b"-ls -1 " + quote(folder)])
-        names = {os.path.basename(line.strip()) for part in parts for line in part}
-        ids = sorted(n[:-5].decode() for n in names if n.endswith(b".json")
-                     and n[:-5].decode(errors="replace") not in self.before | set(self.final))
-        if not ids or not bodies:
-            return [{"id": i} for i in ids]
-        found = []
-        with tempfile.TemporaryDirectory(prefix="dh-outcomes-") as tmp:
-            run_batch(self.ssh, [b"-get " + quote(folder + b"/" + i.encode() + b".json") + b" "
-                                 + quote(os.fsencode(os.path.join(tmp, i + ".json")))
-                                 for i in ids])
-            for i in ids:
-                try:
-                    found.append(json.loads(Path(tmp, i + ".json").read_text()))
-                except (OSError, ValueError):
-                    continue
-        return found
-
-    def fetch(self) -> list[dict[str, Any]]:
-        """Outcomes not seen before the upload and not final yet."""
-        return self._over_ssh() if self.shell else self._over_sftp()
-
-    def snapshot(self) -> None:
-        """Remember the outcomes already there, before anything is renamed into the inbox."""
-        found = self._over_ssh() if self.shell else self._over_sftp(bodies=False)
-        self.before = {str(o.get("id")) for o in found}
-
-    def wait(self, names: list[str], timeout: float) -> dict[str, dict[str, Any]]:
-        """Each name's newest outcome: final ones, or the last pending one at the deadline."""
-        deadline = time.monotonic() + timeout
-        got: dict[str, dict[str, Any]] = {}
-        wanted = {os.fsencode(n).hex(): n for n in names}
-        shown = {printable(n): n for n in names}
-        while True:
-            for o in self.fetch():
-                if str(o.get("id")) in self.before:
-                    continue
-                n = wanted.get(str(o.get("entry_hex"))) or shown.get(str(o.get("entry")))
-                if n is None:
-                    continue
-                if o.get("outcome") in FINAL:
-                    self.final[str(o.get("id"))] = o
-                if got.get(n, {}).get("outcome") not in FINAL:
-                    got[n] = o
-            if all(got.get(n, {}).get("outcome") in FINAL for n in names):
-                return got
-            if time.monotonic() > deadline:
-                return got
-            time.sleep(POLL)
+ADVICE = {
+    "delivered": "Nothing to do: every file arrived and was verified.",
+    "failed": ("Nothing of this upload was delivered. Fix what the reason names, then upload "
+               "it again; the server keeps this upload as it was, so nothing is lost. Ask the "
+               "study's data manager if the reason is unclear."),
+    "rejected": ("Nothing of this upload was delivered: you may not deliver to this study. "
+                 "Ask the study's data manager to give you access; the server keeps the "
+                 "upload as it was."),
+    PENDING: ("Nothing to do: the upload is safe on the server and is delivered by itself "
+              "once the reason has passed."),
+}
 
 
-def line(name: str, o: dict[str, Any] | None, timeout: float) -> tuple[str, int]:
-    """What `--wait` prints for one upload, and the exit code it alone would give."""
-    shown = printable(name)
-    if o is None:
-        return (f"{shown}: not delivered yet after {timeout:.0f}s (no outcome so far; "
-                "`dittohead status --mine` shows it later)", EXIT_TEMPFAIL)
-    oid, outcome = printable(str(o.get("id"))), str(o.get("outcome"))
+def folder_name(uid: int) -> str:
+    """The name of an uploader's folder: their user name, or the uid when it is unsafe."""
+    name = user_name(uid)
+    return name if _FOLDER_NAME.fullmatch(name) and name not in (".", "..") else str(uid)
+
+
+def outcomes_dir(study: StudyConfig, uid: int) -> Path:
+    """Where the uploader with this uid reads their outcomes."""
+    return study.users / folder_name(uid) / "outcomes"
+
+
+def acl_for_user(uid: int, perm: int) -> bytes:
+    """An access ACL: the owner rwx, `uid` and the owning group `perm`, others nothing."""
+    entries = [(_USER_OBJ, 7, _NO_ID), (_USER, perm, uid), (_GROUP_OBJ, perm, _NO_ID),
+               (_MASK, perm, _NO_ID), (_OTHER, 0, _NO_ID)]
+    return struct.pack("<I", _ACL_VERSION) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def _subdir(parent_fd: int, name: str, mode: int, service: tuple[int, int]) -> tuple[int, bool]:
+    """Open (making it if missing) a directory the service owns; refuse anything else."""
+    try:
+        os.mkdir(name, 0o700, dir_fd=parent_fd)
+        made = True
+    except FileExistsError:
+        made = False
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 dir_fd=parent_fd)
+    try:
+        st = os.fstat(fd)
+        if made and (st.st_uid, st.st_gid) != service:
+            os.fchown(fd, *service)  # setup runs as root; the service writes here later
+        elif not made and st.st_uid != service[0]:
+            raise PermissionError(errno.EPERM, "not the service's directory", name)
+        if made or stat.S_IMODE(st.st_mode) != mode:
+            os.fchmod(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, made
+
+
+def open_outcomes(study: StudyConfig, uid: int, service: tuple[int, int]) -> int:
+    """The uploader's outcomes directory, opened; made with its ACL when missing."""
+    users = os.open(study.users, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                    | os.O_CLOEXEC)
+    try:
+        folder, made = _subdir(users, folder_name(uid), FOLDER_MODE, service)
+    finally:
+        os.close(users)
+    try:
+        if made:
+            os.setxattr(folder, _ACL_XATTR, acl_for_user(uid, 5))
+        return _subdir(folder, "outcomes", OUTCOMES_MODE, service)[0]
+    finally:
+        os.close(folder)
+
+
+def _write(dir_fd: int, name: str, data: bytes) -> None:
+    tmp = f".{name}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 NOTE_MODE, dir_fd=dir_fd)
+    try:
+        os.fchmod(fd, NOTE_MODE)  # whatever the umask
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+    os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
+def tell(study: StudyConfig, note: dict[str, Any], service: tuple[int, int]) -> None:
+    """Write (or replace) the uploader's note about one delivery."""
+    uid = int(note.get("uploader_uid", -1))
+    if uid < 0:
+        return
+    fd = open_outcomes(study, uid, service)
+    try:
+        _write(fd, f"{note['id']}.json",
+               json.dumps(note, indent=2, ensure_ascii=False).encode() + b"\n")
+        _write(fd, f"{note['id']}.txt", note_text(note).replace("\n", "\r\n").encode())
+    finally:
+        os.close(fd)
+
+
+def filed_note(r: Receipt) -> dict[str, Any]:
+    """The note about a filed entry: its receipt, with advice."""
+    return {**r.to_dict(), "advice": ADVICE[str(r.outcome)]}
+
+
+def pending_note(r: Receipt) -> dict[str, Any]:
+    """The note about an entry kept for a later run (`r` as if filed now, with the reason)."""
+    return {**r.to_dict(), "outcome": PENDING, "finished": None, "advice": ADVICE[PENDING]}
+
+
+def note_text(note: dict[str, Any]) -> str:
+    """The note as a person reads it (every name in it is shown escaped already)."""
+    outcome = str(note.get("outcome"))
+    head = {"delivered": "DELIVERED", "failed": "FAILED, not delivered",
+            "rejected": "REJECTED, not delivered", PENDING: "NOT DELIVERED YET"}
+    lines = [f"{note.get('entry')}: {head.get(outcome, outcome)}", "",
+             f"Study:     {note.get('study')}",
+             f"Upload:    {note.get('entry')}",
+             f"Delivery:  {note.get('id')}",
+             f"Taken:     {note.get('started')}"]
     if outcome == "delivered":
-        return (f"{shown}: delivered: {o.get('files')} files, {o.get('bytes')} bytes to "
-                f"{printable(str(o.get('destination')))} ({oid})", 0)
-    reason = printable(str(o.get("reason") or "")).replace("\\n", " ")
-    code = {"failed": EXIT_DATAERR, "rejected": EXIT_NOPERM}.get(outcome, EXIT_TEMPFAIL)
-    if code == EXIT_TEMPFAIL:
-        return (f"{shown}: still waiting after {timeout:.0f}s: {reason} ({oid})", code)
-    return f"{shown}: {outcome}: {reason} ({oid})", code
+        lines += [f"Finished:  {note.get('finished')}",
+                  f"Files:     {note.get('files')} ({note.get('bytes')} bytes)",
+                  f"Into:      {note.get('destination')}"]
+        if note.get("skipped"):
+            lines.append("Not delivered (ignored names): " + ", ".join(note["skipped"][:20]))
+    else:
+        lines += ["", f"Why: {clean(str(note.get('reason') or ''))}"]
+    lines += ["", str(note.get("advice", ""))]
+    return "\n".join(lines) + "\n"
 
 
-def report(names: list[str], got: dict[str, dict[str, Any]], timeout: float) -> int:
-    """Print each upload's outcome; the exit code: 77 > 65 > 75 > 0."""
-    codes = []
-    for n in names:
-        text, code = line(n, got.get(n), timeout)
-        print(text, flush=True)
-        codes.append(code)
-    for c in (EXIT_NOPERM, EXIT_DATAERR, EXIT_TEMPFAIL):
-        if c in codes:
-            return c
-    return 0
+def read_notes(folder: Path, since: float = 0.0) -> list[dict[str, Any]]:
+    """The notes (or receipts) in a folder, newest first, of claims made at or after
+    `since` (judged by the id's time, so that a big done/ is cheap); unreadable ones
+    are skipped."""
+    first = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(since))
+    notes = []
+    with os.scandir(folder) as it:
+        names = [e.name for e in it if e.name.endswith(".json") and not e.name.startswith(".")
+                 and e.name[:16] >= first]
+    for name in names:
+        with contextlib.suppress(OSError, ValueError):
+            note = json.loads((folder / name).read_bytes())
+            if isinstance(note, dict) and "id" in note and "outcome" in note:
+                notes.append(note)
+    notes.sort(key=lambda n: str(n.get("id")), reverse=True)
+    return notes
+
+
+def shown(note: dict[str, Any]) -> str:
+    """One line about a note, as `upload --wait` and `status --mine` print it."""
+    outcome = str(note.get("outcome"))
+    what = printable(str(note.get("entry")))
+    if outcome == "delivered":
+        return (f"{what}: delivered: {note.get('files')} files, {note.get('bytes')} bytes "
+                f"to {note.get('destination')} ({note.get('id')})")
+    label = "not delivered yet" if outcome == PENDING else outcome
+    return f"{what}: {label}: {clean(str(note.get('reason') or ''))} ({note.get('id')})"
+
+
+def where(config: Config, study: StudyConfig) -> dict[str, Any]:
+    """What a client needs to upload to the study as the calling user (`dittohead where`)."""
+    uid = os.getuid()
+    return {"study": study.name, "user": user_name(uid), "uid": uid,
+            "dropbox_root": str(config.dropbox_root), "inbox": str(study.inbox),
+            "outcomes": str(outcomes_dir(study, uid)), "quiet_period": study.quiet_period}
+
+
+def mine(study: StudyConfig, last: int) -> dict[str, Any]:
+    """The caller's notes for one study, newest first (`status --mine`)."""
+    folder = outcomes_dir(study, os.getuid())
+    try:
+        notes = read_notes(folder)
+        problem = None
+    except FileNotFoundError:
+        notes, problem = [], None  # nothing uploaded yet
+    except OSError as e:
+        notes, problem = [], (f"cannot read {folder}: {e.strerror} (ask the admin to run "
+                              f"`dittohead setup {study.name}`; the dropbox needs POSIX ACLs)")
+    return {"study": study.name, "outcomes": str(folder), "problem": problem,
+            "uploads": notes[:last] if last else notes}
+
+
+def mine_text(found: list[dict[str, Any]]) -> str:
+    """`status --mine` for people: per study, one line per upload."""
+    lines = []
+    for s in found:
+        lines.append(f"{s['study']}: " + (s["problem"] or f"{len(s['uploads'])} recent "
+                                          f"uploads (in {s['outcomes']})"))
+        lines += [f"  {note.get('started')}  {shown(note)}" for note in s["uploads"]]
+    return "\n".join(lines)

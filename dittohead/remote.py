@@ -168,7 +168,7 @@ def send(ssh: Ssh, server: Server, study: str, path: Path, name: str) -> None:
 def upload_remote(dest: str, study: str, paths: list[Path], ssh_config: str | None,
                   wait: bool, timeout: float) -> int:
     """The whole `upload --host` command; returns its exit code."""
-    from .outcomes import Watcher, report
+    from .remotewait import Watcher, report
     names = check_paths(paths)
     with Connection(dest, ssh_config) as ssh:
         server = discover(ssh, study)
