@@ -12,7 +12,17 @@ from pathlib import Path
 from typing import TextIO
 
 from . import __version__, config, log
-from .errors import EXIT_UNEXPECTED, ConfigError, DittoheadError, Outcome, UsageError
+from .errors import (
+    EXIT_DATAERR,
+    EXIT_NOPERM,
+    EXIT_OK,
+    EXIT_TEMPFAIL,
+    EXIT_UNEXPECTED,
+    ConfigError,
+    DittoheadError,
+    TemporaryError,
+    UsageError,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="pending, processing and failed entries; disk use")
     s.add_argument("study", nargs="?")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--mine", action="store_true",
+                   help="your own recent uploads and their outcomes (any user)")
+    s.add_argument("--last", type=int, default=10, metavar="N",
+                   help="with --mine: how many uploads per study (default 10; 0: all)")
+
+    s = sub.add_parser("where", help="where a study's inbox and your outcomes are (any user)")
+    s.add_argument("study")
     s.add_argument("--json", action="store_true", help="machine-readable output")
 
     s = sub.add_parser("retry", help="put a failed delivery back in the inbox")
@@ -114,6 +132,8 @@ def _run(args: argparse.Namespace) -> int:
         from .health import retry
         _say(retry(cfg, cfg.study(args.study), args.id))
         return 0
+    if args.command == "where" or (args.command == "status" and args.mine):
+        return _uploaders_view(args, cfg)
     if args.command == "status":
         from .health import status, status_text
         names = [args.study] if args.study else sorted(cfg.studies)
@@ -131,30 +151,62 @@ def _run(args: argparse.Namespace) -> int:
     raise UsageError(f"unknown command {args.command}")  # pragma: no cover
 
 
+def _uploaders_view(args: argparse.Namespace, cfg: config.Config) -> int:
+    """`where` and `status --mine`: what any user may ask about their own uploads."""
+    from .outcomes import mine, mine_text, where
+    if args.command == "where":
+        data = where(cfg, cfg.study(args.study))
+        _say(json.dumps(data, indent=2) if args.json
+             else "\n".join(f"{k}: {v}" for k, v in data.items()))
+        return 0
+    if args.last < 0:
+        raise UsageError("--last must not be negative")
+    names = [args.study] if args.study else sorted(cfg.studies)
+    found = [mine(cfg.study(n), args.last) for n in names]
+    _say(json.dumps(found, indent=2) if args.json else mine_text(found))
+    return 0
+
+
 def _upload(args: argparse.Namespace) -> int:
-    from .upload import upload, wait
+    from .upload import upload
     cfg = config.load(config.config_path(args.config))
     study = cfg.study(args.study)
     since = time.time() - 1
     names = []
     for p in args.paths:
-        if not os.path.lexists(p):
-            raise UsageError(f"{log.printable(str(p))}: no such file or directory")
+        try:
+            os.lstat(p)
+        except OSError as e:
+            raise UsageError(f"{log.printable(str(p))}: {e.strerror}") from None
     for p in args.paths:
         names.append(upload(study, p))
         _say(f"{log.printable(str(p))} -> {log.printable(str(study.inbox / names[-1]))}")
     if not args.wait:
         return 0
-    worst = 0
+    return _waited(study, names, since, args.timeout)
+
+
+def _waited(study: config.StudyConfig, names: list[str], since: float, timeout: float) -> int:
+    """Print each upload's outcome; the exit code says the worst (docs/contract.md)."""
+    from .outcomes import shown
+    from .upload import wait
+    codes = []
+    deadline = time.monotonic() + timeout
     for n in names:
-        r = wait(study, n, since, args.timeout)
-        shown = log.printable(n)
-        if r is None:
-            _say(f"{shown}: claimed by the service (receipts are not readable for you)")
-        else:
-            _say(f"{shown}: {r.outcome} ({r.id})" + (f": {r.reason}" if r.reason else ""))
-            worst = worst or (0 if r.outcome is Outcome.DELIVERED else 1)
-    return worst
+        try:
+            note = wait(study, n, since, max(0.0, deadline - time.monotonic()))
+        except TemporaryError as e:
+            _say(str(e), sys.stderr)
+            codes.append(EXIT_TEMPFAIL)
+            continue
+        _say(shown(note))
+        codes.append({"delivered": EXIT_OK, "rejected": EXIT_NOPERM}.get(
+            str(note["outcome"]), EXIT_DATAERR))
+    return max(codes, key=_UPLOAD_SEVERITY.index)
+
+
+# Which exit code `upload --wait` ends with when several uploads ended differently.
+_UPLOAD_SEVERITY = [EXIT_OK, EXIT_TEMPFAIL, EXIT_DATAERR, EXIT_NOPERM]
 
 
 def entry_point() -> None:

@@ -82,6 +82,10 @@ class StudyConfig:
         return self.root / "inbox"
 
     @property
+    def users(self) -> Path:
+        return self.root / "users"
+
+    @property
     def processing(self) -> Path:
         return self.root / "processing"
 

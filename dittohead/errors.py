@@ -13,6 +13,9 @@ from enum import StrEnum
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
 EXIT_USAGE = 2
+# `upload --wait`: how the uploads ended, when not all were delivered.
+EXIT_DATAERR = 65  # EX_DATAERR: an upload failed (a conflict, a symlink...)
+EXIT_NOPERM = 77  # EX_NOPERM: an upload was rejected (not an uploader of the study)
 EXIT_IOERR = 74  # EX_IOERR: the storage failed (EIO, read-only): an admin must look
 EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: entries were left for a later run
 EXIT_CONFIG = 78  # EX_CONFIG

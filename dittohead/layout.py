@@ -5,6 +5,7 @@
   <dropbox_root>/<study>/processing 0750 <service>:<service>
   <dropbox_root>/<study>/done       0750 <service>:<service>
   <dropbox_root>/<study>/failed     0750 <service>:<service>
+  <dropbox_root>/<study>/users      0711 <service>:<service>  (outcomes.py)
 
 The inbox is write-and-search for everyone but listable only by the service:
 users create and rename their own entries (the sticky bit stops them renaming
@@ -18,6 +19,7 @@ reports what the service cannot write.
 from __future__ import annotations
 
 import grp
+import json
 import os
 import pwd
 import stat
@@ -26,6 +28,8 @@ from pathlib import Path
 
 from .config import Config, StudyConfig
 from .errors import ConfigError
+from .fsops import write_atomic
+from .outcomes import open_outcomes, outcomes_dir
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ def wanted(config: Config, study: StudyConfig) -> list[Want]:
         Want(study.processing, 0o750, *svc),
         Want(study.done, 0o750, *svc),
         Want(study.failed, 0o750, *svc),
+        Want(study.users, 0o711, *svc),
     ]
 
 
@@ -89,6 +94,7 @@ def setup(config: Config, study: StudyConfig) -> list[str]:
         if stat.S_IMODE(st.st_mode) != w.mode:
             os.chmod(w.path, w.mode)
             changed.append(f"mode of {w.path} -> {w.mode:04o}")
+    changed += _marker(config) + _uploader_folders(config, study)
     pw = pwd.getpwnam(config.service_user)
     gid = grp.getgrnam(study.group).gr_gid if study.group else pw.pw_gid
     if not os.path.lexists(study.destination):
@@ -110,6 +116,48 @@ def setup(config: Config, study: StudyConfig) -> list[str]:
         changed.append(f"owner of {study.destination} -> "
                        f"{_owner(pw.pw_uid, gid if study.group else st.st_gid)}")
     return changed
+
+
+# What an SFTP-only client reads in its start directory (the dropbox root):
+# where a study's inbox and an uploader's outcomes are, relative to it.
+MARKER = "dittohead.json"
+MARKER_DATA = (json.dumps({"format": 1, "inbox": "{study}/inbox",
+                           "outcomes": "{study}/users/{user}/outcomes"}, indent=2) + "\n").encode()
+
+
+def _marker(config: Config) -> list[str]:
+    path = config.dropbox_root / MARKER
+    try:
+        if path.read_bytes() == MARKER_DATA:
+            return []
+    except FileNotFoundError:
+        pass
+    write_atomic(path, MARKER_DATA, mode=0o644)
+    return [f"wrote {path}"]
+
+
+def _uploader_folders(config: Config, study: StudyConfig) -> list[str]:
+    """Outcome folders for the members of the study's uploader groups, made ahead."""
+    pw = pwd.getpwnam(config.service_user)
+    made = []
+    for uid in sorted(_members(study.uploaders or ())):
+        folder = outcomes_dir(study, uid)
+        if not folder.is_dir():
+            os.close(open_outcomes(study, uid, (pw.pw_uid, pw.pw_gid)))
+            made.append(f"created {folder}")
+    return made
+
+
+def _members(groups: tuple[str, ...]) -> set[int]:
+    uids = set()
+    for name in groups:
+        try:
+            g = grp.getgrnam(name)
+        except KeyError:
+            continue  # `check` names a missing group
+        names = set(g.gr_mem)
+        uids |= {p.pw_uid for p in pwd.getpwall() if p.pw_gid == g.gr_gid or p.pw_name in names}
+    return uids
 
 
 def _owner(uid: int, gid: int) -> str:

@@ -14,7 +14,7 @@ import syslog
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from . import log, notify
+from . import log, notify, outcomes
 from .claim import Claim
 from .config import Config, StudyConfig
 from .errors import Outcome
@@ -34,6 +34,18 @@ def kept(study: StudyConfig, c: Claim, uploader: str, why: str) -> None:
     """The entry stays claimed in processing/ for a later run (retry-later)."""
     log.event(Outcome.RETRY_LATER, f"{study.name}: {log.printable(c.entry)} kept for a later "
               f"run: {why}", reason=why, **fields(study, c, uploader))
+    r = Receipt(study=study.name, id=c.id, entry=c.entry, uploader=uploader,
+                outcome=Outcome.RETRY_LATER, files=0, nbytes=0, skipped=(),
+                destination=str(study.destination), started=c.started, finished="",
+                reason=why, uploader_uid=c.uploader_uid)
+    with _warned(study, f"{log.printable(c.entry)} is kept for a later run, but its "
+                 "uploader's note could not be written"):
+        outcomes.tell(study, outcomes.pending_note(r), _service())
+
+
+def _service() -> tuple[int, int]:
+    """Who owns the uploaders' notes: the service, which is who runs this."""
+    return os.geteuid(), os.getegid()
 
 
 def unexpected(study: StudyConfig, c: Claim, uploader: str, error: Exception) -> None:
@@ -69,6 +81,8 @@ def filed(config: Config, study: StudyConfig, r: Receipt, c: Claim) -> None:
     with _warned(study, f"{filed} its journal event could not be written"):
         log.event(r.outcome, msg, files=r.files, bytes=r.nbytes, reason=r.reason,
                   **fields(study, c, r.uploader))
+    with _warned(study, f"{filed} its uploader's note could not be written"):
+        outcomes.tell(study, outcomes.filed_note(r), _service())
     with _warned(study, f"{filed} its mail could not be made"):
         subject, body = mail_text(study, r)
         notify.send(config, study, r.outcome, subject, body, r.uploader)

@@ -9,18 +9,19 @@ service would fail the entry for them anyway.
 
 from __future__ import annotations
 
-import errno
+import calendar
 import os
 import shutil
 import stat
 import time
 from pathlib import Path
+from typing import Any
 
 from .config import StudyConfig
-from .errors import DittoheadError, UsageError
+from .errors import DittoheadError, TemporaryError, UsageError
 from .fsops import rename_noreplace
-from .log import printable
-from .record import Receipt, ReceiptError, read_receipt
+from .log import clean, printable
+from .outcomes import PENDING, outcomes_dir, read_notes
 
 
 def _refuse_special(path: Path) -> None:
@@ -83,32 +84,57 @@ def upload(study: StudyConfig, path: Path) -> str:
     return name
 
 
-def wait(study: StudyConfig, name: str, since: float, timeout: float) -> Receipt | None:
-    """Wait until the entry has left the inbox and its receipt can be read; None if unreadable."""
+WAIT_POLL = 0.5  # seconds between looks while waiting for an outcome
+
+
+def wait(study: StudyConfig, name: str, since: float, timeout: float) -> dict[str, Any]:
+    """The outcome of one upload once it has one: the uploader's note, or (for an admin)
+    the receipt; TemporaryError when `timeout` passes first."""
     deadline = time.monotonic() + timeout
-    while os.path.lexists(study.inbox / name):
+    folder = outcomes_dir(study, os.getuid())
+    pending: dict[str, Any] | None = None
+    while True:
+        if not os.path.lexists(study.inbox / name):
+            note = _outcome(study, folder, name, since)
+            if note is not None and note["outcome"] != PENDING:
+                return note
+            pending = note or pending
         if time.monotonic() > deadline:
-            raise DittoheadError(f"{printable(name)} is still in the inbox after "
-                                 f"{timeout:.0f}s: is dittohead@{study.name}.path running?")
-        time.sleep(0.2)
-    while time.monotonic() < deadline:
-        for d in (study.done, study.failed):
-            if not os.access(d, os.R_OK | os.X_OK):
-                return None  # receipts are for the service group; delivery went on
-            try:
-                receipts = sorted(d.glob("*.json"), key=lambda p: p.stat().st_mtime)
-            except OSError as e:
-                if e.errno in (errno.EACCES, errno.EPERM):
-                    return None
-                raise
-            for r in reversed(receipts):
-                if r.stat().st_mtime < since:
-                    break
-                try:
-                    receipt = read_receipt(r)
-                except (OSError, ReceiptError):
-                    continue
-                if receipt.entry == name:
-                    return receipt
-        time.sleep(0.2)
-    raise DittoheadError(f"no receipt for {printable(name)} after {timeout:.0f}s")
+            break
+        time.sleep(WAIT_POLL)
+    shown = printable(name)
+    if pending is not None:
+        why = (f"not delivered yet: {clean(str(pending.get('reason')))}; the service "
+               "tries again by itself")
+    elif os.path.lexists(study.inbox / name):
+        why = (f"still in the inbox: it is taken once nothing in it has changed for "
+               f"{study.quiet_period:g} s (is dittohead@{study.name}.path running?)")
+    else:
+        why = (f"taken by the service, but no outcome in {folder} yet (if that folder "
+               "cannot be read, ask the admin: the dropbox needs POSIX ACLs)")
+    raise TemporaryError(f"{shown}: no outcome after {timeout:g} s: {why}")
+
+
+def _outcome(study: StudyConfig, folder: Path, name: str, since: float) -> dict[str, Any] | None:
+    """The newest note or receipt about `name` from a claim at or after `since`."""
+    places = [folder] + [d for d in (study.done, study.failed) if os.access(d, os.R_OK | os.X_OK)]
+    for place in places:
+        try:
+            notes = read_notes(place, since)
+        except OSError:
+            continue
+        for note in notes:
+            if _is_of(note, name, since):
+                return note
+    return None
+
+
+def _is_of(note: dict[str, Any], name: str, since: float) -> bool:
+    hexname = os.fsencode(name).hex()
+    if note.get("entry_hex", hexname) != hexname:
+        return False
+    try:
+        started = calendar.timegm(time.strptime(str(note.get("started")), "%Y-%m-%dT%H:%M:%SZ"))
+    except ValueError:
+        return False
+    return started >= int(since)
