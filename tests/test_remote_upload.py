@@ -24,13 +24,14 @@ INBOX = f"{ROOT}/dropbox/{STUDY}/inbox"
 DEST = f"{ROOT}/study/{STUDY}"
 UPLOAD = f"dittohead upload --host {SSH_ALIAS} {STUDY}"
 
-# Makes DIR with a few files (and BIG MiB of random data in big.bin when BIG > 0).
+# Makes the entry DIR holding DIR/ with a few files (and BIG MiB of random data in
+# big.bin when BIG > 0): an entry's contents are merged into the destination's top.
 MAKE_TREE = r"""
 set -e
-mkdir -p "$1/sub"
-printf 'hello %s\n' "$1" > "$1/a.txt"
-printf 'deeper\n' > "$1/sub/b.txt"
-if [ "$2" -gt 0 ]; then head -c "$2"M /dev/urandom > "$1/big.bin"; fi
+mkdir -p "$1/$1/sub"
+printf 'hello %s\n' "$1" > "$1/$1/a.txt"
+printf 'deeper\n' > "$1/$1/sub/b.txt"
+if [ "$2" -gt 0 ]; then head -c "$2"M /dev/urandom > "$1/$1/big.bin"; fi
 """
 
 
@@ -78,7 +79,7 @@ def test_upload_wait_delivers_and_prints_outcome(box: Box, shell_user: Uploader,
     r = as_user(box, u, f"{UPLOAD} {name} --wait --timeout 60", check=False)
     assert r.returncode == 0, r.stdout + r.stderr + box.debug(STUDY)
     assert f"{name}: delivered: 2 files" in r.stdout, r.stdout
-    assert sha(box, f"{DEST}/{name}") == sha(box, f"/home/{u.name}/{name}")
+    assert sha(box, f"{DEST}/{name}") == sha(box, f"/home/{u.name}/{name}/{name}")
     assert len(delivered(box, name)) == 1
 
 
@@ -160,20 +161,20 @@ def test_rerun_after_a_killed_transfer_continues(box: Box, shell_user: Uploader,
                                                  sftp_user: Uploader, who: str) -> None:
     u = shell_user if who == "shell" else sftp_user
     name = f"resume-{who}"
-    tree(box, u, name, big_mib=400)
+    tree(box, u, name, big_mib=150)
     dot = f"{INBOX}/.{name}"
     # The uploader cannot see into the inbox: root reports the partial size for the script.
     box.sh(f"""(for i in $(seq 1 1200); do du -sb {dot} 2>/dev/null | cut -f1 \
 > /tmp/partial-size.new && mv /tmp/partial-size.new /tmp/partial-size; sleep 0.05; done) \
 >/dev/null 2>&1 &""")
-    as_user(box, u, KILL_HALFWAY, name, str(100 << 20), "sh", "-c",
+    as_user(box, u, KILL_HALFWAY, name, str(30 << 20), "sh", "-c",
             f"{UPLOAD} {name}", timeout=120)
     partial = int(box.sh(f"du -sb {dot} | cut -f1").stdout)
-    assert 0 < partial < (400 << 20), "the kill did not come halfway"
+    assert 0 < partial < (150 << 20), "the kill did not come halfway"
     assert box.sh(f"test -e {INBOX}/{name} && echo yes || echo no").stdout == "no\n"
     r = as_user(box, u, f"{UPLOAD} {name} --wait --timeout 120", check=False, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr + box.debug(STUDY)
-    assert sha(box, f"{DEST}/{name}") == sha(box, f"/home/{u.name}/{name}")
+    assert sha(box, f"{DEST}/{name}") == sha(box, f"/home/{u.name}/{name}/{name}")
     assert len(delivered(box, name)) == 1
     assert box.sh(f"ls -A {INBOX}").stdout == ""
 
