@@ -100,7 +100,8 @@ def test_name_already_waiting_is_refused(box: Box, shell_user: Uploader,
     name = f"taken-{who}"
     tree(box, u, name)
     # Something of that name waits in the inbox (held back: the path unit is stopped).
-    box.sh(f"systemctl stop dittohead@{STUDY}.path && mkdir -m 0700 {INBOX}/{name} && "
+    box.sh(f"systemctl stop dittohead@{STUDY}.path dittohead@{STUDY}.timer "
+           f"dittohead@{STUDY}.service && mkdir -m 0700 {INBOX}/{name} && "
            f"echo theirs > {INBOX}/{name}/x")
     try:
         r = as_user(box, u, f"{UPLOAD} {name}", check=False)
@@ -109,7 +110,8 @@ def test_name_already_waiting_is_refused(box: Box, shell_user: Uploader,
         assert box.sh(f"cat {INBOX}/{name}/x").stdout == "theirs\n"
         assert box.sh(f"ls -A {INBOX}/{name}").stdout == "x\n"
     finally:
-        box.sh(f"rm -rf {INBOX}/{name}; systemctl start dittohead@{STUDY}.path")
+        box.sh(f"rm -rf {INBOX}/{name} {INBOX}/.{name}; "
+               f"systemctl start dittohead@{STUDY}.path dittohead@{STUDY}.timer")
 
 
 @pytest.mark.parametrize("who", ["shell", "sftp"])
@@ -128,8 +130,8 @@ def test_failed_outcome_exits_65(box: Box, shell_user: Uploader, sftp_user: Uplo
 
 def test_unknown_study_and_unreachable_host(box: Box, shell_user: Uploader,
                                             sftp_user: Uploader) -> None:
-    tree(box, shell_user, "nowhere")
     for u in (shell_user, sftp_user):
+        tree(box, u, "nowhere")
         r = as_user(box, u, f"dittohead upload --host {SSH_ALIAS} nosuch nowhere",
                     check=False)
         assert r.returncode == 78, r.stdout + r.stderr
@@ -167,7 +169,7 @@ def test_rerun_after_a_killed_transfer_continues(box: Box, shell_user: Uploader,
     box.sh(f"""(for i in $(seq 1 1200); do du -sb {dot} 2>/dev/null | cut -f1 \
 > /tmp/partial-size.new && mv /tmp/partial-size.new /tmp/partial-size; sleep 0.05; done) \
 >/dev/null 2>&1 &""")
-    as_user(box, u, KILL_HALFWAY, name, str(30 << 20), "sh", "-c",
+    as_user(box, u, KILL_HALFWAY, name, str(1 << 20), "sh", "-c",
             f"{UPLOAD} {name}", timeout=120)
     partial = int(box.sh(f"du -sb {dot} | cut -f1").stdout)
     assert 0 < partial < (150 << 20), "the kill did not come halfway"
