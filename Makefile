@@ -31,7 +31,7 @@ deps:
 $(VENV)/.stamp: pyproject.toml | deps
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -e '.[test,server]'
 	touch $@
 
 venv: deps $(VENV)/.stamp
@@ -49,9 +49,29 @@ typecheck: venv
 # test is skipped, so CI (a clean root machine) gets it here.
 TEST_APT_PACKAGES := lintian
 
-pytest: venv
+pytest: venv test-debs
 	$(call apt_ensure,$(TEST_APT_PACKAGES))
 	$(VENV)/bin/pytest -v
+
+# The servers that tests/test_uploaders.py runs inside the booted test systemd
+# (tests/servers.py): only DOWNLOADED here, with their dependencies, into
+# $(DEB_CACHE), never installed, so no smbd or sshd starts on this machine; the
+# box installs them in its throwaway overlay. Cached debs are not fetched
+# again; apt-get update runs only when the package lists are missing or stale.
+# Without root the systemd tests are skipped, so nothing is fetched.
+TEST_SERVER_DEBS := samba smbclient openssh-server
+DEB_CACHE := .cache/debs
+define fetch_debs
+apt-get install -y -qq --download-only --no-install-recommends \
+	    -o Dir::Cache::archives=$(CURDIR)/$(DEB_CACHE) $(TEST_SERVER_DEBS)
+endef
+.PHONY: test-debs
+test-debs:
+	@if [ "$$(id -u)" = 0 ]; then \
+	    mkdir -p $(DEB_CACHE)/partial && \
+	    { $(fetch_debs) >/dev/null 2>&1 || { apt-get update -qq && $(fetch_debs); }; } && \
+	    apt-get autoclean -qq -o Dir::Cache::archives=$(CURDIR)/$(DEB_CACHE); \
+	fi
 
 test: lint typecheck pytest
 
@@ -74,7 +94,7 @@ burst: venv
 	$(VENV)/bin/python bench/burst.py
 
 clean:
-	rm -rf $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache *.egg-info build dist
+	rm -rf $(VENV) .cache .demo .mypy_cache .ruff_cache .pytest_cache *.egg-info build dist
 
 -include packaging/install.mk
 -include packaging/deb.mk

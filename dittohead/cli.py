@@ -83,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wait", action="store_true", help="wait for the delivery's receipt")
     s.add_argument("--timeout", type=float, default=3600, metavar="SECONDS",
                    help="how long --wait waits (default 3600)")
+    s.add_argument("--host", metavar="[USER@]HOST",
+                   help="upload over ssh to this server (your ssh config applies)")
+    s.add_argument("--ssh-config", metavar="FILE",
+                   help="with --host: this ssh config file instead of yours (ssh -F)")
+
+    s = sub.add_parser("ready", help="rename your .NAME in a study's inbox to NAME, never "
+                                     "replacing (what upload --host runs on the server)")
+    s.add_argument("study")
+    s.add_argument("name")
+    s.add_argument("--check", action="store_true",
+                   help="only say whether NAME is free (exit 1 when it waits already)")
     return p
 
 
@@ -136,6 +147,10 @@ def _run(args: argparse.Namespace) -> int:
         for line in done or ["nothing to change"]:
             _say(line)
         return 0
+    if args.command == "ready":
+        from .upload import ready
+        ready(cfg.study(args.study), args.name, check=args.check)
+        return 0
     if args.command == "retry":
         from .health import retry
         _say(retry(cfg, cfg.study(args.study), args.id))
@@ -184,6 +199,14 @@ def _uploaders_view(args: argparse.Namespace, cfg: config.Config) -> int:
 
 
 def _upload(args: argparse.Namespace) -> int:
+    if args.timeout < 0:
+        raise UsageError("--timeout must not be negative")
+    if args.host is not None:
+        from .remote import upload_remote
+        return upload_remote(args.host, args.study, args.paths, args.ssh_config,
+                             args.wait, args.timeout)
+    if args.ssh_config is not None:
+        raise UsageError("--ssh-config goes with --host")
     from .upload import before, upload
     cfg = config.load(config.config_path(args.config))
     study = cfg.study(args.study)

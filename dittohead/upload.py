@@ -24,7 +24,17 @@ from .log import clean, printable
 from .outcomes import PENDING, outcomes_dir, read_notes
 
 
-def _refuse_special(path: Path) -> None:
+def entry_name(path: Path) -> str:
+    """The entry name an upload of path gets; a dot name is refused (never delivered)."""
+    name = path.resolve().name if path.name in ("", ".", "..") else path.name
+    if name.startswith("."):
+        raise UsageError(f"{printable(str(path))}: names starting with '.' are never "
+                         "delivered; rename it")
+    return name
+
+
+def refuse_special(path: Path) -> None:
+    """Refuse a path holding symlinks, FIFOs, sockets or devices: never delivered."""
     bad = []
     st = os.lstat(path)
     if stat.S_ISDIR(st.st_mode):
@@ -52,11 +62,8 @@ def _copy(src: str, dst: str) -> None:
 
 def upload(study: StudyConfig, path: Path) -> str:
     """Copy one file or directory into the inbox and make it ready; return its name."""
-    name = path.resolve().name if path.name in ("", ".", "..") else path.name
-    if name.startswith("."):
-        raise UsageError(f"{printable(str(path))}: names starting with '.' are never "
-                         "delivered; rename it")
-    _refuse_special(path)
+    name = entry_name(path)
+    refuse_special(path)
     final = study.inbox / name
     if os.path.lexists(final):
         raise DittoheadError(f"{printable(str(final))} already waits in the inbox; try again "
@@ -152,3 +159,32 @@ def _outcome(study: StudyConfig, name: str, then: Before) -> dict[str, Any] | No
             if note.get("entry_hex") == hexname and str(note.get("id")) not in then.known:
                 return note
     return None
+
+
+def ready(study: StudyConfig, name: str, check: bool = False) -> None:
+    """Rename the caller's `.NAME` in the inbox to NAME, never replacing (`upload --host`).
+
+    check: only say whether NAME is free. The inbox (1733) cannot be listed,
+    but a name in it can be looked up.
+    """
+    if not name or "/" in name or name.startswith(".") or "\0" in name:
+        raise UsageError(f"{printable(name)}: not an entry name")
+    final = study.inbox / name
+    if os.path.lexists(final):
+        raise DittoheadError(f"{printable(name)} already waits in the inbox; try again "
+                             "when it has been delivered")
+    if check:
+        return
+    tmp = study.inbox / f".{name}"
+    try:
+        st = os.lstat(tmp)
+    except FileNotFoundError:
+        raise DittoheadError(f".{printable(name)} is not in the inbox: nothing to "
+                             "rename") from None
+    if st.st_uid != os.geteuid():
+        raise DittoheadError(f".{printable(name)} in the inbox is not yours")
+    try:
+        rename_noreplace(tmp, final)
+    except FileExistsError:
+        raise DittoheadError(f"{printable(name)} already waits in the inbox; try again "
+                             "when it has been delivered") from None

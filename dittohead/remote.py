@@ -1,0 +1,183 @@
+"""`dittohead upload --host`: uploading from a machine that has only ssh to the server.
+
+Learns the study's inbox from the server (`dittohead where --json` over ssh,
+or `dittohead.json` in the SFTP start directory of an SFTP-only account),
+sends each PATH as `.<name>` (rsync when the account has a shell and both
+ends have rsync 3, else sftp: sftpsend.py), resumable by rerunning the same
+command, then renames it to `<name>` without ever replacing anything. Standard
+library and the system's OpenSSH and rsync only: no server packages needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import DittoheadError, UsageError
+from .log import printable
+from .sftpsend import DiskFull, Upload, Waiting, quote, run_batch, walk
+from .sshrun import Connection, RemoteError, Ssh
+from .upload import entry_name, refuse_special
+
+EXIT_CONFIG = 78
+# What `dittohead.json` in an SFTP account's start directory may hold (docs/contract.md).
+LAYOUT_FORMAT = 1
+_RSYNC3 = re.compile(r"version (\d+)\.")
+
+
+class UnknownStudy(DittoheadError):
+    """The server has no such study (what `dittohead where` says with exit 78)."""
+
+    exit_code = EXIT_CONFIG
+
+
+@dataclass(frozen=True)
+class Server:
+    """What the server told about the study, in its own path names."""
+
+    shell: bool  # dittohead runs there for this account: where, ready, status over ssh
+    inbox: str  # absolute with a shell; relative to the SFTP start directory without
+    outcomes: str
+    rsync: bool  # rsync 3 here and rsync there: send with it
+
+
+def _local_rsync3() -> bool:
+    if shutil.which("rsync") is None:
+        return False
+    r = subprocess.run(["rsync", "--version"], capture_output=True, text=True, timeout=30)
+    m = _RSYNC3.search(r.stdout.splitlines()[0] if r.stdout else "")
+    return r.returncode == 0 and m is not None and int(m.group(1)) >= 3
+
+
+def discover(ssh: Ssh, study: str) -> Server:
+    """Ask the server where the study's inbox and the caller's outcomes are."""
+    r = ssh.run(["dittohead", "where", "--json", study], timeout=60)
+    said = printable(r.stderr.decode(errors="replace").strip())
+    if r.returncode == EXIT_CONFIG:
+        raise UnknownStudy(f"{ssh.dest}: {said}" if said else
+                           f"{ssh.dest} has no study {study!r}")
+    if r.returncode == 0:
+        try:
+            info = json.loads(r.stdout)
+            inbox, outcomes = str(info["inbox"]), str(info["outcomes"])
+        except (ValueError, KeyError, TypeError):
+            pass  # something else answered (a ForceCommand): try SFTP
+        else:
+            remote_rsync = _local_rsync3() and ssh.run(["rsync", "--version"]).returncode == 0
+            return Server(True, inbox, outcomes, remote_rsync)
+    # No JSON: an SFTP-only account (sshd's ForceCommand internal-sftp refuses
+    # the command: "This service allows sftp connections only.", or waits for
+    # SFTP and ends at the EOF of our empty stdin), or no dittohead there.
+    return _discover_sftp(ssh, study, no_command=r.returncode == 127, said=said)
+
+
+def _discover_sftp(ssh: Ssh, study: str, no_command: bool, said: str) -> Server:
+    with tempfile.TemporaryDirectory(prefix="dh-layout-") as tmp:
+        local = os.path.join(tmp, "dittohead.json")
+        rc, _ = run_batch(ssh, [b"get dittohead.json " + quote(os.fsencode(local))])
+        try:
+            layout: dict[str, Any] = json.loads(Path(local).read_text()) if rc == 0 else {}
+        except (OSError, ValueError):
+            layout = {}
+    if layout.get("format") != LAYOUT_FORMAT or not isinstance(layout.get("inbox"), str):
+        why = ("`dittohead` is not on the account's PATH there" if no_command else
+               f"`dittohead where` answered: {said}" if said else
+               "`dittohead where` gave no answer")
+        raise RemoteError(f"{ssh.dest} does not run dittohead for this account ({why}), and "
+                          "its SFTP start directory has no dittohead.json: ask the admin "
+                          "which host and account to upload to")
+    user = ssh.user()
+    inbox = layout["inbox"].replace("{study}", study)
+    outcomes = str(layout.get("outcomes", "")).replace("{study}", study).replace("{user}", user)
+    rc, _ = run_batch(ssh, [b"cd " + quote(inbox.encode())])
+    if rc != 0:
+        raise UnknownStudy(f"{ssh.dest} has no study {study!r} (no {inbox} in its SFTP view)")
+    return Server(False, inbox, outcomes, False)
+
+
+def check_paths(paths: list[Path]) -> list[str]:
+    """Refuse before connecting what the local upload refuses; return the entry names."""
+    names = []
+    for p in paths:
+        if not os.path.lexists(p):
+            raise UsageError(f"{printable(str(p))}: no such file or directory")
+        names.append(entry_name(p))
+        refuse_special(p)
+    return names
+
+
+def _rsync(ssh: Ssh, server: Server, path: Path, name: str) -> None:
+    src = os.path.abspath(path)
+    slash = "/" if os.path.isdir(src) else ""
+    argv = ["rsync", "-a", "--partial", "--delete", "--protect-args",
+            # Private at once (rwx------ directories): it may wait a while in the
+            # inbox. Files keep their modes, readable by their owner at least.
+            "--chmod=D700,Fu+r", "-e", ssh.rsh()]
+    tty = sys.stderr.isatty()
+    if tty:
+        argv.append("--info=progress2")
+    argv += ["--", src + slash, f"{ssh.dest}:{server.inbox}/.{name}{slash}"]
+    r = subprocess.run(argv, stdout=None if tty else subprocess.DEVNULL,
+                       stderr=subprocess.PIPE)
+    if r.returncode == 0:
+        return
+    err = r.stderr.decode(errors="replace")
+    text = printable("\n".join(err.strip().splitlines()[-3:])).replace("\\n", "\n  ")
+    if "No space left on device" in err or "Disk quota exceeded" in err:
+        raise DiskFull(f"the server's disk is full (the inbox on {ssh.dest}); rerun the same "
+                       f"command later: it continues where it stopped\n  rsync said: {text}")
+    raise RemoteError(f"the upload to {ssh.dest} stopped (rsync exit {r.returncode}); rerun "
+                      f"the same command to continue it\n  rsync said: {text}")
+
+
+def _ready(ssh: Ssh, study: str, name: str, check: bool) -> None:
+    """`dittohead ready` on the server: a rename that never replaces (renameat2)."""
+    r = ssh.run(["dittohead", "ready", *(["--check"] if check else []), study, name])
+    said = printable(r.stderr.decode(errors="replace").strip())
+    if r.returncode == 1 and "already waits" in said:
+        raise Waiting(f"{ssh.dest}: {said.removeprefix('dittohead: ')}")
+    if r.returncode != 0:
+        raise RemoteError(f"{ssh.dest}: `dittohead ready` failed: {said}")
+
+
+def send(ssh: Ssh, server: Server, study: str, path: Path, name: str) -> None:
+    """Upload one PATH as `.<name>` in the inbox, resuming, then rename it to `<name>`."""
+    key = "\0".join([ssh.dest, ssh.config or "", study, server.inbox, os.path.abspath(path)])
+    if server.rsync:
+        _ready(ssh, study, name, check=True)
+        _rsync(ssh, server, path, name)
+        _ready(ssh, study, name, check=False)
+        return
+    up = Upload(ssh, os.fsencode(server.inbox), os.fsencode(name), walk(path), key)
+    up.transfer(up.probe())
+    if server.shell:
+        _ready(ssh, study, name, check=False)
+        up.state.forget()
+    else:
+        up.rename()
+
+
+def upload_remote(dest: str, study: str, paths: list[Path], ssh_config: str | None,
+                  wait: bool, timeout: float) -> int:
+    """The whole `upload --host` command; returns its exit code."""
+    from .remotewait import Watcher, report
+    names = check_paths(paths)
+    with Connection(dest, ssh_config) as ssh:
+        server = discover(ssh, study)
+        watcher = Watcher(ssh, server.shell, study, server.outcomes)
+        if wait:
+            watcher.snapshot()
+        for p, n in zip(paths, names, strict=True):
+            send(ssh, server, study, p, n)
+            print(printable(f"{p} -> {dest}:{server.inbox}/{n}"), flush=True)
+        if not wait:
+            return 0
+        return report(names, watcher.wait(names, timeout), timeout)

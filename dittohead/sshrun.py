@@ -1,0 +1,143 @@
+"""The system's ssh, sftp and rsync for `dittohead upload --host`, over one connection.
+
+Running the system's tools (not an SSH library) is what makes the user's ssh
+config apply: host aliases, users, ports, keys, agents, jump hosts. One
+ControlMaster connection carries every later ssh, sftp and rsync of the
+command, so a password or passphrase is asked for once. Standard library only:
+this runs on lab workstations that have none of the server's packages.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .errors import DittoheadError
+from .log import clean
+
+# sysexits.h EX_UNAVAILABLE: the server could not be reached, logged into or used.
+EXIT_UNAVAILABLE = 69
+
+# What ssh says on stderr, mapped to what the user should hear.
+_CONNECT = ("Could not resolve hostname", "Connection refused", "No route to host",
+            "Connection timed out", "Network is unreachable", "Connection closed by",
+            "Connection reset", "timed out during banner exchange", "kex_exchange_identification")
+_AUTH = ("Permission denied", "Too many authentication failures", "Authentication failed")
+
+
+class RemoteError(DittoheadError):
+    """The server could not be reached or used; nothing was renamed into the inbox."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+def ssh_failure(dest: str, stderr: str) -> RemoteError:
+    """A clear error for an ssh that ended with 255, keeping ssh's own last words."""
+    said = " ".join(line.strip() for line in stderr.strip().splitlines()[-2:])
+    if "Host key verification failed" in stderr:
+        why = (f"{dest}'s host key is unknown or changed (see ssh's message); "
+               f"connect once with `ssh {dest}` to check and accept it")
+    elif any(s in stderr for s in _AUTH):
+        why = (f"{dest} refused the login: check the user name, your key or password "
+               f"(`ssh {dest}` must log in)")
+    elif any(s in stderr for s in _CONNECT):
+        why = f"cannot reach {dest}: is the name right, and the server up and reachable?"
+    else:
+        why = f"ssh to {dest} failed"
+    return RemoteError(f"{why}\n  ssh said: {clean(said)}" if said else why)
+
+
+@dataclass(frozen=True)
+class Ssh:
+    """Where to connect and how: the destination as given, an ssh config file, the master."""
+
+    dest: str  # [USER@]HOST, as the user typed it: the ssh config resolves it
+    config: str | None  # ssh -F FILE, else the user's own config
+    control: str  # the ControlMaster socket
+
+    def options(self) -> list[str]:
+        """Options every ssh, sftp and rsync -e of this command gets."""
+        opts = ["-F", self.config] if self.config else []
+        return [*opts, "-o", f"ControlPath={self.control}", "-o", "ControlMaster=no"]
+
+    def ssh_argv(self, remote: Sequence[str]) -> list[str]:
+        """ssh running one remote command; each word quoted for the remote shell."""
+        return ["ssh", *self.options(), "-n", "--", self.dest,
+                " ".join(shlex.quote(w) for w in remote)]
+
+    def rsh(self) -> str:
+        """The `rsync -e` string: this ssh, quoted the way rsync splits it."""
+        return " ".join(shlex.quote(w) for w in ["ssh", *self.options()])
+
+    def run(self, remote: Sequence[str], timeout: float = 120,
+            check_connection: bool = True) -> subprocess.CompletedProcess[bytes]:
+        """Run a remote command; raise RemoteError when ssh itself failed (exit 255)."""
+        try:
+            r = subprocess.run(self.ssh_argv(remote), capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise RemoteError(f"{self.dest} did not answer `{' '.join(remote[:2])}` "
+                              f"within {timeout:.0f}s") from e
+        if check_connection and r.returncode == 255:
+            raise ssh_failure(self.dest, r.stderr.decode(errors="replace"))
+        return r
+
+    def sftp(self, batch: bytes, timeout: float | None = 120
+             ) -> subprocess.CompletedProcess[bytes]:
+        """Run an sftp batch (commands prefixed '-' may fail); output and errors merged."""
+        argv = ["sftp", *self.options(), "-b", "-", self.dest]
+        try:
+            return subprocess.run(argv, input=batch, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise RemoteError(f"sftp to {self.dest} did not finish within {timeout}s") from e
+
+    def user(self) -> str:
+        """The user name ssh logs in as (`ssh -G`: the config resolved, nothing sent)."""
+        opts = ["-F", self.config] if self.config else []
+        r = subprocess.run(["ssh", *opts, "-G", "--", self.dest], capture_output=True,
+                           text=True, timeout=30)
+        for line in r.stdout.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "user":
+                return value
+        raise RemoteError(f"ssh -G {self.dest} names no user: {clean(r.stderr.strip())}")
+
+
+class Connection:
+    """A ControlMaster connection for the lifetime of a `with` block."""
+
+    def __init__(self, dest: str, config: str | None) -> None:
+        if dest.startswith("-") or not dest or any(c.isspace() for c in dest):
+            raise RemoteError(f"not a host: {clean(dest)!r} (expected [USER@]HOST)")
+        for tool in ("ssh", "sftp"):
+            if shutil.which(tool) is None:
+                raise RemoteError(f"`{tool}` is not installed here (OpenSSH's client)")
+        # A short path: a socket's path is limited to about 100 bytes (macOS's
+        # TMPDIR alone is 50), and ssh expands '%' in ControlPath.
+        base = "/tmp" if os.path.isdir("/tmp") else None
+        self._dir = tempfile.mkdtemp(prefix="dh-ssh-", dir=base)
+        self.ssh = Ssh(dest, config, os.path.join(self._dir, "cm"))
+
+    def __enter__(self) -> Ssh:
+        opts = ["-F", self.ssh.config] if self.ssh.config else []
+        # ControlPersist: ssh goes to the background once logged in, and ends on
+        # its own 60 s after its last client, even if this command is killed.
+        argv = ["ssh", *opts, "-o", "ControlMaster=yes", "-o",
+                f"ControlPath={self.ssh.control}", "-o", "ControlPersist=60",
+                "-o", "ConnectTimeout=30", "-N", "--", self.ssh.dest]
+        r = subprocess.run(argv, stdin=None, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, timeout=600)
+        if r.returncode != 0:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise ssh_failure(self.ssh.dest, r.stderr.decode(errors="replace"))
+        return self.ssh
+
+    def __exit__(self, *exc: object) -> None:
+        subprocess.run(["ssh", *self.ssh.options(), "-O", "exit", "--", self.ssh.dest],
+                       capture_output=True, timeout=30)
+        shutil.rmtree(self._dir, ignore_errors=True)

@@ -1,0 +1,149 @@
+"""The `upload --host` client's own logic, with no server: sftp quoting, the resume plan,
+ssh's errors, --wait's printing and exit codes, and a pip install without systemd-python.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dittohead.remote import check_paths
+from dittohead.remotewait import report
+from dittohead.sftpsend import State, Upload, quote, walk
+from dittohead.sshrun import Connection, RemoteError, Ssh, ssh_failure
+
+from .conftest import REPO, free_port
+
+
+def test_sftp_quoting_keeps_glob_characters_and_refuses_newlines() -> None:
+    assert quote(b'a "b" *?[x]') == b'"a \\"b\\" *?[x]"'
+    for bad in (b"a\nb", b"a\\b", b"tab\there"):
+        with pytest.raises(Exception, match="sftp cannot send"):
+            quote(bad)
+
+
+def test_dot_names_symlinks_and_missing_paths_are_refused_before_connecting(
+        tmp_path: Path) -> None:
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "link").symlink_to("/etc/passwd")
+    for p, why in ((tmp_path / ".hidden", "starting with '.'"),
+                   (tmp_path / "d", "symlinks or special files"),
+                   (tmp_path / "nope", "no such file")):
+        with pytest.raises(Exception, match=why):
+            check_paths([p])
+
+
+def _upload(tmp_path: Path, state_home: Path) -> Upload:
+    os.environ["XDG_STATE_HOME"] = str(state_home)
+    ssh = Ssh("h", None, "/nonexistent")
+    return Upload(ssh, b"s1/inbox", b"e", walk(tmp_path / "e"), "key")
+
+
+def test_resume_plan_skips_whole_files_appends_to_the_cut_one_and_resends_changed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    e = tmp_path / "e"
+    (e / "sub").mkdir(parents=True)
+    for n in ("a", "b", "c", "sub/d"):
+        (e / n).write_bytes(n.encode() * 1000)
+    up = _upload(tmp_path, tmp_path / "state")
+    lines, owners = up.commands(None)
+    assert [f.rel for f in owners if f] == [b"a", b"b", b"c", b"sub/d"]
+    assert lines[:2] == [b'-mkdir "s1/inbox/.e"', b'chmod 700 "s1/inbox/.e"']
+    # An attempt that sent a whole and was cut off in b.
+    up.state.done = {b"a".hex()}
+    up.state.current = b"b".hex()
+    up.state.save()
+    (e / "c").write_bytes(b"changed")  # c changed since: sent whole again
+    (e / "gone").write_bytes(b"x")
+    up = _upload(tmp_path, tmp_path / "state")
+    lines, _ = up.commands(500)  # the server holds 500 bytes of b
+    sends = [x for x in lines if x.startswith((b"put", b"reput"))]
+    assert sends == [b'reput -p "' + os.fsencode(e) + b'/b" "s1/inbox/.e/b"',
+                     b'put -p "' + os.fsencode(e) + b'/c" "s1/inbox/.e/c"',
+                     b'put -p "' + os.fsencode(e) + b'/gone" "s1/inbox/.e/gone"',
+                     b'put -p "' + os.fsencode(e) + b'/sub/d" "s1/inbox/.e/sub/d"']
+    # b changed after the cut: its bytes on the server are not its start any more.
+    up.state.current = b"b".hex()
+    up.state.done = {b"a".hex()}
+    up.state.save()
+    (e / "b").write_bytes(b"new b")
+    (e / "gone").unlink()
+    up = _upload(tmp_path, tmp_path / "state")
+    lines, _ = up.commands(500)
+    assert b'-rm "s1/inbox/.e/gone"' in lines
+    assert b'put -p "' + os.fsencode(e) + b'/b" "s1/inbox/.e/b"' in lines
+    assert not any(x.startswith(b"reput") for x in lines)
+
+
+def test_state_is_per_upload_and_forgotten(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    s = State("one")
+    s.done = {"61"}
+    s.save()
+    assert State("one").done == {"61"} and not State("two").found
+    State("one").forget()
+    assert not State("one").found
+
+
+def test_ssh_errors_say_what_went_wrong() -> None:
+    assert "cannot reach" in str(ssh_failure("h", "ssh: connect to host h port 22: "
+                                                  "Connection refused"))
+    assert "refused the login" in str(ssh_failure("h", "u@h: Permission denied (publickey)."))
+    assert "host key" in str(ssh_failure("h", "Host key verification failed."))
+    with pytest.raises(RemoteError, match="not a host"):
+        Connection("-oProxyCommand=x", None)
+
+
+def test_wait_prints_each_outcome_and_exits_with_the_worst(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    ok = {"id": "1", "entry": "a", "outcome": "delivered", "files": 2, "bytes": 9,
+          "destination": "/d"}
+    bad = {"id": "2", "entry": "b", "outcome": "failed", "reason": "conflict: x"}
+    no = {"id": "3", "entry": "c", "outcome": "rejected", "reason": "not an uploader"}
+    wait = {"id": "4", "entry": "d", "outcome": "pending", "reason": "no space"}
+    assert report(["a"], {"a": ok}, 5) == 0
+    assert report(["a", "b", "d"], {"a": ok, "b": bad, "d": wait}, 5) == 65
+    assert report(["b", "c"], {"b": bad, "c": no}, 5) == 77
+    assert report(["d", "e"], {"d": wait}, 5) == 75
+    out = capsys.readouterr().out
+    assert "a: delivered: 2 files, 9 bytes to /d (1)" in out
+    assert "b: failed: conflict: x (2)" in out
+    assert "d: no outcome after 5 s: not delivered yet: no space" in out
+    assert "e: no outcome after 5 s" in out
+
+
+@pytest.mark.slow
+def test_client_installs_and_runs_without_systemd_python(tmp_path: Path) -> None:
+    """pip install (no extra) into a fresh venv without system site packages."""
+    src = tmp_path / "src"
+    subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", "-o",
+                    str(tmp_path / "src.tar"), "HEAD"], check=True)
+    src.mkdir()
+    subprocess.run(["tar", "-xf", str(tmp_path / "src.tar"), "-C", str(src)], check=True)
+    for f in ("dittohead", "pyproject.toml"):  # the working tree's, committed or not
+        subprocess.run(["cp", "-a", str(REPO / f), str(src)], check=True)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    r = subprocess.run([py, "-m", "pip", "install", "-q", str(src)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert subprocess.run([py, "-c", "import systemd"], capture_output=True).returncode != 0
+    dh = str(venv / "bin" / "dittohead")
+    r = subprocess.run([dh, "upload", "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and "--host" in r.stdout, r.stderr
+    (tmp_path / "entry").mkdir()
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text(f"Host lab\n  HostName 127.0.0.1\n  Port {free_port()}\n")
+    r = subprocess.run([dh, "upload", "--host", "lab", "--ssh-config", str(cfg), "s1",
+                        str(tmp_path / "entry")], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=120)
+    assert r.returncode == 69, r.stdout + r.stderr
+    assert "cannot reach lab" in r.stderr and "Traceback" not in r.stderr

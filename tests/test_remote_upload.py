@@ -1,0 +1,209 @@
+"""`dittohead upload --host` end to end: the real sshd (the shipped sample stanza) and the
+real service in a booted throwaway systemd; the client run by the uploader in the box,
+through the `Host dropbox` alias of their ~/.ssh/config (port SSH_PORT, not 22).
+
+Two accounts: one with a shell (rsync both ends, `dittohead ready` on the server) and
+one SFTP-only (chrooted, ForceCommand internal-sftp: discovery from dittohead.json).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from .boxes import ROOT, Box, boot_installed
+from .conftest import wait_for
+from .servers import SSH_ALIAS, Uploader, add_uploader, as_user, install_and_start
+
+pytestmark = [pytest.mark.systemd, pytest.mark.slow]
+
+STUDY = "s1"
+INBOX = f"{ROOT}/dropbox/{STUDY}/inbox"
+DEST = f"{ROOT}/study/{STUDY}"
+UPLOAD = f"dittohead upload --host {SSH_ALIAS} {STUDY}"
+
+# Makes the entry DIR holding DIR/ with a few files (and BIG MiB of random data in
+# big.bin when BIG > 0): an entry's contents are merged into the destination's top.
+MAKE_TREE = r"""
+set -e
+mkdir -p "$1/$1/sub"
+printf 'hello %s\n' "$1" > "$1/$1/a.txt"
+printf 'deeper\n' > "$1/$1/sub/b.txt"
+if [ "$2" -gt 0 ]; then head -c "$2"M /dev/urandom > "$1/$1/big.bin"; fi
+"""
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
+    b = boot_installed(tmp_path_factory.mktemp("remote"))
+    try:
+        install_and_start(b, f"{ROOT}/dropbox", STUDY, "sbxs1")
+        yield b
+    finally:
+        b.box.poweroff()
+
+
+@pytest.fixture(scope="module")
+def shell_user(box: Box) -> Uploader:
+    return add_uploader(box, "rmsh", ["sbxs1"], sftp_only=False)
+
+
+@pytest.fixture(scope="module")
+def sftp_user(box: Box) -> Uploader:
+    u = add_uploader(box, "rmsftp", ["sbxs1"], sftp_only=True)
+    box.sh(f"dittohead setup {STUDY} >/dev/null")  # makes its outcomes folder
+    return u
+
+
+def tree(box: Box, u: Uploader, name: str, big_mib: int = 0) -> None:
+    as_user(box, u, MAKE_TREE, name, str(big_mib))
+
+
+def sha(box: Box, path: str) -> str:
+    return box.sh('cd "$1" && find . -type f -print0 | sort -z | xargs -0 sha256sum',
+                  path).stdout
+
+
+def delivered(box: Box, name: str) -> list[dict[str, object]]:
+    return [r for r in box.receipts(STUDY)["done"] if r["entry"] == name]
+
+
+@pytest.mark.parametrize("who", ["shell", "sftp"])
+def test_upload_wait_delivers_and_prints_outcome(box: Box, shell_user: Uploader,
+                                                 sftp_user: Uploader, who: str) -> None:
+    u = shell_user if who == "shell" else sftp_user
+    name = f"visit-{who}"
+    tree(box, u, name)
+    r = as_user(box, u, f"{UPLOAD} {name} --wait --timeout 60", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr + box.debug(STUDY)
+    assert f"{name}: delivered: 2 files" in r.stdout, r.stdout
+    assert sha(box, f"{DEST}/{name}") == sha(box, f"/home/{u.name}/{name}/{name}")
+    assert len(delivered(box, name)) == 1
+
+
+def test_shell_account_sends_with_rsync(box: Box, shell_user: Uploader) -> None:
+    tree(box, shell_user, "via-rsync")
+    r = as_user(box, shell_user, f"PATH=/tmp/spy:$PATH; mkdir -p /tmp/spy; "
+                f"printf '#!/bin/sh\\necho rsync >> /tmp/spy/log\\nexec /usr/bin/rsync \"$@\"\\n'"
+                f" > /tmp/spy/rsync; chmod +x /tmp/spy/rsync; {UPLOAD} via-rsync --wait "
+                "--timeout 60; cat /tmp/spy/log", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "rsync" in r.stdout.splitlines()[-1]
+
+
+@pytest.mark.parametrize("who", ["shell", "sftp"])
+def test_name_already_waiting_is_refused(box: Box, shell_user: Uploader,
+                                         sftp_user: Uploader, who: str) -> None:
+    u = shell_user if who == "shell" else sftp_user
+    name = f"taken-{who}"
+    tree(box, u, name)
+    # Something of that name waits in the inbox (held back: the path unit is stopped).
+    box.sh(f"systemctl stop dittohead@{STUDY}.path dittohead@{STUDY}.timer "
+           f"dittohead@{STUDY}.service && mkdir -m 0700 {INBOX}/{name} && "
+           f"echo theirs > {INBOX}/{name}/x")
+    try:
+        r = as_user(box, u, f"{UPLOAD} {name}", check=False)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "already waits in the inbox" in r.stderr
+        assert box.sh(f"cat {INBOX}/{name}/x").stdout == "theirs\n"
+        assert box.sh(f"ls -A {INBOX}/{name}").stdout == "x\n"
+    finally:
+        box.sh(f"rm -rf {INBOX}/{name} {INBOX}/.{name}; "
+               f"systemctl start dittohead@{STUDY}.path dittohead@{STUDY}.timer")
+
+
+@pytest.mark.parametrize("who", ["shell", "sftp"])
+def test_failed_outcome_exits_65(box: Box, shell_user: Uploader, sftp_user: Uploader,
+                                 who: str) -> None:
+    u = shell_user if who == "shell" else sftp_user
+    name = f"clash-{who}"
+    tree(box, u, name)
+    box.sh(f"mkdir -p {DEST}/{name} && echo other > {DEST}/{name}/a.txt && "
+           f"chown -R dittohead: {DEST}/{name}")
+    r = as_user(box, u, f"{UPLOAD} {name} --wait --timeout 60", check=False)
+    assert r.returncode == 65, r.stdout + r.stderr + box.debug(STUDY)
+    assert f"{name}: failed: " in r.stdout
+    assert box.sh(f"cat {DEST}/{name}/a.txt").stdout == "other\n"
+
+
+def test_unknown_study_and_unreachable_host(box: Box, shell_user: Uploader,
+                                            sftp_user: Uploader) -> None:
+    for u in (shell_user, sftp_user):
+        tree(box, u, "nowhere")
+        r = as_user(box, u, f"dittohead upload --host {SSH_ALIAS} nosuch nowhere",
+                    check=False)
+        assert r.returncode == 78, r.stdout + r.stderr
+        assert "nosuch" in r.stderr
+    r = as_user(box, shell_user, f"dittohead upload --host {shell_user.name}@127.0.0.1 "
+                f"{STUDY} nowhere", check=False)  # port 22: nothing listens
+    assert r.returncode == 69, r.stdout + r.stderr
+    assert "cannot reach" in r.stderr
+
+
+# Starts the upload in a session of its own, waits until the server holds WANT bytes
+# under .NAME, then SIGKILLs that session (the client, its ssh, rsync or sftp).
+KILL_HALFWAY = r"""
+name="$1"; want="$2"; shift 2
+setsid "$@" > /dev/null 2>&1 &
+pid=$!
+for i in $(seq 1 600); do
+    n=$(cat /tmp/partial-size 2>/dev/null || echo 0)
+    [ "$n" -ge "$want" ] && break
+    sleep 0.05
+done
+kill -KILL -- -$pid
+wait $pid || true
+"""
+
+
+@pytest.mark.parametrize("who", ["shell", "sftp"])
+def test_rerun_after_a_killed_transfer_continues(box: Box, shell_user: Uploader,
+                                                 sftp_user: Uploader, who: str) -> None:
+    u = shell_user if who == "shell" else sftp_user
+    name = f"resume-{who}"
+    tree(box, u, name, big_mib=150)
+    dot = f"{INBOX}/.{name}"
+    # The uploader cannot see into the inbox: root reports the partial size for the script.
+    box.sh(f"""(for i in $(seq 1 1200); do du -sb {dot} 2>/dev/null | cut -f1 \
+> /tmp/partial-size.new && mv /tmp/partial-size.new /tmp/partial-size; sleep 0.05; done) \
+>/dev/null 2>&1 &""")
+    as_user(box, u, KILL_HALFWAY, name, str(1 << 20), "sh", "-c",
+            f"{UPLOAD} {name}", timeout=120)
+    partial = int(box.sh(f"du -sb {dot} | cut -f1").stdout)
+    assert 0 < partial < (150 << 20), "the kill did not come halfway"
+    assert box.sh(f"test -e {INBOX}/{name} && echo yes || echo no").stdout == "no\n"
+    r = as_user(box, u, f"{UPLOAD} {name} --wait --timeout 120", check=False, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr + box.debug(STUDY)
+    assert sha(box, f"{DEST}/{name}") == sha(box, f"/home/{u.name}/{name}/{name}")
+    assert len(delivered(box, name)) == 1
+    assert box.sh(f"ls -A {INBOX}").stdout == ""
+
+
+def test_sftp_legacy_rename_never_replaces(box: Box, sftp_user: Uploader) -> None:
+    """What OpenSSH's sftp sends for `rename` (posix-rename, which replaces) and for
+    `rename -l` (SSH2_FXP_RENAME, which fails when the target exists)."""
+    batch = ("put /etc/hostname s1/inbox/.r1\nput /etc/hostname s1/inbox/.r2\n"
+             "-rename -l s1/inbox/.r1 s1/inbox/.r2\n")
+    box.sh(f"systemctl stop dittohead@{STUDY}.path")
+    try:
+        r = as_user(box, sftp_user, f"printf '{batch}' | sftp -vvv -b - {SSH_ALIAS} 2>&1",
+                    check=False)
+        assert 'Sending SSH2_FXP_RENAME' in r.stdout, r.stdout
+        assert "Failure" in r.stdout
+        assert box.sh(f"ls -A {INBOX}").stdout.split() == [".r1", ".r2"]
+        r = as_user(box, sftp_user, f"printf 'rename s1/inbox/.r1 s1/inbox/.r2\\n' | "
+                    f"sftp -vvv -b - {SSH_ALIAS} 2>&1", check=False)
+        assert "posix-rename@openssh.com" in r.stdout
+        assert box.sh(f"ls -A {INBOX}").stdout.split() == [".r2"]  # replaced
+    finally:
+        box.sh(f"rm -f {INBOX}/.r1 {INBOX}/.r2; systemctl start dittohead@{STUDY}.path")
+
+
+def test_outcomes_over_sftp_are_the_uploaders_own(box: Box, sftp_user: Uploader) -> None:
+    folder = f"{ROOT}/dropbox/{STUDY}/users/{sftp_user.name}/outcomes"
+    wait_for(lambda: box.sh(f"ls {folder}", check=False).stdout != "", 30, "outcomes")
+    notes = [json.loads(box.sh(f"cat {folder}/{n}").stdout)
+             for n in box.sh(f"ls {folder}").stdout.split() if n.endswith(".json")]
+    assert notes and all(n["uploader"] == sftp_user.name for n in notes)
