@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .configfile import read_yaml
+from .configfile import DEFAULT_CONFIG, config_path, read_yaml
 from .errors import ConfigError
 from .log import printable
 
-DEFAULT_CONFIG = Path("/etc/dittohead/config.yaml")
+__all__ = ["DEFAULT_CONFIG", "Config", "ConfigError", "StudyConfig", "config_path", "load",
+           "parse"]
+
 # Every pattern here is used with fullmatch: "$" would accept a trailing newline.
 STUDY_RE = re.compile(r"[a-z0-9][a-z0-9_]{0,63}")
 # Debian's adduser default NAME_REGEX, plus what groups and sysusers accept.
@@ -116,14 +118,6 @@ class Config:
                 f"studies.{printable(name)}: no such study in the config (known: {known})",
                 printable(str(self.path)),
             ) from None
-
-
-def config_path(arg: str | None) -> Path:
-    """--config, else $DITTOHEAD_CONFIG, else /etc/dittohead/config.yaml."""
-    if arg:
-        return Path(arg)
-    env = os.environ.get("DITTOHEAD_CONFIG")
-    return Path(env) if env else DEFAULT_CONFIG
 
 
 def load(path: Path) -> Config:
