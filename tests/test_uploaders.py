@@ -251,6 +251,19 @@ def test_sftp_killed_halfway_leaves_the_dot_name_undelivered_and_reput_finishes_
     delivered_and_told(site, u, "sftpkill", sftp_outcome, size)
 
 
+def test_sftp_rename_never_replaces_an_upload_still_waiting(site: Site) -> None:
+    u = site.sftp
+    as_user(site.box, u, "echo first > first.txt && echo second > second.txt")
+    inbox = f"{STUDY}/inbox"
+    # The second upload's rename would replace the first, not claimed yet (quiet period).
+    r = sftp(site, u, f"put first.txt {inbox}/norepl.txt\nput second.txt {inbox}/.norepl.txt\n"
+             f"rename {inbox}/.norepl.txt {inbox}/norepl.txt\n", check=False)
+    assert r.returncode == 1 and "Failure" in r.stderr, r
+    rec = receipt(site, "norepl.txt")
+    assert (rec["uploader"], rec["files"], rec["bytes"]) == (u.name, 1, 6), rec
+    assert site.box.sh(f"cat {DEST}/norepl.txt {INBOX}/.norepl.txt").stdout == "first\nsecond\n"
+
+
 def test_scp_r_straight_into_the_inbox_is_delivered_once_quiet(site: Site) -> None:
     u = site.sftp
     src = make_source(site, u, "scpdrop")
@@ -289,6 +302,20 @@ def test_rsync_to_a_dot_name_then_ssh_mv_is_delivered(site: Site) -> None:
     as_user(site.box, u, f"rsync -a {src}/ {SSH_ALIAS}:{inbox}/.rsyncdot/ && "
             f"ssh {SSH_ALIAS} mv -T {inbox}/.rsyncdot {inbox}/rsyncdot")
     delivered_and_told(site, u, "rsyncdot", ssh_outcome)
+
+
+def test_rsync_killed_halfway_to_a_dot_name_is_finished_by_running_it_again(
+        site: Site) -> None:
+    u, size = site.shell, 2_000_000
+    src = make_source(site, u, "rsynckill", size)
+    inbox = ssh_where(site, u)["inbox"]
+    rsync = f"rsync -a {src}/ {SSH_ALIAS}:{inbox}/.rsynckill/"
+    r = as_user(site.box, u, f"timeout -s KILL 2 {rsync} --bwlimit=300", check=False)
+    assert r.returncode == 137, r
+    time.sleep(QUIET + 2)
+    assert "rsynckill" not in site.box.delivered(STUDY)
+    as_user(site.box, u, f"{rsync} && ssh {SSH_ALIAS} mv -T {inbox}/.rsynckill {inbox}/rsynckill")
+    delivered_and_told(site, u, "rsynckill", ssh_outcome, size)
 
 
 def test_cp_then_mv_on_the_server_is_delivered_and_its_note_readable(site: Site) -> None:
