@@ -120,10 +120,10 @@ done > /etc/ssh/ssh_known_hosts
 
 
 def _wait_listening(b: Box, port: int) -> None:
-    def up() -> bool:
-        r = b.box.run("ss", "-Htln", f"sport = :{port}", check=False)
-        return "127.0.0.1" in r.stdout
-    wait_for(up, 30, f"a server listening on 127.0.0.1:{port}")
+    # python3, not ss: a clean Debian 12 may lack iproute2, never Python (dittohead needs it).
+    probe = f"import socket; socket.create_connection(('127.0.0.1', {port}), 1).close()"
+    wait_for(lambda: b.box.run("python3", "-c", probe, check=False).returncode == 0, 30,
+             f"a server listening on 127.0.0.1:{port}")
 
 
 @dataclass(frozen=True)
