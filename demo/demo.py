@@ -68,7 +68,7 @@ studies:
     say("An admin sets up the study (root would also set owners; here: you)")
     study = DEMO / "dropbox" / "nccam3"
     for sub, mode in (("inbox", 0o1733), ("processing", 0o750), ("done", 0o750),
-                      ("failed", 0o750)):
+                      ("failed", 0o750), ("users", 0o751)):
         (study / sub).mkdir(parents=True)
         os.chmod(study / sub, mode)
     (DEMO / "study" / "nccam3" / "raw-data").mkdir(parents=True)
@@ -103,6 +103,8 @@ studies:
     failed = sorted((study / "failed").glob("*.json"))[0]
     print(json.dumps(json.loads(failed.read_text()), indent=2))
     dittohead("status", "nccam3")
+    say("What the uploader sees of their own uploads (any user can ask)")
+    dittohead("status", "--mine", "nccam3")
     say("Done. Everything is under .demo/; `make test` runs every test.")
     return 0 if rc == 0 else 1
 

@@ -211,7 +211,7 @@ def show(d: Demo) -> None:
 
     say(f"{RA} uploads s01 with `dittohead upload` (copy as .name, fsync, rename)")
     d.sh(f"dittohead upload --wait {STUDY} data/s01-session1", user=RA, timeout=WAIT + 30)
-    note("done/ is for the service group, so --wait sees the claim, not the receipt")
+    note("--wait printed the outcome from the uploader's own outcomes folder")
 
     say(f"{RA} uploads s02 by hand, as users are told to: cp -r to .name, then mv to name")
     d.sh(f"cp -r data/s02-session1 {DROPBOX}/inbox/.s02-session1 && "
@@ -252,7 +252,11 @@ def show(d: Demo) -> None:
     say(f"{RA} re-uploads s01 with one file changed: a conflict, never overwritten")
     d.sh("echo 'RT of trial 3 corrected by hand' >> data/s01-session1/eprime/s01_run1.txt",
          user=RA)
-    d.sh(f"dittohead upload --wait {STUDY} data/s01-session1", user=RA, timeout=WAIT + 30)
+    r = d.sh(f"dittohead upload --wait {STUDY} data/s01-session1", user=RA,
+             timeout=WAIT + 30, check=False)
+    if r.returncode != 65:
+        raise DemoFailed(f"upload --wait of a conflict exited {r.returncode}, not 65")
+    note("exit code 65: failed (77: rejected, 75: no outcome before --timeout)")
     failed = d.wait_receipts("failed", ["s01-session1"])
     bad = d.one_id(failed, "s01-session1")
     d.sh(f"ls -l {DROPBOX}/failed/")
@@ -265,6 +269,13 @@ def show(d: Demo) -> None:
     fmatch = [f"DITTOHEAD_STUDY={STUDY}", f"MESSAGE_ID={FAILED}"]
     d.wait_journal(*fmatch)
     d.sh("journalctl --no-pager -x -o short " + " ".join(fmatch))
+
+    say(f"What {RA} sees of their own uploads, and nobody else can: their outcomes folder")
+    d.sh(f"dittohead status --mine {STUDY}", user=RA)
+    d.sh(f"ls -l {DROPBOX}/users/{RA}/outcomes/ && "
+         f"tr -d '\\r' < {DROPBOX}/users/{RA}/outcomes/{bad}.txt", user=RA)
+    note("the '+' is the ACL that lets only this uploader in: no group to join")
+    d.sh(f"ls -ld {DROPBOX}/users {DROPBOX}/users/{RA}")
 
     say(f"What an admin checks each morning: dittohead status {STUDY}")
     d.sh(f"dittohead status {STUDY}")

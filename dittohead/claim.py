@@ -38,7 +38,7 @@ from .lockdown import Lockdown
 from .log import printable
 from .ownership import Ownership
 from .plan import remove_killed, remove_spool
-from .readiness import Watch
+from .readiness import Watch, is_inbox, split_key
 
 # The claim record's "format" (see RECEIPT_FORMAT in record.py for the rules).
 CLAIM_FORMAT = 1
@@ -63,6 +63,9 @@ class Claim:
     # uid, gid, mode. A run killed between the takeover and the rename, after
     # its uploader renamed it, finds it by inode and gives it back.
     top: tuple[int, ...] = ()
+    # Where it was dropped, relative to the study's root: the shared inbox, or
+    # an uploader's own (users/<user>/inbox); where `retry` puts it back.
+    inbox: str = "inbox"
 
 
 class StudyLock:
@@ -116,18 +119,20 @@ def ready_entries(study: StudyConfig) -> list[str]:
     return Watch(study).scan().ready
 
 
-def claim(study: StudyConfig, entry: str, owner: Ownership) -> Claim | None:
-    """Move one ready entry to processing/<id>; None if it vanished or changed meanwhile.
+def claim(study: StudyConfig, key: str, owner: Ownership) -> Claim | None:
+    """Move one ready entry (by its readiness key) to processing/<id>; None if it
+    vanished or changed meanwhile.
 
     The uploader is the owner of the inode opened here (O_NOFOLLOW), not of
     whatever the name leads to a moment later.
     """
+    folder, entry = split_key(key)
     try:
-        pfd = os.open(study.inbox / entry, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        pfd = os.open(study.root / folder / entry, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise _claim_error(study, entry, e) from None
+        raise _claim_error(study, folder, entry, e) from None
     fd = -1
     try:
         st = os.fstat(pfd)
@@ -135,31 +140,32 @@ def claim(study: StudyConfig, entry: str, owner: Ownership) -> Claim | None:
             try:  # "." of the inode opened: no name to race on
                 fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
             except OSError as e:
-                raise _claim_error(study, entry, e, "CAP_DAC_READ_SEARCH") from None
-        return _claim_inode(study, entry, owner, st, fd)
+                raise _claim_error(study, folder, entry, e, "CAP_DAC_READ_SEARCH") from None
+        c = Claim(id=new_id(study, entry), entry=entry, started=now_iso(),
+                  uploader_uid=st.st_uid, inbox=folder,
+                  top=(st.st_dev, st.st_ino, st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
+                  if fd >= 0 else ())
+        return _claim_inode(study, c, owner, st, fd)
     finally:
         os.close(pfd)
         if fd >= 0:
             os.close(fd)
 
 
-def _claim_inode(study: StudyConfig, entry: str, owner: Ownership, st: os.stat_result,
+def _claim_inode(study: StudyConfig, c: Claim, owner: Ownership, st: os.stat_result,
                  fd: int) -> Claim | None:
     """Record, take over (a directory: fd >= 0), rename; see claim()."""
-    top = ((st.st_dev, st.st_ino, st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
-           if fd >= 0 else ())
-    c = Claim(id=new_id(study, entry), entry=entry, started=now_iso(), uploader_uid=st.st_uid,
-              top=top)
+    entry = c.entry
     record = study.processing / f"{c.id}.json"
     try:
         _write_record(record, c)
     except OSError as e:
-        raise _claim_error(study, entry, e) from None
-    src, dst = study.inbox / entry, study.processing / c.id
+        raise _claim_error(study, c.inbox, entry, e) from None
+    src, dst = study.root / c.inbox / entry, study.processing / c.id
     taken = False
     try:
         if fd >= 0:
-            taken = _take_top(study, entry, owner, fd, st)
+            taken = _take_top(study, c, owner, fd, st)
             if not taken:
                 record.unlink()
                 return None
@@ -171,7 +177,7 @@ def _claim_inode(study: StudyConfig, entry: str, owner: Ownership, st: os.stat_r
         if isinstance(e, FileNotFoundError):
             return None
         if isinstance(e, OSError):
-            raise _claim_error(study, entry, e) from None
+            raise _claim_error(study, c.inbox, entry, e) from None
         raise
     moved = os.lstat(dst)
     if (moved.st_dev, moved.st_ino) == (st.st_dev, st.st_ino):
@@ -186,18 +192,19 @@ def _claim_inode(study: StudyConfig, entry: str, owner: Ownership, st: os.stat_r
     return c
 
 
-def _take_top(study: StudyConfig, entry: str, owner: Ownership, fd: int,
+def _take_top(study: StudyConfig, c: Claim, owner: Ownership, fd: int,
               st: os.stat_result) -> bool:
     """Take the entry's directory (fd) over; False if the name no longer leads to it."""
     try:
         Lockdown(st.st_uid, owner.uid, owner.service_gid).take_dir(fd, st)
     except ConfigError:
-        raise ClaimRefused(f"cannot claim {printable(entry)} in {study.inbox}: it cannot be "
+        raise ClaimRefused(f"cannot claim {printable(c.entry)} in {study.root / c.inbox}: "
+                           "it cannot be "
                            "taken over from its uploader (does the service have "
                            "CAP_CHOWN?). The entry waits in the inbox.") from None
     point("chowned")
     try:
-        now = os.lstat(study.inbox / entry)
+        now = os.lstat(study.root / c.inbox / c.entry)
     except FileNotFoundError:
         now = None
     if now is not None and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
@@ -225,7 +232,7 @@ def resume_claim(study: StudyConfig, c: Claim, service_uid: int) -> bool:
             for n in (c.id, f"{c.id}.json")):
         return False
     try:
-        st = os.lstat(study.inbox / c.entry)
+        st = os.lstat(study.root / c.inbox / c.entry)
     except FileNotFoundError:
         st = None
     if st is None or not stat.S_ISDIR(st.st_mode) or st.st_uid != service_uid or (
@@ -233,9 +240,9 @@ def resume_claim(study: StudyConfig, c: Claim, service_uid: int) -> bool:
         _give_back_renamed(study, c, service_uid)
         return False
     try:
-        os.rename(study.inbox / c.entry, study.processing / c.id)
+        os.rename(study.root / c.inbox / c.entry, study.processing / c.id)
     except OSError as e:
-        raise _claim_error(study, c.entry, e) from None
+        raise _claim_error(study, c.inbox, c.entry, e) from None
     return True
 
 
@@ -246,12 +253,12 @@ def _give_back_renamed(study: StudyConfig, c: Claim, service_uid: int) -> None:
         return
     dev, ino, uid, gid, mode = c.top
     try:
-        names = os.listdir(study.inbox)
+        names = os.listdir(study.root / c.inbox)
     except OSError:
         return
     for name in names:
         try:
-            fd = os.open(study.inbox / name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            fd = os.open(study.root / c.inbox / name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except OSError:
             continue
         try:
@@ -295,7 +302,8 @@ def pending_claims(study: StudyConfig) -> Iterator[Claim]:
                       started=data["started"], uploader_uid=int(data.get("uploader_uid", -1)),
                       busy_since=str(data.get("busy_since", "")),
                       busy_files=tuple(str(f) for f in data.get("busy_files", ())),
-                      top=tuple(int(x) for x in data.get("top", ())))
+                      top=tuple(int(x) for x in data.get("top", ())),
+                      inbox=_inbox(data.get("inbox", "inbox")))
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not a claim record of ours; `check` reports strays
         yield c
@@ -352,10 +360,10 @@ class ClaimRefused(ConfigError):
     """The service may not move an entry out of the inbox: its privileges or setup are wrong."""
 
 
-def _claim_error(study: StudyConfig, entry: str, e: OSError,
+def _claim_error(study: StudyConfig, folder: str, entry: str, e: OSError,
                  cap: str = "CAP_DAC_READ_SEARCH and CAP_CHOWN") -> DittoheadError:
     """What a failed claim means for the run, with the true reason (the entry stays put)."""
-    what = f"cannot claim {printable(entry)} in {study.inbox}: {e.strerror}"
+    what = f"cannot claim {printable(entry)} in {study.root / folder}: {e.strerror}"
     if is_enospc(e):
         return TemporaryError(f"{what}: free space or inodes on the dropbox's filesystem "
                               "(the entry waits in the inbox)")
@@ -370,6 +378,13 @@ def _claim_error(study: StudyConfig, entry: str, e: OSError,
     raise e
 
 
+def _inbox(value: object) -> str:
+    """A claim record's inbox, trusted only when it is one of the places entries come from."""
+    if is_inbox(str(value)):
+        return str(value)
+    raise ValueError(f"not an inbox: {value!r}")
+
+
 def _write_record(path: Path, c: Claim) -> None:
     data = {"format": CLAIM_FORMAT, "id": c.id,
             "entry": os.fsencode(c.entry).decode("utf-8", "backslashreplace"),
@@ -377,6 +392,8 @@ def _write_record(path: Path, c: Claim) -> None:
             "uploader_uid": c.uploader_uid}
     if c.top:
         data["top"] = list(c.top)
+    if c.inbox != "inbox":
+        data["inbox"] = c.inbox
     if c.busy_since:
         data |= {"busy_since": c.busy_since, "busy_files": list(c.busy_files)}
     write_atomic(path, json.dumps(data).encode() + b"\n")

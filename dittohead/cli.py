@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from . import __version__, config, log
 from .errors import (
@@ -23,6 +23,9 @@ from .errors import (
     TemporaryError,
     UsageError,
 )
+
+if TYPE_CHECKING:
+    from .upload import Before
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("setup", help="create or repair a study's layout (root)")
     s.add_argument("study")
+    s.add_argument("--user", action="append", default=[], metavar="NAME",
+                   help="only make this user's own folder (inbox and outcomes); repeatable")
 
     s = sub.add_parser("status", help="pending, processing and failed entries; disk use")
     s.add_argument("study", nargs="?")
@@ -122,10 +127,13 @@ def _run(args: argparse.Namespace) -> int:
         from .notify import send_queued
         return EXIT_TEMPFAIL if send_queued(cfg, cfg.study(args.study)) else 0
     if args.command == "setup":
-        from .layout import setup
+        from .layout import setup, user_folders
         if os.geteuid() != 0:
             raise UsageError("setup must run as root (it sets owners)")
-        for line in setup(cfg, cfg.study(args.study)) or ["nothing to change"]:
+        study = cfg.study(args.study)
+        done = (user_folders(cfg, study, {_uid(n) for n in args.user}) if args.user
+                else setup(cfg, study))
+        for line in done or ["nothing to change"]:
             _say(line)
         return 0
     if args.command == "retry":
@@ -151,6 +159,14 @@ def _run(args: argparse.Namespace) -> int:
     raise UsageError(f"unknown command {args.command}")  # pragma: no cover
 
 
+def _uid(name: str) -> int:
+    import pwd
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        raise UsageError(f"--user: no such user {log.printable(name)}") from None
+
+
 def _uploaders_view(args: argparse.Namespace, cfg: config.Config) -> int:
     """`where` and `status --mine`: what any user may ask about their own uploads."""
     from .outcomes import mine, mine_text, where
@@ -168,10 +184,10 @@ def _uploaders_view(args: argparse.Namespace, cfg: config.Config) -> int:
 
 
 def _upload(args: argparse.Namespace) -> int:
-    from .upload import upload
+    from .upload import before, upload
     cfg = config.load(config.config_path(args.config))
     study = cfg.study(args.study)
-    since = time.time() - 1
+    then = before(study)
     names = []
     for p in args.paths:
         try:
@@ -183,10 +199,10 @@ def _upload(args: argparse.Namespace) -> int:
         _say(f"{log.printable(str(p))} -> {log.printable(str(study.inbox / names[-1]))}")
     if not args.wait:
         return 0
-    return _waited(study, names, since, args.timeout)
+    return _waited(study, names, then, args.timeout)
 
 
-def _waited(study: config.StudyConfig, names: list[str], since: float, timeout: float) -> int:
+def _waited(study: config.StudyConfig, names: list[str], then: Before, timeout: float) -> int:
     """Print each upload's outcome; the exit code says the worst (docs/contract.md)."""
     from .outcomes import shown
     from .upload import wait
@@ -194,7 +210,7 @@ def _waited(study: config.StudyConfig, names: list[str], since: float, timeout: 
     deadline = time.monotonic() + timeout
     for n in names:
         try:
-            note = wait(study, n, since, max(0.0, deadline - time.monotonic()))
+            note = wait(study, n, then, max(0.0, deadline - time.monotonic()))
         except TemporaryError as e:
             _say(str(e), sys.stderr)
             codes.append(EXIT_TEMPFAIL)

@@ -8,7 +8,9 @@ every `systemctl daemon-reload` as
 It reads /etc/dittohead/config.yaml (or $DITTOHEAD_CONFIG) and writes, in
 NORMAL_DIR (/run/systemd/generator), for every study:
 
-    dittohead@STUDY.path.d/50-paths.conf     PathExistsGlob= its inbox
+    dittohead@STUDY.path.d/50-paths.conf     PathExistsGlob= its inbox, and
+                                             each uploader's own inbox there
+                                             is (users/<user>/inbox)
     dittohead@STUDY.service.d/50-paths.conf  BindPaths= (into the unit's
                                              empty root) and
                                              RequiresMountsFor= its dropbox
@@ -46,6 +48,7 @@ from pathlib import Path
 from . import log
 from .config import DEFAULT_CONFIG, SAFE_PATH_RE, Config, StudyConfig, config_path, load
 from .errors import ConfigError
+from .readiness import drop_folders
 
 DROPIN_NAME = "50-paths.conf"
 MAIL_DROPIN_NAME = "50-mail.conf"
@@ -76,8 +79,12 @@ def study_dropins(config: Config, study: StudyConfig) -> dict[str, str]:
     root = _path(study.root, "dropbox_root")
     dest = _path(study.destination, f"{key}.destination")
     header = HEADER.format(config=config.path)
-    path_unit = (f"{header}[Path]\n"
-                 f"PathExistsGlob={root}/inbox/*\n")
+    # The uploaders' own inboxes there are now (readiness.drop_folders); one
+    # made later is watched from the next daemon-reload (`dittohead setup`
+    # does one), and swept by the timer meanwhile.
+    globs = [f"PathExistsGlob={root}/{folder}/*\n" for folder in ["inbox", *drop_folders(study)]
+             if _SAFE_PATH.fullmatch(f"{root}/{folder}")]
+    path_unit = f"{header}[Path]\n" + "".join(globs)
     # The units' root is an empty tmpfs (units/dittohead@.service): of the
     # config and the studies, only what is bound here exists for them.
     # "-": a missing directory is not a sandbox error (exit 226) but the

@@ -19,7 +19,7 @@ from .errors import DittoheadError, TemporaryError
 from .examine import MAX_DEPTH
 from .fsops import rename_noreplace, used_percent
 from .log import printable
-from .readiness import Watch
+from .readiness import Watch, drop_folders
 from .record import ReceiptError, read_receipt
 from .stage import STAGING_PREFIX
 
@@ -60,7 +60,7 @@ def _names(path: Path) -> list[str]:
 
 def status(cfg: Config, study: StudyConfig) -> dict[str, Any]:
     """Counts, the last delivery, disk use and unit states of one study."""
-    inbox = _names(study.inbox)
+    inbox = _names(study.inbox)  # (and the drop folders, by readiness)
     processing = [n for n in _names(study.processing)
                   if not n.startswith(".") and not n.endswith(".json")]
     failed = [n for n in _names(study.failed) if n.endswith(".json") and ".retried" not in n]
@@ -76,7 +76,8 @@ def status(cfg: Config, study: StudyConfig) -> dict[str, Any]:
         "study": study.name,
         "pending": ready,
         "waiting": waiting,
-        "uploading": len([n for n in inbox if n.startswith(".")]),
+        "uploading": sum(len([n for n in _names(d) if n.startswith(".")])
+                         for d in [study.inbox, *(study.root / f for f in drop_folders(study))]),
         "processing": len(processing),
         "failed": len(failed),
         "delivered": len(done),
@@ -312,10 +313,12 @@ def retry(cfg: Config, study: StudyConfig, delivery: str) -> str:
                              "changed") from None
     if not os.path.lexists(study.failed / delivery):
         raise DittoheadError(f"{study.failed / delivery} is gone; nothing to retry")
+    # Back where it was dropped: an uploader's own inbox when it still is there.
+    inbox = study.root / r.inbox if os.path.isdir(study.root / r.inbox) else study.inbox
     # Checked before anything is given back, and again by the rename itself.
-    waiting = DittoheadError(f"{printable(str(study.inbox / name))} exists: another upload of "
+    waiting = DittoheadError(f"{printable(str(inbox / name))} exists: another upload of "
                              "that name is waiting; retry after it is delivered")
-    if os.path.lexists(study.inbox / name):
+    if os.path.lexists(inbox / name):
         raise waiting
     if r.uploader_uid >= 0:
         try:
@@ -325,8 +328,8 @@ def retry(cfg: Config, study: StudyConfig, delivery: str) -> str:
             raise DittoheadError("retry gives the upload back to its uploader, which needs "
                                  "root; nothing was changed") from None
     try:
-        rename_noreplace(study.failed / delivery, study.inbox / name)
+        rename_noreplace(study.failed / delivery, inbox / name)
     except FileExistsError:
         raise waiting from None
     os.rename(receipt, study.failed / f"{delivery}.retried.json")
-    return f"{delivery} is back in {study.inbox} as {printable(name)}"
+    return f"{delivery} is back in {inbox} as {printable(name)}"

@@ -5,7 +5,7 @@
   <dropbox_root>/<study>/processing 0750 <service>:<service>
   <dropbox_root>/<study>/done       0750 <service>:<service>
   <dropbox_root>/<study>/failed     0750 <service>:<service>
-  <dropbox_root>/<study>/users      0711 <service>:<service>  (outcomes.py)
+  <dropbox_root>/<study>/users      0751 <service>:<service>  (outcomes.py)
 
 The inbox is write-and-search for everyone but listable only by the service:
 users create and rename their own entries (the sticky bit stops them renaming
@@ -23,13 +23,14 @@ import json
 import os
 import pwd
 import stat
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config, StudyConfig
 from .errors import ConfigError
 from .fsops import write_atomic
-from .outcomes import open_outcomes, outcomes_dir
+from .outcomes import USERS_MODE, acl_problem, open_outcomes, outcomes_dir
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def wanted(config: Config, study: StudyConfig) -> list[Want]:
         Want(study.processing, 0o750, *svc),
         Want(study.done, 0o750, *svc),
         Want(study.failed, 0o750, *svc),
-        Want(study.users, 0o711, *svc),
+        Want(study.users, USERS_MODE, *svc),
     ]
 
 
@@ -75,6 +76,8 @@ def problems(config: Config, study: StudyConfig) -> list[str]:
         if mode != w.mode or (st.st_uid, st.st_gid) != (w.uid, w.gid):
             out.append(f"{w.path}: is {mode:04o} {_owner(st.st_uid, st.st_gid)}, should be "
                        f"{w.mode:04o} {_owner(w.uid, w.gid)}")
+    if os.path.isdir(study.users):
+        out += filter(None, [acl_problem(study)])
     return out
 
 
@@ -94,7 +97,8 @@ def setup(config: Config, study: StudyConfig) -> list[str]:
         if stat.S_IMODE(st.st_mode) != w.mode:
             os.chmod(w.path, w.mode)
             changed.append(f"mode of {w.path} -> {w.mode:04o}")
-    changed += _marker(config) + _uploader_folders(config, study)
+    changed += _marker(config) + user_folders(config, study,
+                                              _members(study.uploaders or ()))
     pw = pwd.getpwnam(config.service_user)
     gid = grp.getgrnam(study.group).gr_gid if study.group else pw.pw_gid
     if not os.path.lexists(study.destination):
@@ -136,15 +140,25 @@ def _marker(config: Config) -> list[str]:
     return [f"wrote {path}"]
 
 
-def _uploader_folders(config: Config, study: StudyConfig) -> list[str]:
-    """Outcome folders for the members of the study's uploader groups, made ahead."""
+def user_folders(config: Config, study: StudyConfig, uids: set[int]) -> list[str]:
+    """Make the uploaders' own folders (inbox and outcomes) that are missing.
+
+    A new one is watched by the path unit only from the next daemon-reload
+    (generator.py), which this does when systemd runs; the timer sweeps it
+    meanwhile.
+    """
+    if not os.path.isdir(study.users):
+        raise ConfigError(f"{study.users} is missing: run `dittohead setup {study.name}` first")
     pw = pwd.getpwnam(config.service_user)
     made = []
-    for uid in sorted(_members(study.uploaders or ())):
-        folder = outcomes_dir(study, uid)
-        if not folder.is_dir():
+    for uid in sorted(uids):
+        folder = outcomes_dir(study, uid).parent
+        if not (folder / "inbox").is_dir() or not (folder / "outcomes").is_dir():
             os.close(open_outcomes(study, uid, (pw.pw_uid, pw.pw_gid)))
-            made.append(f"created {folder}")
+            made.append(f"created {folder} (inbox/ and outcomes/)")
+    if made and os.path.isdir("/run/systemd/system"):
+        subprocess.run(["systemctl", "daemon-reload"], check=False)
+        made.append("reloaded systemd: the path unit watches the new inboxes")
     return made
 
 

@@ -1,7 +1,10 @@
 """Each uploader's outcomes: a folder in the dropbox that only they can read.
 
-    <study>/users/                   0711 svc:svc  traverse only: nobody lists who uploads
+    <study>/users/                   0751 svc:svc  only the service group lists who uploads
     <study>/users/<user>/            0750 svc:svc  plus the POSIX ACL entry user:<uid>:r-x
+    <study>/users/<user>/inbox/      0770 svc:svc  plus user:<uid>:rwx: their own inbox, which
+                                   they can list (a 1733 shared inbox cannot be: Windows
+                                   Explorer must list a folder to open it)
     <study>/users/<user>/outcomes/   0755 svc:svc  (reached only through the folder above)
         <id>.txt   for people: what became of the upload and what to do next (CRLF lines,
                    so that Notepad on an old lab PC shows them as lines)
@@ -34,14 +37,16 @@ from .fsops import user_name
 from .log import clean, printable
 from .record import Receipt
 
-USERS_MODE = 0o711
+USERS_MODE = 0o751
 FOLDER_MODE = 0o750
 OUTCOMES_MODE = 0o755
+INBOX_MODE = 0o770  # plus user:<uid>:rwx: the uploader's own, listable inbox
 NOTE_MODE = 0o644
 PENDING = "pending"
 # A user name used as it is for the folder: what useradd, sssd and winbind
-# give; anything else (a '/', a leading '.', control characters) gets the uid.
-_FOLDER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@$+-]{0,63}")
+# give; anything else (a '/', a leading '.', a '$', control characters) gets the uid,
+# so that the folder's path can be written into a unit file (generator.py).
+_FOLDER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,63}")
 
 # The kernel's POSIX ACL xattr (include/uapi/linux/posix_acl_xattr.h).
 _ACL_XATTR = "system.posix_acl_access"
@@ -80,6 +85,17 @@ def acl_for_user(uid: int, perm: int) -> bytes:
     return struct.pack("<I", _ACL_VERSION) + b"".join(struct.pack("<HHI", *e) for e in entries)
 
 
+def acl_problem(study: StudyConfig) -> str | None:
+    """Why uploaders could not read their folders here (no POSIX ACLs), or None."""
+    try:
+        os.getxattr(study.users, _ACL_XATTR, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.ENOTSUP):
+            return (f"{study.users}: the filesystem has no POSIX ACLs (mount it with acl): "
+                    "uploaders cannot read their outcomes")
+    return None
+
+
 def _subdir(parent_fd: int, name: str, mode: int, service: tuple[int, int]) -> tuple[int, bool]:
     """Open (making it if missing) a directory the service owns; refuse anything else."""
     try:
@@ -104,7 +120,8 @@ def _subdir(parent_fd: int, name: str, mode: int, service: tuple[int, int]) -> t
 
 
 def open_outcomes(study: StudyConfig, uid: int, service: tuple[int, int]) -> int:
-    """The uploader's outcomes directory, opened; made with its ACL when missing."""
+    """The uploader's outcomes directory, opened; their folder (with its own inbox) made
+    with its ACLs when missing."""
     users = os.open(study.users, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
                     | os.O_CLOEXEC)
     try:
@@ -114,6 +131,12 @@ def open_outcomes(study: StudyConfig, uid: int, service: tuple[int, int]) -> int
     try:
         if made:
             os.setxattr(folder, _ACL_XATTR, acl_for_user(uid, 5))
+        inbox, made = _subdir(folder, "inbox", INBOX_MODE, service)
+        try:
+            if made:
+                os.setxattr(inbox, _ACL_XATTR, acl_for_user(uid, 7))
+        finally:
+            os.close(inbox)
         return _subdir(folder, "outcomes", OUTCOMES_MODE, service)[0]
     finally:
         os.close(folder)

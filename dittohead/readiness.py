@@ -30,6 +30,7 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from .config import StudyConfig
 from .errors import TemporaryError
@@ -46,6 +47,36 @@ TEMP_KIND = ("temporary files of an upload that did not finish (rsync's .name.XX
 STALE_FACTOR = 10
 MAX_DEPTH = 256  # directory levels below the entry that the walk descends
 NS = 1_000_000_000
+
+
+def drop_folders(study: StudyConfig) -> list[str]:
+    """The uploaders' own inboxes (`users/<user>/inbox`, outcomes.py) there are, as paths
+    relative to the study's root."""
+    try:
+        names = sorted(os.listdir(study.users))
+    except OSError:
+        return []
+    return [f"users/{n}/inbox" for n in names
+            if not n.startswith(".") and os.path.isdir(study.users / n / "inbox")]
+
+
+def is_inbox(folder: str) -> bool:
+    """Whether a recorded place (relative to the study's root) is one entries come from."""
+    parts = folder.split("/")
+    return folder == "inbox" or (len(parts) == 3 and parts[0] == "users"
+                                 and parts[2] == "inbox" and parts[1] not in ("", ".", ".."))
+
+
+def entry_key(folder: str, name: str) -> str:
+    """How an entry is known to a run: its name in the shared inbox; elsewhere its path
+    relative to the study's root (a name never holds a '/')."""
+    return f"{folder}/{name}" if folder else name
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """The inbox (relative to the study's root) and the name of an entry key."""
+    folder, _, name = key.rpartition("/")
+    return folder or "inbox", name
 
 
 def is_temp(name: str) -> bool:
@@ -129,7 +160,9 @@ class Watch:
     def judge(self, name: str, now: int) -> int | None:
         """None when the entry is ready; else when to look at it again (filesystem ns)."""
         self.holding.discard(name)
-        newest, temp = walk(self.study.inbox, name, now - self.quiet_ns, now, self.ignored)
+        folder, entry = split_key(name)
+        newest, temp = walk(self.study.root / folder, entry, now - self.quiet_ns, now,
+                            self.ignored)
         if newest > now - self.quiet_ns:
             return newest + self.quiet_ns
         if not temp:
@@ -140,20 +173,31 @@ class Watch:
 
 
 def _listing(study: StudyConfig) -> dict[str, int]:
-    """Names in the inbox not starting with '.', with their mtimes."""
-    found = {}
+    """Entries in the inbox and the drop folders, by key, with their mtimes."""
     try:
-        with os.scandir(study.inbox) as it:
-            for e in it:
-                if e.name.startswith("."):
-                    continue
-                try:
-                    found[e.name] = e.stat(follow_symlinks=False).st_mtime_ns
-                except FileNotFoundError:
-                    continue
+        found = _names(study.inbox, "")
     except FileNotFoundError:
         raise TemporaryError(f"{study.inbox} does not exist: run `dittohead setup "
                              f"{study.name}` (or is it not mounted?)") from None
+    for folder in drop_folders(study):
+        try:
+            found.update(_names(study.root / folder, folder))
+        except OSError:
+            continue  # removed meanwhile, or not ours to read: `check` says so
+    return found
+
+
+def _names(inbox: Path, folder: str) -> dict[str, int]:
+    """Names in one inbox not starting with '.', as keys, with their mtimes."""
+    found = {}
+    with os.scandir(inbox) as it:
+        for e in it:
+            if e.name.startswith("."):
+                continue
+            try:
+                found[entry_key(folder, e.name)] = e.stat(follow_symlinks=False).st_mtime_ns
+            except FileNotFoundError:
+                continue
     return found
 
 

@@ -24,6 +24,7 @@ from .fsops import write_atomic
 from .log import printable
 from .manifest import install
 from .plan import Plan
+from .readiness import is_inbox
 
 # The receipt's "format": raised when a key every reader needs is added or one
 # is dropped; a key never changes meaning (a new meaning gets a new key).
@@ -53,6 +54,7 @@ class Receipt:
     finished: str
     reason: str | None = None
     uploader_uid: int = -1  # from the claim; -1 in receipts written before it was kept
+    inbox: str = "inbox"  # where it was dropped, relative to the study's root (claim.py)
     format: int = RECEIPT_FORMAT
 
     def to_json(self) -> bytes:
@@ -69,6 +71,7 @@ class Receipt:
             "id": self.id,
             "uploader": self.uploader,
             "uploader_uid": self.uploader_uid,
+            "inbox": self.inbox,
             "outcome": str(self.outcome),
             "reason": self.reason,
             "files": self.files,
@@ -94,6 +97,7 @@ class Receipt:
                        started=str(data.get("started", "")),
                        finished=str(data["finished"]), reason=data.get("reason"),
                        uploader_uid=int(data.get("uploader_uid", -1)),
+                       inbox=_inbox(data.get("inbox")),
                        format=int(data.get("format", 1)))
         except (ValueError, KeyError, TypeError) as e:
             raise ReceiptError(f"not a dittohead receipt: {e}") from None
@@ -102,6 +106,11 @@ class Receipt:
 def _entry(data: dict[str, Any]) -> str:
     entry_hex = data.get("entry_hex")
     return os.fsdecode(bytes.fromhex(entry_hex)) if entry_hex else str(data["entry"])
+
+
+def _inbox(value: object) -> str:
+    """Where a receipt says its entry was dropped: only a place entries come from."""
+    return str(value) if is_inbox(str(value)) else "inbox"
 
 
 def read_receipt(path: Path) -> Receipt:
@@ -125,7 +134,8 @@ def file_entry(study: StudyConfig, claim: Claim, plan: Plan | None, outcome: Out
                 outcome=outcome, files=plan.files if plan else 0,
                 nbytes=plan.nbytes if plan else 0, skipped=skipped,
                 destination=str(study.destination), started=claim.started,
-                finished=now_iso(), reason=reason, uploader_uid=claim.uploader_uid)
+                finished=now_iso(), reason=reason, uploader_uid=claim.uploader_uid,
+                inbox=claim.inbox)
     if outcome is Outcome.DELIVERED:
         assert plan is not None
         install(plan.manifest_path, target / f"{claim.id}.sha256")

@@ -9,11 +9,11 @@ service would fail the entry for them anyway.
 
 from __future__ import annotations
 
-import calendar
 import os
 import shutil
 import stat
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,15 +87,30 @@ def upload(study: StudyConfig, path: Path) -> str:
 WAIT_POLL = 0.5  # seconds between looks while waiting for an outcome
 
 
-def wait(study: StudyConfig, name: str, since: float, timeout: float) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Before:
+    """What there was before an upload: a note of an earlier upload of the same name,
+    claimed in the same second, must not pass for this one's."""
+
+    since: float
+    known: frozenset[str]
+
+
+def before(study: StudyConfig) -> Before:
+    """Take note of the outcomes there are now, before uploading."""
+    since = time.time() - 1
+    return Before(since, frozenset(str(n.get("id")) for place in _places(study)
+                                   for n in _notes(place, since)))
+
+
+def wait(study: StudyConfig, name: str, then: Before, timeout: float) -> dict[str, Any]:
     """The outcome of one upload once it has one: the uploader's note, or (for an admin)
     the receipt; TemporaryError when `timeout` passes first."""
     deadline = time.monotonic() + timeout
-    folder = outcomes_dir(study, os.getuid())
     pending: dict[str, Any] | None = None
     while True:
         if not os.path.lexists(study.inbox / name):
-            note = _outcome(study, folder, name, since)
+            note = _outcome(study, name, then)
             if note is not None and note["outcome"] != PENDING:
                 return note
             pending = note or pending
@@ -110,31 +125,30 @@ def wait(study: StudyConfig, name: str, since: float, timeout: float) -> dict[st
         why = (f"still in the inbox: it is taken once nothing in it has changed for "
                f"{study.quiet_period:g} s (is dittohead@{study.name}.path running?)")
     else:
-        why = (f"taken by the service, but no outcome in {folder} yet (if that folder "
-               "cannot be read, ask the admin: the dropbox needs POSIX ACLs)")
+        why = (f"taken by the service, but no outcome in {outcomes_dir(study, os.getuid())} "
+               "yet (if that folder cannot be read, ask the admin: the dropbox needs POSIX "
+               "ACLs)")
     raise TemporaryError(f"{shown}: no outcome after {timeout:g} s: {why}")
 
 
-def _outcome(study: StudyConfig, folder: Path, name: str, since: float) -> dict[str, Any] | None:
-    """The newest note or receipt about `name` from a claim at or after `since`."""
-    places = [folder] + [d for d in (study.done, study.failed) if os.access(d, os.R_OK | os.X_OK)]
-    for place in places:
-        try:
-            notes = read_notes(place, since)
-        except OSError:
-            continue
-        for note in notes:
-            if _is_of(note, name, since):
+def _places(study: StudyConfig) -> list[Path]:
+    """The caller's outcomes folder, and the receipts when the caller may read them."""
+    return [outcomes_dir(study, os.getuid())] + [
+        d for d in (study.done, study.failed) if os.access(d, os.R_OK | os.X_OK)]
+
+
+def _notes(place: Path, since: float) -> list[dict[str, Any]]:
+    try:
+        return read_notes(place, since)
+    except OSError:
+        return []
+
+
+def _outcome(study: StudyConfig, name: str, then: Before) -> dict[str, Any] | None:
+    """The newest note or receipt about `name` that was not there before the upload."""
+    hexname = os.fsencode(name).hex()
+    for place in _places(study):
+        for note in _notes(place, then.since):
+            if note.get("entry_hex") == hexname and str(note.get("id")) not in then.known:
                 return note
     return None
-
-
-def _is_of(note: dict[str, Any], name: str, since: float) -> bool:
-    hexname = os.fsencode(name).hex()
-    if note.get("entry_hex", hexname) != hexname:
-        return False
-    try:
-        started = calendar.timegm(time.strptime(str(note.get("started")), "%Y-%m-%dT%H:%M:%SZ"))
-    except ValueError:
-        return False
-    return started >= int(since)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dittohead import layout
-from dittohead.outcomes import outcomes_dir
+from dittohead.outcomes import acl_problem, open_outcomes, outcomes_dir
 
 from .conftest import (
     IS_ROOT,
@@ -23,6 +24,7 @@ from .conftest import (
     add_user,
     as_service,
     make_env,
+    me,
     service_argv,
 )
 
@@ -136,7 +138,7 @@ def drained(run: Callable[[], object]) -> Iterator[None]:
 
 @pytest.fixture
 def other() -> ThrowawayUser:
-    return add_user("dh-test-other")
+    return add_user("dh-test-ra2")
 
 
 def as_user(user: ThrowawayUser, *argv: str) -> subprocess.CompletedProcess[str]:
@@ -200,7 +202,7 @@ def test_setup_makes_folders_for_uploaders_and_the_sftp_marker(
     out = subprocess.run(["python3", "-m", "dittohead", "--config", str(env.config_path),
                           "setup", "s1"], capture_output=True, text=True, cwd=REPO, check=True)
     folder = outcomes_dir(env.study, ra.uid)
-    assert f"created {folder}" in out.stdout
+    assert f"created {folder.parent}" in out.stdout
     st = os.stat(folder)
     assert (st.st_uid, oct(st.st_mode & 0o7777)) == (svc.uid, "0o755")
     assert as_user(ra, "ls", str(folder)).returncode == 0
@@ -217,3 +219,81 @@ def drop_as(user: ThrowawayUser, env: Env, name: str) -> None:
     inbox = env.study.inbox
     assert as_user(user, "sh", "-c", f"echo hi > {inbox}/.{name} && "
                    f"mv {inbox}/.{name} {inbox}/{name}").returncode == 0
+
+
+# --- an uploader's own inbox, which they can list -------------------------------------
+
+def own_inbox(env: Env) -> Path:
+    """The current user's own inbox, made as the service makes it."""
+    os.close(open_outcomes(env.study, os.getuid(), (os.geteuid(), os.getegid())))
+    return outcomes_dir(env.study, os.getuid()).parent / "inbox"
+
+
+def test_entry_in_an_uploaders_own_inbox_is_delivered(env: Env) -> None:
+    inbox = own_inbox(env)
+    (inbox / "s09").mkdir()
+    (inbox / "s09" / "a.txt").write_bytes(b"own")
+    assert env.process().returncode == 0
+    assert (env.study.destination / "a.txt").read_bytes() == b"own"
+    assert list(inbox.iterdir()) == []
+    [receipt] = [json.loads(p.read_text()) for p in env.done_receipts()]
+    assert receipt["inbox"] == f"users/{me()}/inbox"
+    assert [n["entry"] for n in notes(env)] == ["s09"]
+
+
+def test_failed_entry_from_own_inbox_is_retried_back_there(env: Env) -> None:
+    inbox = own_inbox(env)
+    (env.study.destination / "a.txt").write_bytes(b"theirs")
+    (inbox / "s10").mkdir()
+    (inbox / "s10" / "a.txt").write_bytes(b"mine")
+    env.process()
+    [failed] = [json.loads(p.read_text()) for p in env.failed_receipts()]
+    out = env.run("retry", "s1", failed["id"], check=True).stdout
+    assert f"back in {inbox} as s10" in out
+    assert (inbox / "s10" / "a.txt").read_bytes() == b"mine"
+
+
+def test_status_counts_entries_in_own_inboxes(env: Env) -> None:
+    inbox = own_inbox(env)
+    (inbox / "s11").write_bytes(b"x")
+    (inbox / ".s12").write_bytes(b"y")
+    [status] = json.loads(env.run("status", "--json", check=True).stdout)
+    assert (status["pending"], status["uploading"]) == (1, 1)
+
+
+@root
+@needs_root
+def test_own_inbox_is_listable_and_writable_by_its_uploader_only(
+        service_env: Env, svc: ThrowawayUser, ra: ThrowawayUser,
+        other: ThrowawayUser) -> None:
+    env = service_env
+    out = subprocess.run(["python3", "-m", "dittohead", "--config", str(env.config_path),
+                          "setup", "s1", "--user", ra.name], capture_output=True, text=True,
+                         cwd=REPO, check=True)
+    inbox = outcomes_dir(env.study, ra.uid).parent / "inbox"
+    assert f"created {inbox.parent}" in out.stdout
+    assert as_user(ra, "sh", "-c", f"mkdir {inbox}/s13 && echo hi > {inbox}/s13/a.txt && "
+                   f"ls {inbox}").stdout == "s13\n"
+    assert as_user(other, "ls", str(inbox)).returncode != 0
+    assert as_user(other, "touch", f"{inbox}/theirs").returncode != 0
+    r = as_service(env, svc, "process", "s1")
+    assert r.returncode == 0, r.stderr
+    assert (env.study.destination / "a.txt").read_bytes() == b"hi\n"
+    assert as_user(ra, "ls", str(inbox)).stdout == ""
+    assert "s13: delivered" in dittohead_as(ra, env, "status", "--mine", "s1").stdout
+
+
+@root
+@needs_root
+def test_check_says_when_the_dropbox_has_no_acls(env: Env, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    # ramfs has no xattrs at all, so no ACLs (ext4 cannot be mounted without them now).
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mnt)], check=True)
+    try:
+        (mnt / "users").mkdir()
+        study = dataclasses.replace(env.study, root=mnt)
+        assert "has no POSIX ACLs" in str(acl_problem(study))
+        assert acl_problem(env.study) is None
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
