@@ -89,7 +89,7 @@ def sample(path: Path, replace: dict[str, str]) -> str:
 
 
 def start_smbd(b: Box, root: str, study: str, group: str) -> None:
-    """smbd with the sample's shares for study, listening on 127.0.0.1:SMB_PORT."""
+    """smbd with the sample's share for study, listening on 127.0.0.1:SMB_PORT."""
     b.box.write_file("/etc/samba/dittohead-smb.conf", sample(SMB_SAMPLE, {
         SAMPLE_ROOT: root, SAMPLE_GROUP: group, SAMPLE_STUDY: study}))
     b.box.write_file("/etc/samba/smb.conf", SMB_GLOBAL)

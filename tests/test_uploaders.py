@@ -3,7 +3,8 @@
 One box (tests/boxes.py) with samba and openssh-server installed inside it and the
 shipped sample configs (tests/servers.py); study u1 with a quiet period of QUIET seconds
 and two uploaders: `ra1`, an SFTP-only account (chrooted to the dropbox root by the sshd
-sample), and `ra2`, an account with a shell; both have SMB passwords. Each test uploads
+sample), and `ra2`, an account with a shell; both have SMB passwords, and over SMB each
+sees its own folder users/<account> (own inbox and outcomes) as the share `u1`. Each test uploads
 with one client exactly as a user would, checks the delivered bytes and the receipt, and
 reads the outcome back as the uploader, through the same kind of client.
 """
@@ -32,8 +33,7 @@ QUIET = 2
 DROPBOX = f"{ROOT}/dropbox"
 INBOX = f"{DROPBOX}/{STUDY}/inbox"
 DEST = f"{ROOT}/study/{STUDY}"
-UPLOAD_SHARE = f"{STUDY}-upload"
-OUTCOMES_SHARE = f"{STUDY}-outcomes"
+SHARE = STUDY  # the sample's share: each account's own folder users/<account>
 
 
 @dataclass(frozen=True)
@@ -117,11 +117,11 @@ def delivered_and_told(s: Site, u: Uploader, name: str, read: Reader,
 def smb_outcome(s: Site, u: Uploader, r: dict[str, Any]) -> dict[str, Any]:
     """The outcome as the uploader reads it: the outcomes share listed, the note fetched."""
     rid = r["id"]
-    wait_for(lambda: f"{rid}.txt" in smbclient(s.box, u, OUTCOMES_SHARE, "ls outcomes/*",
+    wait_for(lambda: f"{rid}.txt" in smbclient(s.box, u, SHARE, "ls outcomes/*",
                                                check=False).stdout, 20, "the note over SMB")
-    listed = smbclient(s.box, u, OUTCOMES_SHARE, "ls; ls outcomes/*").stdout
+    listed = smbclient(s.box, u, SHARE, "ls; ls outcomes/*").stdout
     assert "outcomes" in listed and f"{rid}.json" in listed, listed
-    text = smbclient(s.box, u, OUTCOMES_SHARE,
+    text = smbclient(s.box, u, SHARE,
                      f"get outcomes/{rid}.txt got.txt; get outcomes/{rid}.json got.json")
     assert "NT_STATUS" not in text.stdout, text.stdout
     got = as_user(s.box, u, "cat got.txt && rm got.txt").stdout
@@ -170,53 +170,69 @@ def ssh_where(s: Site, u: Uploader) -> dict[str, Any]:
     return where
 
 
-# --- SMB -------------------------------------------------------------------------------------
+# --- SMB: the study's share, each account's own folder ------------------------------------
+
+def test_smb_folder_dropped_into_the_own_inbox_is_delivered_and_its_outcome_listed(
+        site: Site) -> None:
+    u = site.shell
+    make_source(site, u, "smbdrop")
+    listed = smbclient(site.box, u, SHARE, "ls").stdout
+    assert {"inbox", "outcomes"} <= set(listed.split()), listed
+    # What Explorer does with a dragged folder: the folder by its final name, then its files.
+    smbclient(site.box, u, SHARE, "cd inbox; lcd src; recurse ON; prompt OFF; mput smbdrop")
+    r = delivered_and_told(site, u, "smbdrop", smb_outcome)
+    assert r["inbox"] == f"users/{u.name}/inbox", r
+
 
 def test_smbclient_folder_put_under_a_dot_name_then_renamed_is_delivered(site: Site) -> None:
     u = site.sftp
     src = make_source(site, u, "smbdot")
-    smbclient(site.box, u, UPLOAD_SHARE, f"mkdir .smbdot; cd .smbdot; lcd {src}; "
-              "recurse ON; prompt OFF; mput smbdot; cd /; rename .smbdot smbdot")
+    smbclient(site.box, u, SHARE, f"cd inbox; mkdir .smbdot; cd .smbdot; lcd {src}; "
+              "recurse ON; prompt OFF; mput smbdot; cd ..; rename .smbdot smbdot")
     delivered_and_told(site, u, "smbdot", smb_outcome)
-
-
-def test_smb_folder_dropped_under_its_final_name_is_delivered_once_quiet(site: Site) -> None:
-    u = site.shell
-    src = make_source(site, u, "smbdrop")
-    # What a drag onto the share does: the folder under its final name, then its files.
-    smbclient(site.box, u, UPLOAD_SHARE, "lcd src; recurse ON; prompt OFF; mput smbdrop")
-    assert src == "src/smbdrop"
-    delivered_and_told(site, u, "smbdrop", smb_outcome)
 
 
 def test_another_uploader_over_smb_can_neither_see_nor_take_an_upload_nor_its_outcome(
         site: Site) -> None:
     owner, other = site.sftp, site.shell
-    as_user(site.box, owner, "mkdir -p src/private/private && echo secret > src/private/s.txt")
-    smbclient(site.box, owner, UPLOAD_SHARE,
-              "mkdir .private; put src/private/s.txt .private/s.txt")
+    as_user(site.box, owner, "mkdir -p src/private && echo secret > src/private/s.txt")
+    smbclient(site.box, owner, SHARE, "cd inbox; mkdir .private; put src/private/s.txt "
+              ".private/s.txt; ls .private/*")
     as_user(site.box, other, "echo mine > mine.txt")
-    for cmd in ("ls", "ls .private/*", "get .private/s.txt stolen.txt",
-                "rename .private taken", "del .private/s.txt", "put mine.txt .private/m.txt",
-                "rmdir .private"):
-        out = smbclient(site.box, other, UPLOAD_SHARE, cmd, check=False).stdout
-        assert "NT_STATUS_ACCESS_DENIED" in out, (cmd, out)
-    listing = site.box.sh(f"ls -A {INBOX}/.private && stat -c %U:%a {INBOX}/.private").stdout
+    theirs = f"../{owner.name}/inbox"
+    # Every path resolves inside the other's own folder, where none of these exist.
+    for cmd in (f"ls {theirs}/*", f"get {theirs}/.private/s.txt stolen.txt",
+                f"rename {theirs}/.private {theirs}/taken", f"del {theirs}/.private/s.txt",
+                f"put mine.txt {theirs}/.private/m.txt"):
+        out = smbclient(site.box, other, SHARE, cmd, check=False).stdout
+        assert "NT_STATUS_OBJECT_PATH_NOT_FOUND" in out, (cmd, out)
+    assert as_user(site.box, other, "test -e stolen.txt", check=False).returncode != 0
+    mine = f"{DROPBOX}/{STUDY}/users/{owner.name}/inbox/.private"
+    listing = site.box.sh(f"ls -A {mine} && stat -c %U:%a {mine}").stdout
     assert listing.split() == ["s.txt", f"{owner.name}:700"], listing
-    smbclient(site.box, owner, UPLOAD_SHARE, "rename .private private")
+    smbclient(site.box, owner, SHARE, "cd inbox; rename .private private")
     r = receipt(site, "private")
     assert (r["uploader"], r["files"], r["bytes"]) == (owner.name, 1, 7), r
     assert site.box.sh(f"cat {DEST}/s.txt").stdout == "secret\n"
     rid = r["id"]
     smb_outcome(site, owner, r)
-    for share, path in ((OUTCOMES_SHARE, f"../{owner.name}/outcomes/{rid}.txt"),
-                        (OUTCOMES_SHARE, f"../../users/{owner.name}/outcomes/{rid}.txt"),
-                        (UPLOAD_SHARE, f"../users/{owner.name}/outcomes/{rid}.txt")):
-        out = smbclient(site.box, other, share, f"get {path} stolen.txt", check=False).stdout
-        assert "NT_STATUS_" in out, (share, path, out)
+    for path in (f"../{owner.name}/outcomes/{rid}.txt", f"outcomes/../../{owner.name}/"
+                 f"outcomes/{rid}.txt", f"/../{owner.name}/outcomes/{rid}.txt"):
+        out = smbclient(site.box, other, SHARE, f"get {path} stolen.txt", check=False).stdout
+        assert "NT_STATUS_" in out, (path, out)
         assert as_user(site.box, other, "test -e stolen.txt", check=False).returncode != 0
-    out = smbclient(site.box, other, OUTCOMES_SHARE, "ls outcomes/*").stdout
+    out = smbclient(site.box, other, SHARE, "ls outcomes/*").stdout
     assert rid not in out, out
+
+
+def test_a_lab_member_added_later_gets_a_folder_at_the_first_smb_connection(
+        site: Site) -> None:
+    u = servers.add_uploader(site.box, "ra3", [GROUP], sftp_only=False)
+    folder = f"{DROPBOX}/{STUDY}/users/{u.name}"
+    assert site.box.sh(f"test -e {folder}", check=False).returncode != 0
+    make_source(site, u, "latecomer")
+    smbclient(site.box, u, SHARE, "cd inbox; lcd src; recurse ON; prompt OFF; mput latecomer")
+    delivered_and_told(site, u, "latecomer", smb_outcome)
 
 
 # --- SFTP and scp (the SFTP-only account, chrooted to the dropbox root) ----------------------
