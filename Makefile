@@ -49,15 +49,18 @@ typecheck: venv
 # test is skipped, so CI (a clean root machine) gets it here.
 TEST_APT_PACKAGES := lintian
 
-pytest: venv test-debs
+pytest: venv
 	$(call apt_ensure,$(TEST_APT_PACKAGES))
+	@$(MAKE) -s test-debs
 	$(VENV)/bin/pytest -v
 
 # The servers that tests/test_uploaders.py runs inside the booted test systemd
 # (tests/servers.py): only DOWNLOADED here, with their dependencies, into
 # $(DEB_CACHE), never installed, so no smbd or sshd starts on this machine; the
-# box installs them in its throwaway overlay. Cached debs are not fetched
-# again; apt-get update runs only when the package lists are missing or stale.
+# box installs them in its throwaway overlay. Run after lintian's install: the
+# box sees this machine's packages and installs only what is missing. Cached
+# debs are not fetched again; apt-get update runs only when the package lists
+# are missing or stale.
 # Without root the systemd tests are skipped, so nothing is fetched.
 TEST_SERVER_DEBS := samba smbclient openssh-server
 DEB_CACHE := .cache/debs
