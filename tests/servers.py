@@ -72,6 +72,11 @@ DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-download --no-install
     -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
     {" ".join(SERVER_PACKAGES)}
 """
+    if not any(DEB_CACHE.glob("*.deb")):
+        # Before the box first looks: its overlay would keep a missing
+        # directory missing even once the host has made it (a clean checkout
+        # whose tests run without `make test`).
+        _fetch_debs()
     r = b.sh(script, str(DEB_CACHE), check=False, timeout=600)
     if r.returncode != 0:  # not downloaded yet, or a newer version came out: fetch, retry
         _fetch_debs()
