@@ -328,21 +328,6 @@ class TestOnSystemd:
         owner = box.sh(f"stat -c '%U %G %a' {ROOT}/study/s1/eprime-{umask:o}/deep/s02.txt")
         assert owner.stdout.split() == ["dittohead", "sbxs1", "640"]
 
-    def test_an_own_inbox_made_by_setup_is_watched_by_the_path_unit(self, box: Box) -> None:
-        out = box.sh(f"dittohead setup s2 --user {UPLOADER}").stdout
-        assert "reloaded systemd" in out, out
-        own = f"{ROOT}/dropbox/s2/users/{UPLOADER}/inbox"
-        dropin = box.sh("cat /run/systemd/generator/dittohead@s2.path.d/50-paths.conf").stdout
-        assert f"PathExistsGlob={own}/*" in dropin
-        # s2 has no timer: only the path unit can start its service.
-        box.sh("systemctl enable --now dittohead@s2.path")
-        box.box.run("/bin/sh", "-c", f"mkdir {own}/.mine && echo hi > {own}/.mine/own.txt && "
-                    f"mv {own}/.mine {own}/mine", user=UPLOADER)
-        got = box.wait_delivered("s2", ["mine"])
-        assert got.get("mine") == 1, box.debug("s2")
-        seen = box.box.run("dittohead", "status", "--mine", "s2", user=UPLOADER).stdout
-        assert "mine: delivered: 1 files, 3 bytes" in seen
-
     def test_many_files_are_walked_and_copied_by_workers_inside_the_sandbox(self,
                                                                             box: Box) -> None:
         # 3 top-level directories and 600 files: forked walkers and copiers, under
