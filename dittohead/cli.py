@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("where", help="where a study's inbox and your outcomes are (any user)")
     s.add_argument("study")
+    s.add_argument("names", nargs="*", metavar="NAME",
+                   help="also say which of these names already wait in the inbox")
     s.add_argument("--json", action="store_true", help="machine-readable output")
 
     s = sub.add_parser("retry", help="put a failed delivery back in the inbox")
@@ -186,9 +188,14 @@ def _uploaders_view(args: argparse.Namespace, cfg: config.Config) -> int:
     """`where` and `status --mine`: what any user may ask about their own uploads."""
     from .outcomes import mine, mine_text, where
     if args.command == "where":
-        data = where(cfg, cfg.study(args.study))
-        _say(json.dumps(data, indent=2) if args.json
-             else "\n".join(f"{k}: {v}" for k, v in data.items()))
+        from .upload import rsync_version, waiting
+        study = cfg.study(args.study)
+        data = where(cfg, study)
+        # What `upload --host` also needs before sending: one start-up on the server.
+        data["waiting"] = waiting(study, args.names)
+        data["rsync"] = rsync_version()
+        _say(json.dumps(data, indent=2) if args.json else "\n".join(
+            f"{k}: {', '.join(v) if isinstance(v, list) else v}" for k, v in data.items()))
         return 0
     if args.last < 0:
         raise UsageError("--last must not be negative")

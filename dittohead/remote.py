@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from .upload import entry_name, refuse_special
 EXIT_CONFIG = 78
 # What `dittohead.json` in an SFTP account's start directory may hold (docs/contract.md).
 LAYOUT_FORMAT = 1
-_RSYNC3 = re.compile(r"version (\d+)\.")
+_RSYNC3 = re.compile(r"(\d+)\.\d")  # in "3.2.7", or in rsync --version's first line
 
 
 class UnknownStudy(DittoheadError):
@@ -47,20 +48,30 @@ class Server:
     inbox: str  # absolute with a shell; relative to the SFTP start directory without
     outcomes: str
     rsync: bool  # rsync 3 here and rsync there: send with it
+    waiting: tuple[str, ...]  # of the names to upload, those already in the inbox there
 
 
-def _local_rsync3() -> bool:
+def local_rsync3() -> bool:
+    """Whether this machine has rsync 3 (--protect-args passes any name verbatim)."""
     if shutil.which("rsync") is None:
         return False
     r = subprocess.run(["rsync", "--version"], capture_output=True, text=True, timeout=30)
-    m = _RSYNC3.search(r.stdout.splitlines()[0] if r.stdout else "")
-    return r.returncode == 0 and m is not None and int(m.group(1)) >= 3
+    return r.returncode == 0 and _rsync3(r.stdout.split("\n", 1)[0])
 
 
-def discover(ssh: Ssh, study: str) -> Server:
-    """Ask the server where the study's inbox and the caller's outcomes are."""
-    r = ssh.run(["dittohead", "where", "--json", study], timeout=60)
+def _rsync3(version: str | None) -> bool:
+    m = _RSYNC3.search(version or "")
+    return m is not None and int(m.group(1)) >= 3
+
+
+def discover(ssh: Ssh, study: str, names: list[str], rsync_here: Future[bool]) -> Server:
+    """Ask the server where the study's inbox and the caller's outcomes are, which of
+    names already wait there and whether it has rsync: one command, which also logs in."""
+    r = ssh.run(["dittohead", "where", "--json", study, *names], timeout=600, first=True)
     said = printable(r.stderr.decode(errors="replace").strip())
+    if r.returncode == 2 and "unrecognized arguments" in said:  # a server before NAME...
+        r = ssh.run(["dittohead", "where", "--json", study], timeout=60)
+        said = printable(r.stderr.decode(errors="replace").strip())
     if r.returncode == EXIT_CONFIG:
         raise UnknownStudy(f"{ssh.dest}: {said}" if said else
                            f"{ssh.dest} has no study {study!r}")
@@ -71,12 +82,24 @@ def discover(ssh: Ssh, study: str) -> Server:
         except (ValueError, KeyError, TypeError):
             pass  # something else answered (a ForceCommand): try SFTP
         else:
-            remote_rsync = _local_rsync3() and ssh.run(["rsync", "--version"]).returncode == 0
-            return Server(True, inbox, outcomes, remote_rsync)
+            if "rsync" not in info:  # a server before NAME...: ask the old way
+                v = ssh.run(["rsync", "--version"])
+                info["rsync"] = v.stdout.decode(errors="replace") if v.returncode == 0 else None
+                info["waiting"] = [n for n in names if _waits(ssh, study, n)]
+            rsync = rsync_here.result() and _rsync3(info.get("rsync"))
+            return Server(True, inbox, outcomes, rsync, tuple(info.get("waiting") or ()))
     # No JSON: an SFTP-only account (sshd's ForceCommand internal-sftp refuses
     # the command: "This service allows sftp connections only.", or waits for
     # SFTP and ends at the EOF of our empty stdin), or no dittohead there.
     return _discover_sftp(ssh, study, no_command=r.returncode == 127, said=said)
+
+
+def _waits(ssh: Ssh, study: str, name: str) -> bool:
+    try:
+        _ready(ssh, study, name, check=True)
+    except Waiting:
+        return True
+    return False
 
 
 def _discover_sftp(ssh: Ssh, study: str, no_command: bool, said: str) -> Server:
@@ -100,7 +123,7 @@ def _discover_sftp(ssh: Ssh, study: str, no_command: bool, said: str) -> Server:
     rc, _ = run_batch(ssh, [b"cd " + quote(inbox.encode())])
     if rc != 0:
         raise UnknownStudy(f"{ssh.dest} has no study {study!r} (no {inbox} in its SFTP view)")
-    return Server(False, inbox, outcomes, False)
+    return Server(False, inbox, outcomes, False, ())
 
 
 def check_paths(paths: list[Path]) -> list[str]:
@@ -152,7 +175,6 @@ def send(ssh: Ssh, server: Server, study: str, path: Path, name: str) -> None:
     """Upload one PATH as `.<name>` in the inbox, resuming, then rename it to `<name>`."""
     key = "\0".join([ssh.dest, ssh.config or "", study, server.inbox, os.path.abspath(path)])
     if server.rsync:
-        _ready(ssh, study, name, check=True)
         _rsync(ssh, server, path, name)
         _ready(ssh, study, name, check=False)
         return
@@ -170,8 +192,12 @@ def upload_remote(dest: str, study: str, paths: list[Path], ssh_config: str | No
     """The whole `upload --host` command; returns its exit code."""
     from .remotewait import Watcher, report
     names = check_paths(paths)
-    with Connection(dest, ssh_config) as ssh:
-        server = discover(ssh, study)
+    with ThreadPoolExecutor(1) as pool, Connection(dest, ssh_config) as ssh:
+        rsync_here = pool.submit(local_rsync3)  # while the server is asked
+        server = discover(ssh, study, names, rsync_here)
+        if server.waiting:
+            raise Waiting(f"{ssh.dest}: {printable(', '.join(server.waiting))} already waits "
+                          "in the inbox; try again when it has been delivered (nothing sent)")
         watcher = Watcher(ssh, server.shell, study, server.outcomes)
         if wait:
             watcher.snapshot()

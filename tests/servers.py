@@ -69,7 +69,8 @@ def install(b: Box) -> None:
 printf '#!/bin/sh\\nexit 101\\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-download --no-install-recommends \\
     -o Dir::Cache::archives="$1" -o Dpkg::Options::=--force-unsafe-io \\
-    -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold {" ".join(SERVER_PACKAGES)}
+    -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \\
+    {" ".join(SERVER_PACKAGES)}
 """
     r = b.sh(script, str(DEB_CACHE), check=False, timeout=600)
     if r.returncode != 0:  # not downloaded yet, or a newer version came out: fetch, retry

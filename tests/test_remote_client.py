@@ -4,6 +4,7 @@ ssh's errors, --wait's printing and exit codes, and a pip install without system
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from dittohead.remotewait import report
 from dittohead.sftpsend import State, Upload, quote, walk
 from dittohead.sshrun import Connection, RemoteError, Ssh, ssh_failure
 
-from .conftest import REPO, free_port
+from .conftest import REPO, Env, free_port
 
 
 def test_sftp_quoting_keeps_glob_characters_and_refuses_newlines() -> None:
@@ -147,3 +148,14 @@ def test_client_installs_and_runs_without_systemd_python(tmp_path: Path) -> None
                        cwd=tmp_path, timeout=120)
     assert r.returncode == 69, r.stdout + r.stderr
     assert "cannot reach lab" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_where_says_which_names_wait_and_which_rsync_the_server_has(env: Env) -> None:
+    """What `upload --host` learns in one start-up on the server, before sending."""
+    env.drop("taken", {"a": b"1"})
+    data = json.loads(env.run("where", "--json", "s1", "taken", "free", check=True).stdout)
+    assert data["waiting"] == ["taken"]
+    assert data["inbox"] == str(env.study.inbox)
+    assert data["rsync"] is None or data["rsync"][0].isdigit()
+    r = env.run("where", "--json", "s1", ".hidden")
+    assert r.returncode == 2 and "not an entry name" in r.stderr

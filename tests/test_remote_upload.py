@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -142,20 +143,52 @@ def test_unknown_study_and_unreachable_host(box: Box, shell_user: Uploader,
     assert "cannot reach" in r.stderr
 
 
-# Starts the upload in a session of its own, waits until the server holds WANT bytes
-# under .NAME, then SIGKILLs that session (the client, its ssh, rsync or sftp).
-KILL_HALFWAY = r"""
-name="$1"; want="$2"; shift 2
-setsid "$@" > /dev/null 2>&1 &
-pid=$!
-for i in $(seq 1 600); do
-    n=$(cat /tmp/partial-size 2>/dev/null || echo 0)
-    [ "$n" -ge "$want" ] && break
-    sleep 0.05
+BIG_MIB = 150
+
+
+# Run by root in the box while the upload runs (the uploader cannot look into the inbox):
+# waits until the server holds WANT bytes under DOT, then SIGKILLs the upload's session.
+KILL_AT = r"""
+pidfile="$1"; dot="$2"; want="$3"
+while :; do
+    n=$(du -sb "$dot" 2>/dev/null | cut -f1)
+    [ "${n:-0}" -ge "$want" ] && break
+    [ -e "$pidfile.done" ] && exit 3
+    sleep 0.01
 done
-kill -KILL -- -$pid
-wait $pid || true
+kill -KILL -- -"$(cat "$pidfile")"
 """
+
+
+def _kill_halfway(box: Box, u: Uploader, name: str, dot: str, want: int) -> None:
+    """Start the upload in a session of its own and SIGKILL that whole session (the client,
+    its ssh, rsync or sftp) once the server holds `want` bytes under .NAME."""
+    pidfile = f"/tmp/{name}.pid"
+    with ThreadPoolExecutor(1) as pool:
+        run = pool.submit(as_user, box, u, "setsid sh -c 'echo $$ > \"$0\"; exec \"$@\"' "
+                          f"{pidfile} {UPLOAD} {name}; touch {pidfile}.done",
+                          check=False, timeout=300)
+        killer = box.sh(KILL_AT, pidfile, dot, str(want), check=False, timeout=120)
+        r = run.result()
+    assert killer.returncode == 0 and r.returncode != 0, (
+        "the upload finished before the kill: " + r.stdout + r.stderr + killer.stderr)
+
+
+def _settled(box: Box, u: Uploader, dot: str) -> int:
+    """The size under .NAME once the server's side of the killed transfer has ended."""
+    sizes: list[str] = []
+
+    def still() -> bool:
+        busy = box.sh(f"pgrep -u {u.name} -x rsync", check=False).returncode == 0
+        sizes.append(box.sh(f"du -sb {dot} | cut -f1").stdout)
+        return not busy and len(sizes) > 3 and len(set(sizes[-3:])) == 1
+    wait_for(still, 60, "the killed transfer to end on the server")
+    return int(sizes[-1])
+
+
+def _wire_bytes(box: Box) -> int:
+    """Bytes sent over the box's loopback so far: the client and sshd talk only there."""
+    return int(box.sh("cat /sys/class/net/lo/statistics/tx_bytes").stdout)
 
 
 @pytest.mark.parametrize("who", ["shell", "sftp"])
@@ -163,19 +196,18 @@ def test_rerun_after_a_killed_transfer_continues(box: Box, shell_user: Uploader,
                                                  sftp_user: Uploader, who: str) -> None:
     u = shell_user if who == "shell" else sftp_user
     name = f"resume-{who}"
-    tree(box, u, name, big_mib=150)
+    tree(box, u, name, big_mib=BIG_MIB)
     dot = f"{INBOX}/.{name}"
-    # The uploader cannot see into the inbox: root reports the partial size for the script.
-    box.sh(f"""(for i in $(seq 1 1200); do du -sb {dot} 2>/dev/null | cut -f1 \
-> /tmp/partial-size.new && mv /tmp/partial-size.new /tmp/partial-size; sleep 0.05; done) \
->/dev/null 2>&1 &""")
-    as_user(box, u, KILL_HALFWAY, name, str(1 << 20), "sh", "-c",
-            f"{UPLOAD} {name}", timeout=120)
-    partial = int(box.sh(f"du -sb {dot} | cut -f1").stdout)
-    assert 0 < partial < (150 << 20), "the kill did not come halfway"
+    _kill_halfway(box, u, name, dot, want=40 << 20)
+    partial = _settled(box, u, dot)
+    assert 0 < partial < (BIG_MIB << 20), "the kill did not come halfway"
     assert box.sh(f"test -e {INBOX}/{name} && echo yes || echo no").stdout == "no\n"
+    before = _wire_bytes(box)
     r = as_user(box, u, f"{UPLOAD} {name} --wait --timeout 120", check=False, timeout=300)
+    sent = _wire_bytes(box) - before
     assert r.returncode == 0, r.stdout + r.stderr + box.debug(STUDY)
+    # What the rerun sent is what was missing (and some protocol), not all of it again.
+    assert sent < (BIG_MIB << 20) - partial + (8 << 20), (sent, partial)
     assert sha(box, f"{DEST}/{name}") == sha(box, f"/home/{u.name}/{name}/{name}")
     assert len(delivered(box, name)) == 1
     assert box.sh(f"ls -A {INBOX}").stdout == ""
