@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from .boxes import ROOT, Box, boot_installed
+from .boxes import CONFIG, ROOT, Box, boot_installed
 from .conftest import wait_for
 from .servers import SSH_ALIAS, Uploader, add_uploader, as_user, install_and_start
 
@@ -211,6 +211,51 @@ def test_rerun_after_a_killed_transfer_continues(box: Box, shell_user: Uploader,
     assert sha(box, f"{DEST}/{name}") == sha(box, f"/home/{u.name}/{name}/{name}")
     assert len(delivered(box, name)) == 1
     assert box.sh(f"ls -A {INBOX}").stdout == ""
+
+
+def test_rejected_outcome_exits_77(box: Box, shell_user: Uploader) -> None:
+    """An account outside the study's `uploaders` groups: its upload arrives, and is
+    rejected; --wait says so and exits 77."""
+    outsider = add_uploader(box, "rmout", ["users"], sftp_only=False)
+    tree(box, outsider, "not-mine")
+    box.box.write_file("/etc/dittohead/config.yaml", CONFIG.replace(
+        "    group: sbxs1\n", "    group: sbxs1\n    uploaders: [sbxs1]\n", 1))
+    try:
+        r = as_user(box, outsider, f"{UPLOAD} not-mine --wait --timeout 60", check=False)
+    finally:
+        box.box.write_file("/etc/dittohead/config.yaml", CONFIG)
+    assert r.returncode == 77, r.stdout + r.stderr + box.debug(STUDY)
+    assert "not-mine: rejected: " in r.stdout
+    assert box.sh(f"test -e {DEST}/not-mine && echo yes || echo no").stdout == "no\n"
+
+
+SMALL = f"{ROOT}/dropbox/s2"  # study s2's whole tree, on a tmpfs of its own in the test
+
+
+@pytest.mark.parametrize("who", ["shell", "sftp"])
+def test_full_disk_exits_75_and_a_later_rerun_continues(box: Box, shell_user: Uploader,
+                                                        sftp_user: Uploader, who: str) -> None:
+    u = shell_user if who == "shell" else sftp_user
+    name = f"full-{who}"
+    tree(box, u, name, big_mib=48)
+    box.sh(f"mount -t tmpfs -o size=24m,mode=0755 dh-small {SMALL} && "
+           "dittohead setup s2 >/dev/null")
+    try:
+        r = as_user(box, u, f"dittohead upload --host {SSH_ALIAS} s2 {name}", check=False)
+        assert r.returncode == 75, r.stdout + r.stderr
+        assert "disk is full" in r.stderr and "rerun the same command later" in r.stderr
+        partial = int(box.sh(f"du -sb {SMALL}/inbox/.{name} | cut -f1").stdout)
+        assert partial > (8 << 20)
+        box.sh(f"mount -o remount,size=200m {SMALL}")  # the admin made room
+        before = _wire_bytes(box)
+        r = as_user(box, u, f"dittohead upload --host {SSH_ALIAS} s2 {name}", check=False)
+        sent = _wire_bytes(box) - before
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert sent < (48 << 20) - partial + (4 << 20), (sent, partial)
+        assert sha(box, f"{SMALL}/inbox/{name}") == sha(box, f"/home/{u.name}/{name}")
+        assert box.sh(f"ls -A {SMALL}/inbox").stdout == f"{name}\n"
+    finally:
+        box.sh(f"umount {SMALL}")
 
 
 def test_sftp_legacy_rename_never_replaces(box: Box, sftp_user: Uploader) -> None:
