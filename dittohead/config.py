@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .configfile import read_yaml
 from .errors import ConfigError
 from .log import printable
 
@@ -128,6 +127,7 @@ def config_path(arg: str | None) -> Path:
 
 def load(path: Path) -> Config:
     """Read, parse and validate the file; raise ConfigError with every problem."""
+    from .configfile import read_yaml  # here: `upload --host` needs no YAML parser
     return parse(read_yaml(path), path)
 
 

@@ -17,16 +17,17 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .entrycheck import entry_name, refuse_special
 from .errors import DittoheadError, UsageError
 from .log import printable
 from .sftpsend import DiskFull, Upload, Waiting, quote, run_batch, walk
 from .sshrun import Connection, RemoteError, Ssh
-from .upload import entry_name, refuse_special
 
 EXIT_CONFIG = 78
 # What `dittohead.json` in an SFTP account's start directory may hold (docs/contract.md).
@@ -64,10 +65,17 @@ def _rsync3(version: str | None) -> bool:
     return m is not None and int(m.group(1)) >= 3
 
 
-def discover(ssh: Ssh, study: str, names: list[str], rsync_here: Future[bool]) -> Server:
-    """Ask the server where the study's inbox and the caller's outcomes are, which of
-    names already wait there and whether it has rsync: one command, which also logs in."""
-    r = ssh.run(["dittohead", "where", "--json", study, *names], timeout=600, first=True)
+def ask(ssh: Ssh, study: str, names: list[str]) -> subprocess.CompletedProcess[bytes]:
+    """`dittohead where` on the server: where the study's inbox and the caller's outcomes
+    are, which of names already wait there, whether it has rsync. It also logs in."""
+    return ssh.run(["dittohead", "where", "--json", study, *names], timeout=600, first=True)
+
+
+def discover(ssh: Ssh, study: str, names: list[str],
+             asked: Future[subprocess.CompletedProcess[bytes]],
+             rsync_here: Future[bool]) -> Server:
+    """What the server told (ask()), or what an SFTP-only account's dittohead.json says."""
+    r = asked.result()
     said = printable(r.stderr.decode(errors="replace").strip())
     if r.returncode == 2 and "unrecognized arguments" in said:  # a server before NAME...
         r = ssh.run(["dittohead", "where", "--json", study], timeout=60)
@@ -171,38 +179,43 @@ def _ready(ssh: Ssh, study: str, name: str, check: bool) -> None:
         raise RemoteError(f"{ssh.dest}: `dittohead ready` failed: {said}")
 
 
-def send(ssh: Ssh, server: Server, study: str, path: Path, name: str) -> None:
-    """Upload one PATH as `.<name>` in the inbox, resuming, then rename it to `<name>`."""
+def send(ssh: Ssh, server: Server, study: str, path: Path,
+         name: str) -> Callable[[], None]:
+    """Upload one PATH as `.<name>` in the inbox, resuming; return the rename to `<name>`."""
     key = "\0".join([ssh.dest, ssh.config or "", study, server.inbox, os.path.abspath(path)])
     if server.rsync:
         _rsync(ssh, server, path, name)
-        _ready(ssh, study, name, check=False)
-        return
+        return lambda: _ready(ssh, study, name, check=False)
     up = Upload(ssh, os.fsencode(server.inbox), os.fsencode(name), walk(path), key)
     up.transfer(up.probe())
-    if server.shell:
+    if not server.shell:
+        return up.rename
+
+    def ready() -> None:
         _ready(ssh, study, name, check=False)
         up.state.forget()
-    else:
-        up.rename()
+    return ready
 
 
 def upload_remote(dest: str, study: str, paths: list[Path], ssh_config: str | None,
                   wait: bool, timeout: float) -> int:
     """The whole `upload --host` command; returns its exit code."""
-    from .remotewait import Watcher, report
     names = check_paths(paths)
-    with ThreadPoolExecutor(1) as pool, Connection(dest, ssh_config) as ssh:
-        rsync_here = pool.submit(local_rsync3)  # while the server is asked
-        server = discover(ssh, study, names, rsync_here)
+    with Connection(dest, ssh_config) as ssh, ThreadPoolExecutor(2) as pool:
+        asked = pool.submit(ask, ssh, study, names)
+        rsync_here = pool.submit(local_rsync3)  # while it logs in and asks
+        from .remotewait import Watcher, report
+        server = discover(ssh, study, names, asked, rsync_here)
         if server.waiting:
             raise Waiting(f"{ssh.dest}: {printable(', '.join(server.waiting))} already waits "
                           "in the inbox; try again when it has been delivered (nothing sent)")
         watcher = Watcher(ssh, server.shell, study, server.outcomes)
-        if wait:
-            watcher.snapshot()
+        # The outcomes there before: read while the first transfer runs, before its rename.
+        before = pool.submit(watcher.snapshot if wait else lambda: None)
         for p, n in zip(paths, names, strict=True):
-            send(ssh, server, study, p, n)
+            rename = send(ssh, server, study, p, n)
+            before.result()
+            rename()
             print(printable(f"{p} -> {dest}:{server.inbox}/{n}"), flush=True)
         if not wait:
             return 0

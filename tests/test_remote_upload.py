@@ -156,7 +156,7 @@ while :; do
     [ -e "$pidfile.done" ] && exit 3
     sleep 0.01
 done
-kill -KILL -- -"$(cat "$pidfile")"
+kill -s KILL -- -"$(cat "$pidfile")"  # dash: not -KILL before --
 """
 
 
