@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.add_argument("--check", action="store_true",
                    help="only say whether NAME is free (exit 1 when it waits already)")
+    s.add_argument("--on-go", action="store_true",
+                   help="rename once a line 'go' comes on stdin (nothing without it)")
     return p
 
 
@@ -151,7 +153,11 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "ready":
         from .upload import ready
-        ready(cfg.study(args.study), args.name, check=args.check)
+        study = cfg.study(args.study)
+        # Started by `upload --host` as it starts sending: ready by the end of it.
+        if args.on_go and sys.stdin.readline().strip() != "go":
+            raise DittoheadError(f"not told to go: .{log.printable(args.name)} not renamed")
+        ready(study, args.name, check=args.check)
         return 0
     if args.command == "retry":
         from .health import retry

@@ -27,7 +27,7 @@ from .entrycheck import entry_name, refuse_special
 from .errors import DittoheadError, UsageError
 from .log import printable
 from .sftpsend import DiskFull, Upload, Waiting, quote, run_batch, walk
-from .sshrun import Connection, RemoteError, Ssh
+from .sshrun import Connection, RemoteError, Ssh, ssh_failure
 
 EXIT_CONFIG = 78
 # What `dittohead.json` in an SFTP account's start directory may hold (docs/contract.md).
@@ -172,11 +172,41 @@ def _rsync(ssh: Ssh, server: Server, path: Path, name: str) -> None:
 def _ready(ssh: Ssh, study: str, name: str, check: bool) -> None:
     """`dittohead ready` on the server: a rename that never replaces (renameat2)."""
     r = ssh.run(["dittohead", "ready", *(["--check"] if check else []), study, name])
-    said = printable(r.stderr.decode(errors="replace").strip())
-    if r.returncode == 1 and "already waits" in said:
+    _ready_said(ssh, r.returncode, r.stderr)
+
+
+def _ready_said(ssh: Ssh, code: int, stderr: bytes) -> None:
+    said = printable(stderr.decode(errors="replace").strip())
+    if code == 1 and "already waits" in said:
         raise Waiting(f"{ssh.dest}: {said.removeprefix('dittohead: ')}")
-    if r.returncode != 0:
+    if code == 255:
+        raise ssh_failure(ssh.dest, stderr.decode(errors="replace"))
+    if code != 0:
         raise RemoteError(f"{ssh.dest}: `dittohead ready` failed: {said}")
+
+
+class ReadyLater:
+    """`dittohead ready --on-go` started as the transfer starts: the server's Python
+    start-up happens meanwhile, and the rename follows the transfer at once."""
+
+    def __init__(self, ssh: Ssh, study: str, name: str) -> None:
+        self.ssh, self.study, self.name = ssh, study, name
+        self.p = ssh.start(["dittohead", "ready", "--on-go", study, name])
+
+    def go(self) -> None:
+        """Tell it to rename; raise as `_ready` does."""
+        try:
+            _, err = self.p.communicate(b"go\n", timeout=120)
+        except subprocess.TimeoutExpired as e:
+            self.p.kill()
+            raise RemoteError(f"{self.ssh.dest} did not answer `dittohead ready`") from e
+        if self.p.returncode == 2 and b"unrecognized arguments" in err:  # before --on-go
+            return _ready(self.ssh, self.study, self.name, check=False)
+        _ready_said(self.ssh, self.p.returncode, err)
+
+    def cancel(self) -> None:
+        """The transfer failed: end it without a rename (it reads EOF, not `go`)."""
+        self.p.communicate(b"", timeout=120)
 
 
 def send(ssh: Ssh, server: Server, study: str, path: Path,
@@ -184,8 +214,13 @@ def send(ssh: Ssh, server: Server, study: str, path: Path,
     """Upload one PATH as `.<name>` in the inbox, resuming; return the rename to `<name>`."""
     key = "\0".join([ssh.dest, ssh.config or "", study, server.inbox, os.path.abspath(path)])
     if server.rsync:
-        _rsync(ssh, server, path, name)
-        return lambda: _ready(ssh, study, name, check=False)
+        later = ReadyLater(ssh, study, name)
+        try:
+            _rsync(ssh, server, path, name)
+        except BaseException:
+            later.cancel()
+            raise
+        return later.go
     up = Upload(ssh, os.fsencode(server.inbox), os.fsencode(name), walk(path), key)
     up.transfer(up.probe())
     if not server.shell:

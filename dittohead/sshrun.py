@@ -65,10 +65,15 @@ class Ssh:
         opts = ["-F", self.config] if self.config else []
         return [*opts, "-o", f"ControlPath={self.control}", "-o", "ControlMaster=no"]
 
-    def ssh_argv(self, remote: Sequence[str]) -> list[str]:
+    def ssh_argv(self, remote: Sequence[str], stdin: bool = False) -> list[str]:
         """ssh running one remote command; each word quoted for the remote shell."""
-        return ["ssh", *self.options(), "-n", "--", self.dest,
+        return ["ssh", *self.options(), *([] if stdin else ["-n"]), "--", self.dest,
                 " ".join(shlex.quote(w) for w in remote)]
+
+    def start(self, remote: Sequence[str]) -> subprocess.Popen[bytes]:
+        """Start a remote command that reads what we write to its stdin (a pipe)."""
+        return subprocess.Popen(self.ssh_argv(remote, stdin=True), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def rsh(self) -> str:
         """The `rsync -e` string: this ssh, quoted the way rsync splits it."""

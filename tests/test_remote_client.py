@@ -159,3 +159,20 @@ def test_where_says_which_names_wait_and_which_rsync_the_server_has(env: Env) ->
     assert data["rsync"] is None or data["rsync"][0].isdigit()
     r = env.run("where", "--json", "s1", ".hidden")
     assert r.returncode == 2 and "not an entry name" in r.stderr
+
+
+def test_ready_on_go_renames_only_when_told(env: Env) -> None:
+    """`upload --host` starts `ready --on-go` with its transfer: end of input (the client
+    failed or was killed) must rename nothing."""
+    (env.study.inbox / ".x").write_bytes(b"data")
+
+    def ready(stdin: bytes) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([sys.executable, "-m", "dittohead", "--config",
+                               str(env.config_path), "ready", "--on-go", "s1", "x"],
+                              input=stdin, capture_output=True, cwd=REPO, timeout=60)
+    r = ready(b"")
+    assert r.returncode == 1 and b"not told to go" in r.stderr
+    assert (env.study.inbox / ".x").exists() and not (env.study.inbox / "x").exists()
+    r = ready(b"go\n")
+    assert r.returncode == 0, r.stderr
+    assert (env.study.inbox / "x").read_bytes() == b"data"
