@@ -221,6 +221,8 @@ def test_rejected_outcome_exits_77(box: Box, shell_user: Uploader) -> None:
     tree(box, outsider, "not-mine")
     box.box.write_file("/etc/dittohead/config.yaml", CONFIG.replace(
         "    group: sbxs1\n", "    group: sbxs1\n    uploaders: [sbxs1]\n", 1))
+    # A run still lingering has read the config, and the user list, before: let it end.
+    box.wait_inactive(f"dittohead@{STUDY}.service")
     try:
         r = as_user(box, outsider, f"{UPLOAD} not-mine --wait --timeout 60", check=False)
     finally:
