@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("where", help="where a study's inbox and your outcomes are (any user)")
     s.add_argument("study")
+    s.add_argument("names", nargs="*", metavar="NAME",
+                   help="also say which of these names already wait in the inbox")
     s.add_argument("--json", action="store_true", help="machine-readable output")
 
     s = sub.add_parser("retry", help="put a failed delivery back in the inbox")
@@ -94,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.add_argument("--check", action="store_true",
                    help="only say whether NAME is free (exit 1 when it waits already)")
+    s.add_argument("--on-go", action="store_true",
+                   help="rename once a line 'go' comes on stdin (nothing without it)")
     return p
 
 
@@ -149,7 +153,11 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "ready":
         from .upload import ready
-        ready(cfg.study(args.study), args.name, check=args.check)
+        study = cfg.study(args.study)
+        # Started by `upload --host` as it starts sending: ready by the end of it.
+        if args.on_go and sys.stdin.readline().strip() != "go":
+            raise DittoheadError(f"not told to go: .{log.printable(args.name)} not renamed")
+        ready(study, args.name, check=args.check)
         return 0
     if args.command == "retry":
         from .health import retry
@@ -186,9 +194,14 @@ def _uploaders_view(args: argparse.Namespace, cfg: config.Config) -> int:
     """`where` and `status --mine`: what any user may ask about their own uploads."""
     from .outcomes import mine, mine_text, where
     if args.command == "where":
-        data = where(cfg, cfg.study(args.study))
-        _say(json.dumps(data, indent=2) if args.json
-             else "\n".join(f"{k}: {v}" for k, v in data.items()))
+        from .upload import rsync_version, waiting
+        study = cfg.study(args.study)
+        data = where(cfg, study)
+        # What `upload --host` also needs before sending: one start-up on the server.
+        data["waiting"] = waiting(study, args.names)
+        data["rsync"] = rsync_version()
+        _say(json.dumps(data, indent=2) if args.json else "\n".join(
+            f"{k}: {', '.join(v) if isinstance(v, list) else v}" for k, v in data.items()))
         return 0
     if args.last < 0:
         raise UsageError("--last must not be negative")

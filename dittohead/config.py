@@ -11,23 +11,29 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .configfile import DEFAULT_CONFIG, config_path, read_yaml
 from .errors import ConfigError
 from .log import printable
+from .settings import (
+    DEFAULT_QUIET_PERIOD,
+    NOTIFY_EVENTS,
+    Config,
+    NotifyConfig,
+    SmtpConfig,
+    StudyConfig,
+    StudyNotify,
+)
 
-__all__ = ["DEFAULT_CONFIG", "Config", "ConfigError", "StudyConfig", "config_path", "load",
-           "parse"]
+__all__ = ["DEFAULT_CONFIG", "DEFAULT_QUIET_PERIOD", "NOTIFY_EVENTS", "Config", "NotifyConfig",
+           "SmtpConfig", "StudyConfig", "StudyNotify", "config_path", "load", "parse"]
 
+DEFAULT_CONFIG = Path("/etc/dittohead/config.yaml")
 # Every pattern here is used with fullmatch: "$" would accept a trailing newline.
 STUDY_RE = re.compile(r"[a-z0-9][a-z0-9_]{0,63}")
 # Debian's adduser default NAME_REGEX, plus what groups and sysusers accept.
 UNIX_NAME_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}\$?")
-NOTIFY_EVENTS = ("delivered", "failed", "rejected", "disk")
 # One {user} and no other placeholder: str.format on anything else could
 # reach attributes of the user name ("{user.__class__}").
 UPLOADER_ADDRESS_RE = re.compile(r"[^{}\s]*\{user\}[^{}\s]*")
@@ -36,92 +42,20 @@ UPLOADER_ADDRESS_RE = re.compile(r"[^{}\s]*\{user\}[^{}\s]*")
 # specifiers, glob characters (PathExistsGlob=) and non-ASCII.
 SAFE_PATH_RE = re.compile(r"/[A-Za-z0-9._/+,:=@~-]*")
 DEFAULT_IGNORE = (".DS_Store", "Thumbs.db", "desktop.ini", "._*")
-# Seconds an entry must go unchanged before it is taken (dittohead/readiness.py):
-# longer than a Windows SMB client's 60 s session timeout on a stalled
-# connection. config.yaml and docs/contract.md say why.
-DEFAULT_QUIET_PERIOD = 120.0
 MAX_QUIET_PERIOD = 86400.0
 
 
-@dataclass(frozen=True)
-class SmtpConfig:
-    host: str = "localhost"
-    port: int = 25
-    starttls: bool = False
-    username: str | None = None
-    password_file: Path | None = None
-
-
-@dataclass(frozen=True)
-class NotifyConfig:
-    sender: str | None = None  # `from:` in the file
-    smtp: SmtpConfig = SmtpConfig()
-    uploader_address: str | None = None  # a format string with {user}
-
-
-@dataclass(frozen=True)
-class StudyNotify:
-    to: tuple[str, ...] = ()
-    on: frozenset[str] = frozenset(NOTIFY_EVENTS)
-
-
-@dataclass(frozen=True)
-class StudyConfig:
-    name: str
-    root: Path  # <dropbox_root>/<study>
-    destination: Path
-    group: str | None  # None: the destination's group
-    uploaders: tuple[str, ...] | None  # None: any local user
-    file_mode: int
-    dir_mode: int
-    ignore: tuple[str, ...]
-    disk_warn_percent: tuple[int, ...]
-    notify: StudyNotify
-    quiet_period: float = DEFAULT_QUIET_PERIOD
-
-    @property
-    def inbox(self) -> Path:
-        return self.root / "inbox"
-
-    @property
-    def users(self) -> Path:
-        return self.root / "users"
-
-    @property
-    def processing(self) -> Path:
-        return self.root / "processing"
-
-    @property
-    def done(self) -> Path:
-        return self.root / "done"
-
-    @property
-    def failed(self) -> Path:
-        return self.root / "failed"
-
-
-@dataclass(frozen=True)
-class Config:
-    path: Path
-    dropbox_root: Path
-    service_user: str
-    notify: NotifyConfig
-    studies: Mapping[str, StudyConfig]
-
-    def study(self, name: str) -> StudyConfig:
-        """The named study, or a ConfigError listing the known ones."""
-        try:
-            return self.studies[name]
-        except KeyError:
-            known = ", ".join(sorted(self.studies)) or "none"
-            raise ConfigError(
-                f"studies.{printable(name)}: no such study in the config (known: {known})",
-                printable(str(self.path)),
-            ) from None
+def config_path(arg: str | None) -> Path:
+    """--config, else $DITTOHEAD_CONFIG, else /etc/dittohead/config.yaml."""
+    if arg:
+        return Path(arg)
+    env = os.environ.get("DITTOHEAD_CONFIG")
+    return Path(env) if env else DEFAULT_CONFIG
 
 
 def load(path: Path) -> Config:
     """Read, parse and validate the file; raise ConfigError with every problem."""
+    from .configfile import read_yaml  # here: `upload --host` needs no YAML parser
     return parse(read_yaml(path), path)
 
 

@@ -30,12 +30,14 @@ import stat
 import struct
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import Config, StudyConfig
 from .fsops import user_name
 from .log import clean, printable
-from .record import Receipt
+
+if TYPE_CHECKING:  # not imported: `where` and `ready` start faster without it
+    from .record import Receipt
 
 USERS_MODE = 0o751
 FOLDER_MODE = 0o750

@@ -17,20 +17,22 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .entrycheck import entry_name, refuse_special
 from .errors import DittoheadError, UsageError
 from .log import printable
 from .sftpsend import DiskFull, Upload, Waiting, quote, run_batch, walk
-from .sshrun import Connection, RemoteError, Ssh
-from .upload import entry_name, refuse_special
+from .sshrun import Connection, RemoteError, Ssh, ssh_failure
 
 EXIT_CONFIG = 78
 # What `dittohead.json` in an SFTP account's start directory may hold (docs/contract.md).
 LAYOUT_FORMAT = 1
-_RSYNC3 = re.compile(r"version (\d+)\.")
+_RSYNC3 = re.compile(r"(\d+)\.\d")  # in "3.2.7", or in rsync --version's first line
 
 
 class UnknownStudy(DittoheadError):
@@ -47,20 +49,37 @@ class Server:
     inbox: str  # absolute with a shell; relative to the SFTP start directory without
     outcomes: str
     rsync: bool  # rsync 3 here and rsync there: send with it
+    waiting: tuple[str, ...]  # of the names to upload, those already in the inbox there
 
 
-def _local_rsync3() -> bool:
+def local_rsync3() -> bool:
+    """Whether this machine has rsync 3 (--protect-args passes any name verbatim)."""
     if shutil.which("rsync") is None:
         return False
     r = subprocess.run(["rsync", "--version"], capture_output=True, text=True, timeout=30)
-    m = _RSYNC3.search(r.stdout.splitlines()[0] if r.stdout else "")
-    return r.returncode == 0 and m is not None and int(m.group(1)) >= 3
+    return r.returncode == 0 and _rsync3(r.stdout.split("\n", 1)[0])
 
 
-def discover(ssh: Ssh, study: str) -> Server:
-    """Ask the server where the study's inbox and the caller's outcomes are."""
-    r = ssh.run(["dittohead", "where", "--json", study], timeout=60)
+def _rsync3(version: str | None) -> bool:
+    m = _RSYNC3.search(version or "")
+    return m is not None and int(m.group(1)) >= 3
+
+
+def ask(ssh: Ssh, study: str, names: list[str]) -> subprocess.CompletedProcess[bytes]:
+    """`dittohead where` on the server: where the study's inbox and the caller's outcomes
+    are, which of names already wait there, whether it has rsync. It also logs in."""
+    return ssh.run(["dittohead", "where", "--json", study, *names], timeout=600, first=True)
+
+
+def discover(ssh: Ssh, study: str, names: list[str],
+             asked: Future[subprocess.CompletedProcess[bytes]],
+             rsync_here: Future[bool]) -> Server:
+    """What the server told (ask()), or what an SFTP-only account's dittohead.json says."""
+    r = asked.result()
     said = printable(r.stderr.decode(errors="replace").strip())
+    if r.returncode == 2 and "unrecognized arguments" in said:  # a server before NAME...
+        r = ssh.run(["dittohead", "where", "--json", study], timeout=60)
+        said = printable(r.stderr.decode(errors="replace").strip())
     if r.returncode == EXIT_CONFIG:
         raise UnknownStudy(f"{ssh.dest}: {said}" if said else
                            f"{ssh.dest} has no study {study!r}")
@@ -71,12 +90,24 @@ def discover(ssh: Ssh, study: str) -> Server:
         except (ValueError, KeyError, TypeError):
             pass  # something else answered (a ForceCommand): try SFTP
         else:
-            remote_rsync = _local_rsync3() and ssh.run(["rsync", "--version"]).returncode == 0
-            return Server(True, inbox, outcomes, remote_rsync)
+            if "rsync" not in info:  # a server before NAME...: ask the old way
+                v = ssh.run(["rsync", "--version"])
+                info["rsync"] = v.stdout.decode(errors="replace") if v.returncode == 0 else None
+                info["waiting"] = [n for n in names if _waits(ssh, study, n)]
+            rsync = rsync_here.result() and _rsync3(info.get("rsync"))
+            return Server(True, inbox, outcomes, rsync, tuple(info.get("waiting") or ()))
     # No JSON: an SFTP-only account (sshd's ForceCommand internal-sftp refuses
     # the command: "This service allows sftp connections only.", or waits for
     # SFTP and ends at the EOF of our empty stdin), or no dittohead there.
     return _discover_sftp(ssh, study, no_command=r.returncode == 127, said=said)
+
+
+def _waits(ssh: Ssh, study: str, name: str) -> bool:
+    try:
+        _ready(ssh, study, name, check=True)
+    except Waiting:
+        return True
+    return False
 
 
 def _discover_sftp(ssh: Ssh, study: str, no_command: bool, said: str) -> Server:
@@ -100,7 +131,7 @@ def _discover_sftp(ssh: Ssh, study: str, no_command: bool, said: str) -> Server:
     rc, _ = run_batch(ssh, [b"cd " + quote(inbox.encode())])
     if rc != 0:
         raise UnknownStudy(f"{ssh.dest} has no study {study!r} (no {inbox} in its SFTP view)")
-    return Server(False, inbox, outcomes, False)
+    return Server(False, inbox, outcomes, False, ())
 
 
 def check_paths(paths: list[Path]) -> list[str]:
@@ -141,42 +172,85 @@ def _rsync(ssh: Ssh, server: Server, path: Path, name: str) -> None:
 def _ready(ssh: Ssh, study: str, name: str, check: bool) -> None:
     """`dittohead ready` on the server: a rename that never replaces (renameat2)."""
     r = ssh.run(["dittohead", "ready", *(["--check"] if check else []), study, name])
-    said = printable(r.stderr.decode(errors="replace").strip())
-    if r.returncode == 1 and "already waits" in said:
+    _ready_said(ssh, r.returncode, r.stderr)
+
+
+def _ready_said(ssh: Ssh, code: int, stderr: bytes) -> None:
+    said = printable(stderr.decode(errors="replace").strip())
+    if code == 1 and "already waits" in said:
         raise Waiting(f"{ssh.dest}: {said.removeprefix('dittohead: ')}")
-    if r.returncode != 0:
+    if code == 255:
+        raise ssh_failure(ssh.dest, stderr.decode(errors="replace"))
+    if code != 0:
         raise RemoteError(f"{ssh.dest}: `dittohead ready` failed: {said}")
 
 
-def send(ssh: Ssh, server: Server, study: str, path: Path, name: str) -> None:
-    """Upload one PATH as `.<name>` in the inbox, resuming, then rename it to `<name>`."""
+class ReadyLater:
+    """`dittohead ready --on-go` started as the transfer starts: the server's Python
+    start-up happens meanwhile, and the rename follows the transfer at once."""
+
+    def __init__(self, ssh: Ssh, study: str, name: str) -> None:
+        self.ssh, self.study, self.name = ssh, study, name
+        self.p = ssh.start(["dittohead", "ready", "--on-go", study, name])
+
+    def go(self) -> None:
+        """Tell it to rename; raise as `_ready` does."""
+        try:
+            _, err = self.p.communicate(b"go\n", timeout=120)
+        except subprocess.TimeoutExpired as e:
+            self.p.kill()
+            raise RemoteError(f"{self.ssh.dest} did not answer `dittohead ready`") from e
+        if self.p.returncode == 2 and b"unrecognized arguments" in err:  # before --on-go
+            return _ready(self.ssh, self.study, self.name, check=False)
+        _ready_said(self.ssh, self.p.returncode, err)
+
+    def cancel(self) -> None:
+        """The transfer failed: end it without a rename (it reads EOF, not `go`)."""
+        self.p.communicate(b"", timeout=120)
+
+
+def send(ssh: Ssh, server: Server, study: str, path: Path,
+         name: str) -> Callable[[], None]:
+    """Upload one PATH as `.<name>` in the inbox, resuming; return the rename to `<name>`."""
     key = "\0".join([ssh.dest, ssh.config or "", study, server.inbox, os.path.abspath(path)])
     if server.rsync:
-        _ready(ssh, study, name, check=True)
-        _rsync(ssh, server, path, name)
-        _ready(ssh, study, name, check=False)
-        return
+        later = ReadyLater(ssh, study, name)
+        try:
+            _rsync(ssh, server, path, name)
+        except BaseException:
+            later.cancel()
+            raise
+        return later.go
     up = Upload(ssh, os.fsencode(server.inbox), os.fsencode(name), walk(path), key)
     up.transfer(up.probe())
-    if server.shell:
+    if not server.shell:
+        return up.rename
+
+    def ready() -> None:
         _ready(ssh, study, name, check=False)
         up.state.forget()
-    else:
-        up.rename()
+    return ready
 
 
 def upload_remote(dest: str, study: str, paths: list[Path], ssh_config: str | None,
                   wait: bool, timeout: float) -> int:
     """The whole `upload --host` command; returns its exit code."""
-    from .remotewait import Watcher, report
     names = check_paths(paths)
-    with Connection(dest, ssh_config) as ssh:
-        server = discover(ssh, study)
+    with Connection(dest, ssh_config) as ssh, ThreadPoolExecutor(2) as pool:
+        asked = pool.submit(ask, ssh, study, names)
+        rsync_here = pool.submit(local_rsync3)  # while it logs in and asks
+        from .remotewait import Watcher, report
+        server = discover(ssh, study, names, asked, rsync_here)
+        if server.waiting:
+            raise Waiting(f"{ssh.dest}: {printable(', '.join(server.waiting))} already waits "
+                          "in the inbox; try again when it has been delivered (nothing sent)")
         watcher = Watcher(ssh, server.shell, study, server.outcomes)
-        if wait:
-            watcher.snapshot()
+        # The outcomes there before: read while the first transfer runs, before its rename.
+        before = pool.submit(watcher.snapshot if wait else lambda: None)
         for p, n in zip(paths, names, strict=True):
-            send(ssh, server, study, p, n)
+            rename = send(ssh, server, study, p, n)
+            before.result()
+            rename()
             print(printable(f"{p} -> {dest}:{server.inbox}/{n}"), flush=True)
         if not wait:
             return 0

@@ -21,7 +21,9 @@ from .outcomes import shown
 from .sftpsend import quote, run_batch
 from .sshrun import Ssh
 
-POLL = 1.0  # seconds between looks
+POLL = 1.0  # seconds between looks, at most
+# The first looks come sooner: a small upload is often delivered within half a second.
+FIRST_POLL, POLL_GROWTH = 0.2, 1.5
 FINAL = ("delivered", "failed", "rejected")
 
 
@@ -83,6 +85,7 @@ class Watcher:
         got: dict[str, dict[str, Any]] = {}
         wanted = {os.fsencode(n).hex(): n for n in names}
         shown = {printable(n): n for n in names}
+        pause = FIRST_POLL
         while True:
             for o in self.fetch():
                 if str(o.get("id")) in self.before:
@@ -98,7 +101,8 @@ class Watcher:
                 return got
             if time.monotonic() > deadline:
                 return got
-            time.sleep(POLL)
+            time.sleep(pause)
+            pause = min(POLL, pause * POLL_GROWTH)
 
 
 def report(names: list[str], got: dict[str, dict[str, Any]], timeout: float) -> int:

@@ -35,6 +35,7 @@ from .sshrun import RemoteError, Ssh
 # character means something else to sftp's own parser and glob.
 _UNSAYABLE = re.compile(rb"[\x00-\x1f\x7f\\]")
 STATE_SAVE_EVERY = 2.0  # seconds
+BIG_FILE = 1 << 20  # bytes: the state is saved as such a file starts
 
 
 class Waiting(DittoheadError):
@@ -311,7 +312,7 @@ class Upload:
                     progress.add(sending)
                 sending = next(queue, None)
                 st.current = sending.rel.hex() if sending else None
-                if time.monotonic() - saved > STATE_SAVE_EVERY:
+                if time.monotonic() - saved > STATE_SAVE_EVERY or self._big(sending):
                     st.save()
                     saved = time.monotonic()
             if p.wait() == 0 and sending is not None:
@@ -323,6 +324,11 @@ class Upload:
                 p.wait()
             st.save()
         return said
+
+    def _big(self, f: LocalFile | None) -> bool:
+        """Whether f is worth saving the state for before it is sent: a kill (no chance to
+        save at exit) could then resume it. A save writes about 100 bytes per file."""
+        return f is not None and f.size >= max(BIG_FILE, 1000 * len(self.state.files))
 
     def _failed(self, said: list[bytes]) -> None:
         text = printable(b"\n".join(said[-3:]).decode(errors="replace")).replace("\\n", "\n  ")

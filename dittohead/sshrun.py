@@ -65,20 +65,34 @@ class Ssh:
         opts = ["-F", self.config] if self.config else []
         return [*opts, "-o", f"ControlPath={self.control}", "-o", "ControlMaster=no"]
 
-    def ssh_argv(self, remote: Sequence[str]) -> list[str]:
+    def ssh_argv(self, remote: Sequence[str], stdin: bool = False) -> list[str]:
         """ssh running one remote command; each word quoted for the remote shell."""
-        return ["ssh", *self.options(), "-n", "--", self.dest,
+        return ["ssh", *self.options(), *([] if stdin else ["-n"]), "--", self.dest,
                 " ".join(shlex.quote(w) for w in remote)]
+
+    def start(self, remote: Sequence[str]) -> subprocess.Popen[bytes]:
+        """Start a remote command that reads what we write to its stdin (a pipe)."""
+        return subprocess.Popen(self.ssh_argv(remote, stdin=True), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def rsh(self) -> str:
         """The `rsync -e` string: this ssh, quoted the way rsync splits it."""
         return " ".join(shlex.quote(w) for w in ["ssh", *self.options()])
 
-    def run(self, remote: Sequence[str], timeout: float = 120,
-            check_connection: bool = True) -> subprocess.CompletedProcess[bytes]:
-        """Run a remote command; raise RemoteError when ssh itself failed (exit 255)."""
+    def run(self, remote: Sequence[str], timeout: float = 120, check_connection: bool = True,
+            first: bool = False) -> subprocess.CompletedProcess[bytes]:
+        """Run a remote command; raise RemoteError when ssh itself failed (exit 255).
+
+        first: this ssh logs in and becomes the master (ControlPersist: it goes to
+        the background once logged in, and ends on its own 60 s after its last
+        client, even if this command is killed), then runs the command through it,
+        so the login and the first command cost one connection's set-up."""
+        argv = self.ssh_argv(remote)
+        if first:
+            argv[1:1] = ["-o", "ControlMaster=yes", "-o", "ControlPersist=60",
+                         "-o", "ConnectTimeout=30"]
         try:
-            r = subprocess.run(self.ssh_argv(remote), capture_output=True, timeout=timeout)
+            r = subprocess.run(argv, capture_output=True, timeout=timeout)
         except subprocess.TimeoutExpired as e:
             raise RemoteError(f"{self.dest} did not answer `{' '.join(remote[:2])}` "
                               f"within {timeout:.0f}s") from e
@@ -124,18 +138,7 @@ class Connection:
         self.ssh = Ssh(dest, config, os.path.join(self._dir, "cm"))
 
     def __enter__(self) -> Ssh:
-        opts = ["-F", self.ssh.config] if self.ssh.config else []
-        # ControlPersist: ssh goes to the background once logged in, and ends on
-        # its own 60 s after its last client, even if this command is killed.
-        argv = ["ssh", *opts, "-o", "ControlMaster=yes", "-o",
-                f"ControlPath={self.ssh.control}", "-o", "ControlPersist=60",
-                "-o", "ConnectTimeout=30", "-N", "--", self.ssh.dest]
-        r = subprocess.run(argv, stdin=None, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, timeout=600)
-        if r.returncode != 0:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            raise ssh_failure(self.ssh.dest, r.stderr.decode(errors="replace"))
-        return self.ssh
+        return self.ssh  # the first Ssh.run(first=True) logs in
 
     def __exit__(self, *exc: object) -> None:
         subprocess.run(["ssh", *self.ssh.options(), "-O", "exit", "--", self.ssh.dest],

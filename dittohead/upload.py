@@ -10,6 +10,7 @@ service would fail the entry for them anyway.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import time
@@ -18,36 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from .config import StudyConfig
+from .entrycheck import entry_name, refuse_special
 from .errors import DittoheadError, TemporaryError, UsageError
 from .fsops import rename_noreplace
 from .log import clean, printable
 from .outcomes import PENDING, outcomes_dir, read_notes
-
-
-def entry_name(path: Path) -> str:
-    """The entry name an upload of path gets; a dot name is refused (never delivered)."""
-    name = path.resolve().name if path.name in ("", ".", "..") else path.name
-    if name.startswith("."):
-        raise UsageError(f"{printable(str(path))}: names starting with '.' are never "
-                         "delivered; rename it")
-    return name
-
-
-def refuse_special(path: Path) -> None:
-    """Refuse a path holding symlinks, FIFOs, sockets or devices: never delivered."""
-    bad = []
-    st = os.lstat(path)
-    if stat.S_ISDIR(st.st_mode):
-        for top, dirs, files in os.walk(path):
-            for n in dirs + files:
-                m = os.lstat(os.path.join(top, n)).st_mode
-                if not (stat.S_ISDIR(m) or stat.S_ISREG(m)):
-                    bad.append(os.path.join(top, n))
-    elif not stat.S_ISREG(st.st_mode):
-        bad.append(str(path))
-    if bad:
-        raise UsageError(f"{printable(str(path))}: holds symlinks or special files, which "
-                         f"are never delivered: {', '.join(printable(b) for b in bad[:10])}")
 
 
 def _copy(src: str, dst: str) -> None:
@@ -161,14 +137,38 @@ def _outcome(study: StudyConfig, name: str, then: Before) -> dict[str, Any] | No
     return None
 
 
+def _entry_name(name: str) -> None:
+    if not name or "/" in name or name.startswith(".") or "\0" in name:
+        raise UsageError(f"{printable(name)}: not an entry name")
+
+
+def waiting(study: StudyConfig, names: list[str]) -> list[str]:
+    """Those of names already waiting in the inbox (`where STUDY NAME...`): a client
+    refuses them before sending anything. The inbox cannot be listed, but looked into."""
+    for n in names:
+        _entry_name(n)
+    return [n for n in names if os.path.lexists(study.inbox / n)]
+
+
+def rsync_version() -> str | None:
+    """The version of the rsync on PATH, None without one: `upload --host` sends with
+    rsync when both ends have rsync 3."""
+    import subprocess
+    try:
+        r = subprocess.run(["rsync", "--version"], capture_output=True, text=True, timeout=30)
+    except OSError:
+        return None
+    m = re.search(r"version (\S+)", r.stdout.split("\n", 1)[0])
+    return m.group(1) if r.returncode == 0 and m else None
+
+
 def ready(study: StudyConfig, name: str, check: bool = False) -> None:
     """Rename the caller's `.NAME` in the inbox to NAME, never replacing (`upload --host`).
 
     check: only say whether NAME is free. The inbox (1733) cannot be listed,
     but a name in it can be looked up.
     """
-    if not name or "/" in name or name.startswith(".") or "\0" in name:
-        raise UsageError(f"{printable(name)}: not an entry name")
+    _entry_name(name)
     final = study.inbox / name
     if os.path.lexists(final):
         raise DittoheadError(f"{printable(name)} already waits in the inbox; try again "

@@ -4,6 +4,7 @@ ssh's errors, --wait's printing and exit codes, and a pip install without system
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from dittohead.remotewait import report
 from dittohead.sftpsend import State, Upload, quote, walk
 from dittohead.sshrun import Connection, RemoteError, Ssh, ssh_failure
 
-from .conftest import REPO, free_port
+from .conftest import REPO, Env, free_port
 
 
 def test_sftp_quoting_keeps_glob_characters_and_refuses_newlines() -> None:
@@ -147,3 +148,31 @@ def test_client_installs_and_runs_without_systemd_python(tmp_path: Path) -> None
                        cwd=tmp_path, timeout=120)
     assert r.returncode == 69, r.stdout + r.stderr
     assert "cannot reach lab" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_where_says_which_names_wait_and_which_rsync_the_server_has(env: Env) -> None:
+    """What `upload --host` learns in one start-up on the server, before sending."""
+    env.drop("taken", {"a": b"1"})
+    data = json.loads(env.run("where", "--json", "s1", "taken", "free", check=True).stdout)
+    assert data["waiting"] == ["taken"]
+    assert data["inbox"] == str(env.study.inbox)
+    assert data["rsync"] is None or data["rsync"][0].isdigit()
+    r = env.run("where", "--json", "s1", ".hidden")
+    assert r.returncode == 2 and "not an entry name" in r.stderr
+
+
+def test_ready_on_go_renames_only_when_told(env: Env) -> None:
+    """`upload --host` starts `ready --on-go` with its transfer: end of input (the client
+    failed or was killed) must rename nothing."""
+    (env.study.inbox / ".x").write_bytes(b"data")
+
+    def ready(stdin: bytes) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([sys.executable, "-m", "dittohead", "--config",
+                               str(env.config_path), "ready", "--on-go", "s1", "x"],
+                              input=stdin, capture_output=True, cwd=REPO, timeout=60)
+    r = ready(b"")
+    assert r.returncode == 1 and b"not told to go" in r.stderr
+    assert (env.study.inbox / ".x").exists() and not (env.study.inbox / "x").exists()
+    r = ready(b"go\n")
+    assert r.returncode == 0, r.stderr
+    assert (env.study.inbox / "x").read_bytes() == b"data"

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from .boxes import ROOT, Box, boot_installed
+from .boxes import CONFIG, ROOT, Box, boot_installed
 from .conftest import wait_for
 from .servers import SSH_ALIAS, Uploader, add_uploader, as_user, install_and_start
 
@@ -142,20 +143,52 @@ def test_unknown_study_and_unreachable_host(box: Box, shell_user: Uploader,
     assert "cannot reach" in r.stderr
 
 
-# Starts the upload in a session of its own, waits until the server holds WANT bytes
-# under .NAME, then SIGKILLs that session (the client, its ssh, rsync or sftp).
-KILL_HALFWAY = r"""
-name="$1"; want="$2"; shift 2
-setsid "$@" > /dev/null 2>&1 &
-pid=$!
-for i in $(seq 1 600); do
-    n=$(cat /tmp/partial-size 2>/dev/null || echo 0)
-    [ "$n" -ge "$want" ] && break
-    sleep 0.05
+BIG_MIB = 150
+
+
+# Run by root in the box while the upload runs (the uploader cannot look into the inbox):
+# waits until the server holds WANT bytes under DOT, then SIGKILLs the upload's session.
+KILL_AT = r"""
+pidfile="$1"; dot="$2"; want="$3"
+while :; do
+    n=$(du -sb "$dot" 2>/dev/null | cut -f1)
+    [ "${n:-0}" -ge "$want" ] && break
+    [ -e "$pidfile.done" ] && exit 3
+    sleep 0.01
 done
-kill -KILL -- -$pid
-wait $pid || true
+kill -s KILL -- -"$(cat "$pidfile")"  # dash: not -KILL before --
 """
+
+
+def _kill_halfway(box: Box, u: Uploader, name: str, dot: str, want: int) -> None:
+    """Start the upload in a session of its own and SIGKILL that whole session (the client,
+    its ssh, rsync or sftp) once the server holds `want` bytes under .NAME."""
+    pidfile = f"/tmp/{name}.pid"
+    with ThreadPoolExecutor(1) as pool:
+        run = pool.submit(as_user, box, u, "setsid sh -c 'echo $$ > \"$0\"; exec \"$@\"' "
+                          f"{pidfile} {UPLOAD} {name}; rc=$?; touch {pidfile}.done; exit $rc",
+                          check=False, timeout=300)
+        killer = box.sh(KILL_AT, pidfile, dot, str(want), check=False, timeout=120)
+        r = run.result()
+    assert killer.returncode == 0 and r.returncode != 0, (
+        "the upload finished before the kill: " + r.stdout + r.stderr + killer.stderr)
+
+
+def _settled(box: Box, u: Uploader, dot: str) -> int:
+    """The size under .NAME once the server's side of the killed transfer has ended."""
+    sizes: list[str] = []
+
+    def still() -> bool:
+        busy = box.sh(f"pgrep -u {u.name} -x rsync", check=False).returncode == 0
+        sizes.append(box.sh(f"du -sb {dot} | cut -f1").stdout)
+        return not busy and len(sizes) > 3 and len(set(sizes[-3:])) == 1
+    wait_for(still, 60, "the killed transfer to end on the server")
+    return int(sizes[-1])
+
+
+def _wire_bytes(box: Box) -> int:
+    """Bytes sent over the box's loopback so far: the client and sshd talk only there."""
+    return int(box.sh("cat /sys/class/net/lo/statistics/tx_bytes").stdout)
 
 
 @pytest.mark.parametrize("who", ["shell", "sftp"])
@@ -163,22 +196,69 @@ def test_rerun_after_a_killed_transfer_continues(box: Box, shell_user: Uploader,
                                                  sftp_user: Uploader, who: str) -> None:
     u = shell_user if who == "shell" else sftp_user
     name = f"resume-{who}"
-    tree(box, u, name, big_mib=150)
+    tree(box, u, name, big_mib=BIG_MIB)
     dot = f"{INBOX}/.{name}"
-    # The uploader cannot see into the inbox: root reports the partial size for the script.
-    box.sh(f"""(for i in $(seq 1 1200); do du -sb {dot} 2>/dev/null | cut -f1 \
-> /tmp/partial-size.new && mv /tmp/partial-size.new /tmp/partial-size; sleep 0.05; done) \
->/dev/null 2>&1 &""")
-    as_user(box, u, KILL_HALFWAY, name, str(1 << 20), "sh", "-c",
-            f"{UPLOAD} {name}", timeout=120)
-    partial = int(box.sh(f"du -sb {dot} | cut -f1").stdout)
-    assert 0 < partial < (150 << 20), "the kill did not come halfway"
+    _kill_halfway(box, u, name, dot, want=40 << 20)
+    partial = _settled(box, u, dot)
+    # The server kept what it had at the kill (the rerun's bytes are then telling).
+    assert (32 << 20) < partial < (BIG_MIB << 20), partial
     assert box.sh(f"test -e {INBOX}/{name} && echo yes || echo no").stdout == "no\n"
+    before = _wire_bytes(box)
     r = as_user(box, u, f"{UPLOAD} {name} --wait --timeout 120", check=False, timeout=300)
+    sent = _wire_bytes(box) - before
     assert r.returncode == 0, r.stdout + r.stderr + box.debug(STUDY)
+    # What the rerun sent is what was missing (and some protocol), not all of it again.
+    assert sent < (BIG_MIB << 20) - partial + (8 << 20), (sent, partial)
     assert sha(box, f"{DEST}/{name}") == sha(box, f"/home/{u.name}/{name}/{name}")
     assert len(delivered(box, name)) == 1
     assert box.sh(f"ls -A {INBOX}").stdout == ""
+
+
+def test_rejected_outcome_exits_77(box: Box, shell_user: Uploader) -> None:
+    """An account outside the study's `uploaders` groups: its upload arrives, and is
+    rejected; --wait says so and exits 77."""
+    outsider = add_uploader(box, "rmout", ["users"], sftp_only=False)
+    tree(box, outsider, "not-mine")
+    box.box.write_file("/etc/dittohead/config.yaml", CONFIG.replace(
+        "    group: sbxs1\n", "    group: sbxs1\n    uploaders: [sbxs1]\n", 1))
+    # A run still lingering has read the config, and the user list, before: let it end.
+    box.wait_inactive(f"dittohead@{STUDY}.service")
+    try:
+        r = as_user(box, outsider, f"{UPLOAD} not-mine --wait --timeout 60", check=False)
+    finally:
+        box.box.write_file("/etc/dittohead/config.yaml", CONFIG)
+    assert r.returncode == 77, r.stdout + r.stderr + box.debug(STUDY)
+    assert "not-mine: rejected: " in r.stdout
+    assert box.sh(f"test -e {DEST}/not-mine && echo yes || echo no").stdout == "no\n"
+
+
+SMALL = f"{ROOT}/dropbox/s2"  # study s2's whole tree, on a tmpfs of its own in the test
+
+
+@pytest.mark.parametrize("who", ["shell", "sftp"])
+def test_full_disk_exits_75_and_a_later_rerun_continues(box: Box, shell_user: Uploader,
+                                                        sftp_user: Uploader, who: str) -> None:
+    u = shell_user if who == "shell" else sftp_user
+    name = f"full-{who}"
+    tree(box, u, name, big_mib=48)
+    box.sh(f"mount -t tmpfs -o size=24m,mode=0755 dh-small {SMALL} && "
+           "dittohead setup s2 >/dev/null")
+    try:
+        r = as_user(box, u, f"dittohead upload --host {SSH_ALIAS} s2 {name}", check=False)
+        assert r.returncode == 75, r.stdout + r.stderr
+        assert "disk is full" in r.stderr and "rerun the same command later" in r.stderr
+        partial = int(box.sh(f"du -sb {SMALL}/inbox/.{name} | cut -f1").stdout)
+        assert partial > (8 << 20)
+        box.sh(f"mount -o remount,size=200m {SMALL}")  # the admin made room
+        before = _wire_bytes(box)
+        r = as_user(box, u, f"dittohead upload --host {SSH_ALIAS} s2 {name}", check=False)
+        sent = _wire_bytes(box) - before
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert sent < (48 << 20) - partial + (4 << 20), (sent, partial)
+        assert sha(box, f"{SMALL}/inbox/{name}") == sha(box, f"/home/{u.name}/{name}")
+        assert box.sh(f"ls -A {SMALL}/inbox").stdout == f"{name}\n"
+    finally:
+        box.sh(f"umount {SMALL}")
 
 
 def test_sftp_legacy_rename_never_replaces(box: Box, sftp_user: Uploader) -> None:
