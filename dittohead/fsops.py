@@ -90,6 +90,27 @@ def join(rel: str, name: str) -> str:
     return f"{rel}/{name}" if rel else name
 
 
+# The user database files the unit binds into its sandbox (units/dittohead@.service).
+USER_DATABASE = ("/etc/passwd", "/etc/group")
+
+
+def user_database_replaced() -> bool:
+    """Whether /etc/passwd or /etc/group was replaced since this process's sandbox was made.
+
+    The unit binds these files, so a run sees the inodes they had when it
+    started; useradd and groupadd replace a file by rename, which leaves the
+    bound inode with no name (st_nlink 0). Such a run would not know a user
+    added since: whom an entry belongs to, or whether they may upload.
+    """
+    for path in USER_DATABASE:
+        try:
+            if os.stat(path).st_nlink == 0:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def user_name(uid: int) -> str:
     """The user's name, or the numeric uid when it has none."""
     try:

@@ -340,3 +340,30 @@ def test_a_shell_racing_the_claim_from_a_held_cwd_loses_nothing_and_adds_nothing
            f"{ROOT}/dropbox/s1/done/{receipt['id']}.sha256")
     print(f"\na shell racing the claim: {len(made)} file(s) made before the lockdown, "
           "all delivered; every later attempt refused")
+
+
+def test_a_user_added_while_a_run_works_is_known_by_name(box: Box) -> None:
+    # The unit binds /etc/passwd and /etc/group into its sandbox: a run sees them as
+    # they were when it started. Once useradd has replaced them the run ends, and the
+    # next one credits the new user's upload by name and files its note in their folder.
+    box.dropin("dittohead@s1.service", "90-hold",
+               f"[Service]\nEnvironment=DITTOHEAD_TEST_FAULT=claimed=wait:{GO}\n")
+    try:
+        box.sh(f"rm -f {GO}")
+        box.wait_inactive("dittohead@s1.service")
+        box.upload("s1", [("before-useradd", None)])
+        wait_for(lambda: box.sh(f"ls {ROOT}/dropbox/s1/processing/*.json 2>/dev/null",
+                                check=False).stdout != "", 30, "the run to hold a claim")
+        box.sh("useradd --no-create-home --shell /bin/sh sbxnew")
+        box.box.run("/bin/sh", "-c", f"echo new > {S1_INBOX}/.by-new && "
+                    f"mv {S1_INBOX}/.by-new {S1_INBOX}/by-new", user="sbxnew")
+        box.sh(f"touch {GO}")
+        got = box.wait_delivered("s1", ["before-useradd", "by-new"])
+        assert (got.get("before-useradd"), got.get("by-new")) == (1, 1), box.debug("s1")
+        (r,) = [r for r in box.receipts("s1")["done"] if r["entry"] == "by-new"]
+        assert r["uploader"] == "sbxnew"
+        seen = box.box.run("dittohead", "status", "--mine", "s1", user="sbxnew").stdout
+        assert "by-new: delivered" in seen
+    finally:
+        box.dropin("dittohead@s1.service", "90-hold", None)
+        box.sh(f"rm -f {GO}; userdel sbxnew", check=False)
