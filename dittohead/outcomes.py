@@ -2,9 +2,10 @@
 
     <study>/users/                   0751 svc:svc  only the service group lists who uploads
     <study>/users/<user>/            0750 svc:svc  plus the POSIX ACL entry user:<uid>:r-x
-    <study>/users/<user>/inbox/      0770 svc:svc  plus user:<uid>:rwx: their own inbox, which
+    <study>/users/<user>/inbox/      1770 svc:svc  plus user:<uid>:rwx: their own inbox, which
                                    they can list (a 1733 shared inbox cannot be: Windows
-                                   Explorer must list a folder to open it)
+                                   Explorer must list a folder to open it); sticky, as the
+                                   shared one, for the claim (claim.py)
     <study>/users/<user>/outcomes/   0755 svc:svc  (reached only through the folder above)
         <id>.txt   for people: what became of the upload and what to do next (CRLF lines,
                    so that Notepad on an old lab PC shows them as lines)
@@ -40,7 +41,10 @@ from .record import Receipt
 USERS_MODE = 0o751
 FOLDER_MODE = 0o750
 OUTCOMES_MODE = 0o755
-INBOX_MODE = 0o770  # plus user:<uid>:rwx: the uploader's own, listable inbox
+# Plus user:<uid>:rwx: the uploader's own, listable inbox. Sticky like the shared
+# one: a directory the claim took over must stay where it is until the claim's
+# rename, which else moved whatever its uploader swapped in (claim.py).
+INBOX_MODE = 0o1770
 NOTE_MODE = 0o644
 PENDING = "pending"
 # A user name used as it is for the folder: what useradd, sssd and winbind
