@@ -72,9 +72,14 @@ ADVICE = {
 
 
 def folder_name(uid: int) -> str:
-    """The name of an uploader's folder: their user name, or the uid when it is unsafe."""
+    """The name of an uploader's folder: their user name, or the uid when it is unsafe.
+
+    A name of digits only is the uid form: else a login like a student number
+    could be another uploader's uid, whose folder is named by it."""
     name = user_name(uid)
-    return name if _FOLDER_NAME.fullmatch(name) and name not in (".", "..") else str(uid)
+    if _FOLDER_NAME.fullmatch(name) and name not in (".", "..") and not name.isdigit():
+        return name
+    return str(uid)
 
 
 def outcomes_dir(study: StudyConfig, uid: int) -> Path:
@@ -135,6 +140,11 @@ def open_outcomes(study: StudyConfig, uid: int, service: tuple[int, int]) -> int
     try:
         if made:
             os.setxattr(folder, _ACL_XATTR, acl_for_user(uid, 5))
+        elif not _lets_in(folder, uid):
+            raise PermissionError(errno.EPERM, f"{study.users / folder_name(uid)} is another "
+                                  f"user's (its ACL names another uid than {uid}: a reused "
+                                  "login?); move it away, then run `dittohead setup "
+                                  f"{study.name} --user NAME`")
         inbox, made = _subdir(folder, "inbox", INBOX_MODE, service)
         try:
             if made:
@@ -144,6 +154,17 @@ def open_outcomes(study: StudyConfig, uid: int, service: tuple[int, int]) -> int
         return _subdir(folder, "outcomes", OUTCOMES_MODE, service)[0]
     finally:
         os.close(folder)
+
+
+def _lets_in(fd: int, uid: int) -> bool:
+    """Whether a folder's ACL names this uid: a folder found by name may be one an
+    earlier account of that name had (its ACL then lets another uid in)."""
+    try:
+        acl = os.getxattr(fd, _ACL_XATTR)
+    except OSError:
+        return False
+    entries = [struct.unpack_from("<HHI", acl, at) for at in range(4, len(acl) - 7, 8)]
+    return {e[2] for e in entries if e[0] == _USER} == {uid}
 
 
 def _write(dir_fd: int, name: str, data: bytes) -> None:

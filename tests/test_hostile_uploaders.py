@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from dittohead.outcomes import outcomes_dir
+from dittohead.errors import TemporaryError
+from dittohead.outcomes import acl_for_user, outcomes_dir
+from dittohead.upload import before, wait
 
 from .conftest import IS_ROOT, REPO, Env, ThrowawayUser, add_user, as_service, service_argv
+from .test_outcomes import as_user, dittohead_as, drop_as, notes, own_inbox
 
 root = pytest.mark.root
+other = pytest.fixture(lambda: add_user("dh-test-ra2"), name="other")
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="NEEDS ROOT: real uploaders and ACLs")
 
 # Swaps two names of a directory for ever (RENAME_EXCHANGE), as fast as it can:
@@ -40,16 +45,6 @@ while time.monotonic() < end:
 """
 
 
-@pytest.fixture
-def other() -> ThrowawayUser:
-    return add_user("dh-test-ra2")
-
-
-def as_user(user: ThrowawayUser, *argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*user.prefix(), *argv], capture_output=True, text=True,
-                          timeout=120, cwd="/")
-
-
 def setup_user(env: Env, user: ThrowawayUser) -> Path:
     """`dittohead setup s1 --user NAME`, as root does it; the user's own inbox."""
     subprocess.run(["python3", "-m", "dittohead", "--config", str(env.config_path), "setup",
@@ -59,19 +54,24 @@ def setup_user(env: Env, user: ThrowawayUser) -> Path:
 
 @root
 @needs_root
-def test_swapping_entries_in_an_own_inbox_during_claims_never_ends_a_run_with_1(
-        service_env: Env, svc: ThrowawayUser, ra: ThrowawayUser) -> None:
-    """Once the claim has taken a directory over, its uploader can no longer rename it:
-    the own inbox is sticky like the shared one, so the claim's rename moves the very
-    inode it took over."""
+@pytest.mark.parametrize("shared", [False, True], ids=["own-inbox", "shared-inbox"])
+@pytest.mark.parametrize("second", ["dir", "file"])
+def test_swapping_entries_during_claims_never_ends_a_run_with_1_or_78(
+        service_env: Env, svc: ThrowawayUser, ra: ThrowawayUser, shared: bool,
+        second: str) -> None:
+    """An uploader swaps two of their entries (RENAME_EXCHANGE) while the service claims
+    them: a swap that passed its checks before the takeover still lands after it, so the
+    claim's rename may move the other entry. Each is delivered all the same, as theirs."""
     env = service_env
-    inbox = setup_user(env, ra)
+    inbox = env.study.inbox if shared else setup_user(env, ra)
     argv = service_argv(env, svc, "process", "s1")
     for i in range(8):
         a, b = inbox / f"e{i}", inbox / f"f{i}"
-        for d in (a, b):
-            assert as_user(ra, "sh", "-c", f"mkdir {d} && echo {d.name} > {d}/{d.name}.txt"
-                           ).returncode == 0
+        assert as_user(ra, "sh", "-c", f"mkdir {a} && echo {a.name} > {a}/{a.name}.txt"
+                       ).returncode == 0
+        make = (f"mkdir {b} && echo {b.name} > {b}/{b.name}.txt" if second == "dir"
+                else f"echo {b.name} > {b}")
+        assert as_user(ra, "sh", "-c", make).returncode == 0
         swapper = subprocess.Popen([*ra.prefix(), "/usr/bin/python3", "-c", SWAPPER, str(a),
                                     str(b), "20"], stdout=subprocess.PIPE, text=True, cwd="/")
         assert swapper.stdout is not None and swapper.stdout.readline() == "go\n"
@@ -80,11 +80,109 @@ def test_swapping_entries_in_an_own_inbox_during_claims_never_ends_a_run_with_1(
         swapper.wait()
         assert r.returncode == 0, r.stderr
         assert os.listdir(inbox) == []
-    delivered = sorted(os.listdir(env.study.destination))
-    assert delivered == sorted(f"{x}{i}.txt" for i in range(8) for x in "ef")
+    delivered = set(os.listdir(env.study.destination))
+    for i in range(8):  # a plain file is delivered under the name it was claimed by
+        assert {f"e{i}.txt", f"f{i}.txt"} <= delivered if second == "dir" else \
+            f"e{i}.txt" in delivered and len({f"e{i}", f"f{i}"} & delivered) == 1
     for p in env.done_receipts():
         assert json.loads(p.read_text())["uploader_uid"] == ra.uid
 
 
 def run_as_service(env: Env, svc: ThrowawayUser) -> subprocess.CompletedProcess[str]:
     return as_service(env, svc, "process", "s1")
+
+
+def free_uid() -> int:
+    """A uid nobody has (an account deleted since, a domain user the host cannot name)."""
+    return next(u for u in range(4242, 60000) if _nameless(u))
+
+
+def _nameless(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return True
+    return False
+
+
+@root
+@needs_root
+def test_a_user_named_like_another_uploaders_uid_never_reads_their_outcomes(
+        service_env: Env, svc: ThrowawayUser) -> None:
+    """Student numbers are common logins: the user named '4242' and the nameless uid
+    4242 (whose folder is named by its uid) get folders of their own."""
+    env = service_env
+    nameless = free_uid()
+    numeric = add_user(str(nameless))
+    assert numeric.uid != nameless
+    setup_user(env, numeric)
+    env.drop("theirs", {"secret-plan.txt": b"x"}, uid=nameless)
+    r = run_as_service(env, svc)
+    assert r.returncode == 0, r.stderr
+    mine = dittohead_as(numeric, env, "status", "--mine", "--json", "s1")
+    assert json.loads(mine.stdout)[0]["uploads"] == [], mine.stdout
+    assert outcomes_dir(env.study, nameless) != outcomes_dir(env.study, numeric.uid)
+    [note] = notes(env, nameless)
+    assert note["entry"] == "theirs"
+
+
+@root
+@needs_root
+def test_notes_never_go_into_a_folder_another_uid_may_read(
+        service_env: Env, svc: ThrowawayUser, ra: ThrowawayUser,
+        other: ThrowawayUser) -> None:
+    """A login reused by a new account (another uid) finds the old account's folder;
+    the service writes nothing there and warns, so the old uid learns nothing."""
+    env = service_env
+    inbox = setup_user(env, ra)
+    folder = inbox.parent
+    # The folder as it was left by the name's previous holder, now `other`'s uid.
+    os.setxattr(folder, "system.posix_acl_access", acl_for_user(other.uid, 5))
+    drop_as(ra, env, "s20")
+    r = run_as_service(env, svc)
+    assert r.returncode == 0, r.stderr
+    assert "note could not be written" in r.stderr and "another user" in r.stderr
+    assert list((folder / "outcomes").iterdir()) == []
+    assert [p.name for p in env.done_receipts()]  # delivered all the same
+    r = subprocess.run(["python3", "-m", "dittohead", "--config", str(env.config_path), "setup",
+                        "s1", "--user", ra.name], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode != 0 and "another user" in r.stderr
+
+
+def test_upload_wait_never_takes_the_outcome_of_the_same_name_in_the_own_inbox(
+        env: Env) -> None:
+    """`upload` drops into the shared inbox; the same name dropped into the uploader's
+    own inbox meanwhile (a lab PC over SMB) is another upload, with its own outcome."""
+    then = before(env.study)
+    (env.study.destination / "s30").write_bytes(b"theirs")
+    (own_inbox(env) / "s30").write_bytes(b"mine")  # fails: a conflict
+    assert env.process().returncode == 0
+    [note] = notes(env)
+    assert note["outcome"] == "failed"
+    with pytest.raises(TemporaryError, match="no outcome"):
+        wait(env.study, "s30", then, 0.5)
+
+
+@root
+@needs_root
+def test_retry_never_puts_another_users_file_into_an_own_inbox(
+        service_env: Env, svc: ThrowawayUser, ra: ThrowawayUser,
+        other: ThrowawayUser) -> None:
+    """ra hard-links other's world-writable upload into ra's own inbox (Linux lets
+    anyone link a file they may read and write): it fails (other names) as other's
+    entry, and `retry` puts it back into the shared inbox, not into ra's."""
+    env = service_env
+    inbox = setup_user(env, ra)
+    assert as_user(other, "sh", "-c", f"umask 0; echo secret > {env.study.inbox}/.b1 && "
+                   f"mv {env.study.inbox}/.b1 {env.study.inbox}/b1").returncode == 0
+    assert as_user(ra, "ln", f"{env.study.inbox}/b1", f"{inbox}/a1").returncode == 0
+    r = run_as_service(env, svc)
+    assert r.returncode == 0, r.stderr
+    failed = [json.loads(p.read_text()) for p in env.failed_receipts()]
+    [mine] = [f for f in failed if f["entry"] == "a1"]
+    assert mine["uploader_uid"] == other.uid and mine["inbox"] == f"users/{ra.name}/inbox"
+    out = subprocess.run(["python3", "-m", "dittohead", "--config", str(env.config_path),
+                          "retry", "s1", mine["id"]], capture_output=True, text=True,
+                         cwd=REPO, check=True).stdout
+    assert f"back in {env.study.inbox} as a1" in out
+    assert os.listdir(inbox) == []
