@@ -186,3 +186,31 @@ def test_retry_never_puts_another_users_file_into_an_own_inbox(
                          cwd=REPO, check=True).stdout
     assert f"back in {env.study.inbox} as a1" in out
     assert os.listdir(inbox) == []
+
+
+@root
+@needs_root
+def test_odd_entries_in_an_own_inbox_are_filed_and_the_run_ends_0(
+        service_env: Env, svc: ThrowawayUser, ra: ThrowawayUser,
+        other: ThrowawayUser) -> None:
+    """FIFOs, sockets, symlinks into another uploader's folder, 0000 directories,
+    names with newlines or like another inbox's key: each is filed (failed where it
+    must), nothing waits for ever, nothing is followed."""
+    env = service_env
+    inbox = setup_user(env, ra)
+    theirs = setup_user(env, other).parent / "outcomes"
+    script = (f"cd {inbox} && mkfifo p1 && ln -s {theirs} l1 && "
+              "mkdir -p d0/sub && echo x > d0/sub/f && chmod 0 d0/sub d0 && "
+              "printf x > \"$(printf 'n\\nl')\" && mkdir users && echo y > users/y && "
+              "python3 -c 'import socket; socket.socket(socket.AF_UNIX).bind(\"s1\")'")
+    assert as_user(ra, "sh", "-c", script).returncode == 0
+    r = run_as_service(env, svc)
+    assert r.returncode == 0, r.stderr
+    assert os.listdir(inbox) == []
+    receipts = {json.loads(p.read_text())["entry"]: json.loads(p.read_text())
+                for p in [*env.done_receipts(), *env.failed_receipts()]}
+    assert set(receipts) == {"p1", "l1", "d0", "n\\nl", "users", "s1"}
+    assert {e for e, x in receipts.items() if x["outcome"] == "delivered"} == \
+        {"d0", "n\\nl", "users"}
+    assert all(x["uploader_uid"] == ra.uid for x in receipts.values())
+    assert os.listdir(theirs) == []
