@@ -9,11 +9,10 @@ processing/ keeps two runs from claiming one entry twice.
 
 A directory is taken over (lockdown.py) between the record and the rename:
 the kernel lets a directory move to another parent only if the mover may
-write to it (its ".." changes), and the service has no CAP_DAC_OVERRIDE to
-skip that check. Its uploader can then no longer rename, replace or remove it
-in the sticky inbox; a run killed in between finds it there, the service's,
-and `resume_claim` finishes the rename under the same id. docs/design.md,
-"Privileges".
+write to it (its ".." changes), and the service has no CAP_DAC_OVERRIDE.
+Its uploader can then no longer rename it in the sticky inbox (but for a
+swap already under way: `_claimed_other`); a run killed in between finds it
+there, the service's, and `resume_claim` finishes the rename under the same id.
 """
 
 from __future__ import annotations
@@ -121,11 +120,7 @@ def ready_entries(study: StudyConfig) -> list[str]:
 
 def claim(study: StudyConfig, key: str, owner: Ownership) -> Claim | None:
     """Move one ready entry (by its readiness key) to processing/<id>; None if it
-    vanished or changed meanwhile.
-
-    The uploader is the owner of the inode opened here (O_NOFOLLOW), not of
-    whatever the name leads to a moment later.
-    """
+    vanished or changed meanwhile. The uploader owns what was moved."""
     folder, entry = split_key(key)
     try:
         pfd = os.open(study.root / folder / entry, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -172,24 +167,41 @@ def _claim_inode(study: StudyConfig, c: Claim, owner: Ownership, st: os.stat_res
         os.rename(src, dst)
     except BaseException as e:
         record.unlink(missing_ok=True)
+        # Moving what was opened (a directory taken over, or not a directory) needs no
+        # right to it: refused, the name led elsewhere then (_claimed_other).
+        swapped = isinstance(e, PermissionError) and os.access(src.parent, os.W_OK | os.X_OK)
         if taken:
             _give_top_back(fd, st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
-        if isinstance(e, FileNotFoundError):
-            return None
+        if isinstance(e, FileNotFoundError) or swapped:
+            return None  # the next scan
         if isinstance(e, OSError):
             raise _claim_error(study, c.inbox, entry, e) from None
         raise
     moved = os.lstat(dst)
     if (moved.st_dev, moved.st_ino) == (st.st_dev, st.st_ino):
         return c
-    if taken:  # nobody but the service (or root) can rename a directory it owns here
-        raise DittoheadError(f"claiming {printable(entry)} moved another inode than the one "
-                             f"taken over to {dst}; both are left as they are for an admin")
-    # A file: its uploader removed it and another user dropped the same name in
-    # between. The record must name whoever owns what was claimed.
-    c = replace(c, uploader_uid=moved.st_uid)
-    _write_record(record, c)
+    return _claimed_other(study, c, owner, moved, fd if taken else -1, st)
+
+
+def _claimed_other(study: StudyConfig, c: Claim, owner: Ownership, moved: os.stat_result,
+                   taken_fd: int, st: os.stat_result) -> Claim:
+    """The rename moved another inode than the one opened (docs/design.md, "Claim"):
+    the taken one goes back, what was moved is the claim, credited to its owner."""
+    if taken_fd >= 0:
+        _give_top_back(taken_fd, st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
+    c = replace(c, uploader_uid=moved.st_uid, top=())
+    _write_record(study.processing / f"{c.id}.json", c)
+    if stat.S_ISDIR(moved.st_mode):
+        adopt_claimed(study, c, owner)
     return c
+
+
+def _leads_to(path: Path, st: os.stat_result) -> bool:
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
 
 
 def _take_top(study: StudyConfig, c: Claim, owner: Ownership, fd: int,
@@ -203,11 +215,7 @@ def _take_top(study: StudyConfig, c: Claim, owner: Ownership, fd: int,
                            "taken over from its uploader (does the service have "
                            "CAP_CHOWN?). The entry waits in the inbox.") from None
     point("chowned")
-    try:
-        now = os.lstat(study.root / c.inbox / c.entry)
-    except FileNotFoundError:
-        now = None
-    if now is not None and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+    if _leads_to(study.root / c.inbox / c.entry, st):
         return True
     # Its uploader renamed it before it was taken over: give it back untouched.
     _give_top_back(fd, st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
@@ -289,12 +297,9 @@ def adopt_claimed(study: StudyConfig, c: Claim, owner: Ownership) -> None:
 
 
 def pending_claims(study: StudyConfig) -> Iterator[Claim]:
-    """Claim records a previous run left in processing/ (a crash, or retry later).
-
-    The caller decides by where the entry is: still in processing/ (deliver
-    again), already in done/ or failed/ (a crash while filing: report it),
-    or nowhere (a crash before the rename: the entry is still in the inbox).
-    """
+    """Claim records a previous run left in processing/ (a crash, or retry later). The
+    caller decides by where the entry is: still in processing/ (deliver again), in done/
+    or failed/ (a crash while filing: report it), or nowhere (still in the inbox)."""
     for record in sorted(study.processing.glob("*.json")):
         try:
             data = json.loads(record.read_text(encoding="utf-8"))
@@ -313,14 +318,9 @@ _KILLED = re.compile(r"\.killed-[0-9]+$")
 
 
 def sweep_stale(study: StudyConfig) -> None:
-    """Remove temporary files a killed run left in processing/ (call with the lock held).
-
-    A run killed while writing a claim record leaves `.<id>.json.tmp`; its
-    entry is still in the inbox and is claimed again under a new id. A plan
-    spooled for a claim that no longer exists is garbage too, and so is any
-    worker's part file (`.<id>.<k>.plan` or `.sha256`: no claim is named
-    `<id>.<k>`), since no attempt is under way while the lock is held.
-    """
+    """Remove temporary files a killed run left in processing/ (call with the lock held):
+    `.<id>.json.tmp` (its entry is still in the inbox), plans of claims that are gone,
+    and workers' part files (`.<id>.<k>.plan`, `.sha256`: no claim is named `<id>.<k>`)."""
     for p in study.processing.glob(".*"):
         name = p.name
         if name.endswith(".tmp"):

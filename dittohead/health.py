@@ -19,6 +19,7 @@ from .errors import DittoheadError, TemporaryError
 from .examine import MAX_DEPTH
 from .fsops import rename_noreplace, used_percent
 from .log import printable
+from .outcomes import outcomes_dir
 from .readiness import Watch, drop_folders
 from .record import ReceiptError, read_receipt
 from .stage import STAGING_PREFIX
@@ -313,8 +314,11 @@ def retry(cfg: Config, study: StudyConfig, delivery: str) -> str:
                              "changed") from None
     if not os.path.lexists(study.failed / delivery):
         raise DittoheadError(f"{study.failed / delivery} is gone; nothing to retry")
-    # Back where it was dropped: an uploader's own inbox when it still is there.
-    inbox = study.root / r.inbox if os.path.isdir(study.root / r.inbox) else study.inbox
+    # Back where it was dropped: an uploader's own inbox when it still is there, and is
+    # the uploader's (another user may have hard-linked their file into their own).
+    own = study.root / r.inbox
+    inbox = own if os.path.isdir(own) and r.uploader_uid >= 0 and \
+        own == outcomes_dir(study, r.uploader_uid).parent / "inbox" else study.inbox
     # Checked before anything is given back, and again by the rename itself.
     waiting = DittoheadError(f"{printable(str(inbox / name))} exists: another upload of "
                              "that name is waiting; retry after it is delivered")

@@ -30,7 +30,7 @@ from pathlib import Path
 from .config import Config, StudyConfig
 from .errors import ConfigError
 from .fsops import write_atomic
-from .outcomes import USERS_MODE, acl_problem, open_outcomes, outcomes_dir
+from .outcomes import INBOX_MODE, USERS_MODE, acl_problem, open_outcomes, outcomes_dir
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,7 @@ def setup(config: Config, study: StudyConfig) -> list[str]:
         if stat.S_IMODE(st.st_mode) != w.mode:
             os.chmod(w.path, w.mode)
             changed.append(f"mode of {w.path} -> {w.mode:04o}")
-    changed += _marker(config) + user_folders(config, study,
-                                              _members(study.uploaders or ()))
+    changed += _marker(config)
     pw = pwd.getpwnam(config.service_user)
     gid = grp.getgrnam(study.group).gr_gid if study.group else pw.pw_gid
     if not os.path.lexists(study.destination):
@@ -119,7 +118,8 @@ def setup(config: Config, study: StudyConfig) -> list[str]:
                  follow_symlinks=False)
         changed.append(f"owner of {study.destination} -> "
                        f"{_owner(pw.pw_uid, gid if study.group else st.st_gid)}")
-    return changed
+    # Last: a folder it must refuse (another uid's) stops nothing else.
+    return changed + user_folders(config, study, _members(study.uploaders or ()))
 
 
 # What an SFTP-only client reads in its start directory (the dropbox root):
@@ -150,16 +150,33 @@ def user_folders(config: Config, study: StudyConfig, uids: set[int]) -> list[str
     if not os.path.isdir(study.users):
         raise ConfigError(f"{study.users} is missing: run `dittohead setup {study.name}` first")
     pw = pwd.getpwnam(config.service_user)
-    made = []
+    made, problems = [], []
     for uid in sorted(uids):
         folder = outcomes_dir(study, uid).parent
-        if not (folder / "inbox").is_dir() or not (folder / "outcomes").is_dir():
+        inbox = _mode(folder / "inbox")
+        missing = inbox is None or not (folder / "outcomes").is_dir()
+        try:  # (repairs modes, refuses a folder another uid may read)
             os.close(open_outcomes(study, uid, (pw.pw_uid, pw.pw_gid)))
+        except PermissionError as e:
+            problems.append(f"{e.strerror}" + (f": {e.filename}" if e.filename else ""))
+            continue
+        if missing:
             made.append(f"created {folder} (inbox/ and outcomes/)")
-    if made and os.path.isdir("/run/systemd/system"):
+        elif inbox != INBOX_MODE:
+            made.append(f"mode of {folder / 'inbox'} -> {INBOX_MODE:04o}")
+    if any(m.startswith("created") for m in made) and os.path.isdir("/run/systemd/system"):
         subprocess.run(["systemctl", "daemon-reload"], check=False)
         made.append("reloaded systemd: the path unit watches the new inboxes")
+    if problems:
+        raise ConfigError(problems)
     return made
+
+
+def _mode(path: Path) -> int | None:
+    try:
+        return stat.S_IMODE(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return None
 
 
 def _members(groups: tuple[str, ...]) -> set[int]:

@@ -2,9 +2,10 @@
 
     <study>/users/                   0751 svc:svc  only the service group lists who uploads
     <study>/users/<user>/            0750 svc:svc  plus the POSIX ACL entry user:<uid>:r-x
-    <study>/users/<user>/inbox/      0770 svc:svc  plus user:<uid>:rwx: their own inbox, which
+    <study>/users/<user>/inbox/      1770 svc:svc  plus user:<uid>:rwx: their own inbox, which
                                    they can list (a 1733 shared inbox cannot be: Windows
-                                   Explorer must list a folder to open it)
+                                   Explorer must list a folder to open it); sticky, as the
+                                   shared one, for the claim (claim.py)
     <study>/users/<user>/outcomes/   0755 svc:svc  (reached only through the folder above)
         <id>.txt   for people: what became of the upload and what to do next (CRLF lines,
                    so that Notepad on an old lab PC shows them as lines)
@@ -42,7 +43,10 @@ if TYPE_CHECKING:  # not imported: `where` and `ready` start faster without it
 USERS_MODE = 0o751
 FOLDER_MODE = 0o750
 OUTCOMES_MODE = 0o755
-INBOX_MODE = 0o770  # plus user:<uid>:rwx: the uploader's own, listable inbox
+# Plus user:<uid>:rwx: the uploader's own, listable inbox. Sticky like the shared
+# one: a directory the claim took over must stay where it is until the claim's
+# rename, which else moved whatever its uploader swapped in (claim.py).
+INBOX_MODE = 0o1770
 NOTE_MODE = 0o644
 PENDING = "pending"
 # A user name used as it is for the folder: what useradd, sssd and winbind
@@ -70,9 +74,14 @@ ADVICE = {
 
 
 def folder_name(uid: int) -> str:
-    """The name of an uploader's folder: their user name, or the uid when it is unsafe."""
+    """The name of an uploader's folder: their user name, or the uid when it is unsafe.
+
+    A name of digits only is the uid form: else a login like a student number
+    could be another uploader's uid, whose folder is named by it."""
     name = user_name(uid)
-    return name if _FOLDER_NAME.fullmatch(name) and name not in (".", "..") else str(uid)
+    if _FOLDER_NAME.fullmatch(name) and name not in (".", "..") and not name.isdigit():
+        return name
+    return str(uid)
 
 
 def outcomes_dir(study: StudyConfig, uid: int) -> Path:
@@ -133,6 +142,11 @@ def open_outcomes(study: StudyConfig, uid: int, service: tuple[int, int]) -> int
     try:
         if made:
             os.setxattr(folder, _ACL_XATTR, acl_for_user(uid, 5))
+        elif not _lets_in(folder, uid):
+            raise PermissionError(errno.EPERM, f"{study.users / folder_name(uid)} is another "
+                                  f"user's (its ACL names another uid than {uid}: a reused "
+                                  "login?); move it away, then run `dittohead setup "
+                                  f"{study.name} --user NAME`")
         inbox, made = _subdir(folder, "inbox", INBOX_MODE, service)
         try:
             if made:
@@ -142,6 +156,17 @@ def open_outcomes(study: StudyConfig, uid: int, service: tuple[int, int]) -> int
         return _subdir(folder, "outcomes", OUTCOMES_MODE, service)[0]
     finally:
         os.close(folder)
+
+
+def _lets_in(fd: int, uid: int) -> bool:
+    """Whether a folder's ACL names this uid: a folder found by name may be one an
+    earlier account of that name had (its ACL then lets another uid in)."""
+    try:
+        acl = os.getxattr(fd, _ACL_XATTR)
+    except OSError:
+        return False
+    entries = [struct.unpack_from("<HHI", acl, at) for at in range(4, len(acl) - 7, 8)]
+    return {e[2] for e in entries if e[0] == _USER} == {uid}
 
 
 def _write(dir_fd: int, name: str, data: bytes) -> None:

@@ -128,11 +128,15 @@ def _notes(place: Path, since: float) -> list[dict[str, Any]]:
 
 
 def _outcome(study: StudyConfig, name: str, then: Before) -> dict[str, Any] | None:
-    """The newest note or receipt about `name` that was not there before the upload."""
+    """The newest note or receipt about `name` that was not there before the upload.
+
+    Only of an entry from the shared inbox, where `upload` puts it: the same
+    name may be dropped into the uploader's own inbox meanwhile (over SMB)."""
     hexname = os.fsencode(name).hex()
     for place in _places(study):
         for note in _notes(place, then.since):
-            if note.get("entry_hex") == hexname and str(note.get("id")) not in then.known:
+            if note.get("entry_hex") == hexname and str(note.get("id")) not in then.known \
+                    and note.get("inbox", "inbox") == "inbox":
                 return note
     return None
 
