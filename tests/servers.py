@@ -94,7 +94,7 @@ def sample(path: Path, replace: dict[str, str]) -> str:
 
 
 def start_smbd(b: Box, root: str, study: str, group: str) -> None:
-    """smbd with the sample's shares for study, listening on 127.0.0.1:SMB_PORT."""
+    """smbd with the sample's share for study, listening on 127.0.0.1:SMB_PORT."""
     b.box.write_file("/etc/samba/dittohead-smb.conf", sample(SMB_SAMPLE, {
         SAMPLE_ROOT: root, SAMPLE_GROUP: group, SAMPLE_STUDY: study}))
     b.box.write_file("/etc/samba/smb.conf", SMB_GLOBAL)
@@ -125,10 +125,10 @@ done > /etc/ssh/ssh_known_hosts
 
 
 def _wait_listening(b: Box, port: int) -> None:
-    def up() -> bool:
-        r = b.box.run("ss", "-Htln", f"sport = :{port}", check=False)
-        return "127.0.0.1" in r.stdout
-    wait_for(up, 30, f"a server listening on 127.0.0.1:{port}")
+    # python3, not ss: a clean Debian 12 may lack iproute2, never Python (dittohead needs it).
+    probe = f"import socket; socket.create_connection(('127.0.0.1', {port}), 1).close()"
+    wait_for(lambda: b.box.run("python3", "-c", probe, check=False).returncode == 0, 30,
+             f"a server listening on 127.0.0.1:{port}")
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,7 @@ def add_uploader(b: Box, name: str, groups: list[str], sftp_only: bool) -> Uploa
     shell = "/usr/sbin/nologin" if sftp_only else "/bin/sh"
     all_groups = ",".join(groups + ([SFTP_GROUP] if sftp_only else []))
     b.sh(f"""set -e
+getent group {SFTP_GROUP} >/dev/null || groupadd {SFTP_GROUP}
 useradd --create-home --shell {shell} --groups {all_groups} {name}
 # '*', not useradd's '!': no password, but not a locked account either.
 usermod -p '*' {name}
