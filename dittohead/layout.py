@@ -30,7 +30,14 @@ from pathlib import Path
 from .config import Config, StudyConfig
 from .errors import ConfigError
 from .fsops import write_atomic
-from .outcomes import INBOX_MODE, USERS_MODE, acl_problem, open_outcomes, outcomes_dir
+from .outcomes import (
+    INBOX_MODE,
+    USERS_MODE,
+    acl_problem,
+    folder_problems,
+    open_outcomes,
+    outcomes_dir,
+)
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,7 @@ def problems(config: Config, study: StudyConfig) -> list[str]:
                        f"{w.mode:04o} {_owner(w.uid, w.gid)}")
     if os.path.isdir(study.users):
         out += filter(None, [acl_problem(study)])
+        out += folder_problems(study)
     return out
 
 

@@ -26,6 +26,7 @@ import contextlib
 import errno
 import json
 import os
+import pwd
 import re
 import stat
 import struct
@@ -105,6 +106,36 @@ def acl_problem(study: StudyConfig) -> str | None:
             return (f"{study.users}: the filesystem has no POSIX ACLs (mount it with acl): "
                     "uploaders cannot read their outcomes")
     return None
+
+
+def folder_problems(study: StudyConfig) -> list[str]:
+    """Uploaders' folders whose ACL lets in another uid than their name's (a reused login),
+    or that are not the service's: `dittohead check`."""
+    found = []
+    try:
+        names = sorted(os.listdir(study.users))
+    except OSError:
+        return []
+    for name in names:
+        path = study.users / name
+        try:
+            uid = int(name) if name.isdigit() else pwd.getpwnam(name).pw_uid
+        except KeyError:
+            found.append(f"{path}: no user {name} any more (move the folder away)")
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            found.append(f"{path}: {e.strerror}")
+            continue
+        try:
+            if not _lets_in(fd, uid):
+                found.append(f"{path}: its ACL does not let exactly uid {uid} ({name}) in: "
+                             "a reused login? Move it away, then `dittohead setup "
+                             f"{study.name} --user {name}`")
+        finally:
+            os.close(fd)
+    return found
 
 
 def _subdir(parent_fd: int, name: str, mode: int, service: tuple[int, int]) -> tuple[int, bool]:

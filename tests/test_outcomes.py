@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dittohead import layout
-from dittohead.outcomes import acl_problem, open_outcomes, outcomes_dir
+from dittohead.outcomes import acl_for_user, acl_problem, open_outcomes, outcomes_dir
 
 from .conftest import (
     IS_ROOT,
@@ -297,3 +297,17 @@ def test_check_says_when_the_dropbox_has_no_acls(env: Env, tmp_path: Path) -> No
         assert acl_problem(env.study) is None
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+@root
+@needs_root
+def test_check_names_a_folder_whose_acl_lets_another_uid_in(
+        service_env: Env, svc: ThrowawayUser, ra: ThrowawayUser, other: ThrowawayUser) -> None:
+    env = service_env
+    os.close(open_outcomes(env.study, ra.uid, (svc.uid, svc.gid)))
+    assert env.run("check", "s1").stdout.count("ACL") == 0
+    # A login reused by a new account: the folder still lets the old uid in.
+    os.setxattr(env.study.users / ra.name, "system.posix_acl_access",
+                acl_for_user(other.uid, 5))
+    out = env.run("check", "s1").stdout
+    assert f"users/{ra.name}: its ACL does not let exactly uid {ra.uid}" in out
