@@ -91,6 +91,12 @@ demo: venv
 bench: venv
 	$(VENV)/bin/python bench/bench_delivery.py
 
+# As root: `dittohead upload --host` against `rsync -a` over ssh, in a booted
+# throwaway systemd running the sample sshd (bench/remote_upload.py).
+.PHONY: bench-remote
+bench-remote: venv
+	$(VENV)/bin/python bench/remote_upload.py --box
+
 # As root: 1,000 uploads at once on a booted throwaway systemd (bench/burst.py).
 .PHONY: burst
 burst: venv
