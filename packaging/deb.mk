@@ -67,8 +67,10 @@ deb: deb-deps
 	cp -p dittohead/*.py $(DEB_SRCDIR)/dittohead/
 	cp -p units/* $(DEB_SRCDIR)/units/
 	cp -p config.yaml pyproject.toml README.md $(DEB_SRCDIR)/
-	mkdir -p $(DEB_SRCDIR)/docs && cp -p docs/contract.md docs/design.md $(DEB_SRCDIR)/docs/
+	mkdir -p $(DEB_SRCDIR)/docs && cp -p docs/contract.md docs/design.md docs/upload.md \
+	    $(DEB_SRCDIR)/docs/
 	cp -p packaging/install.mk packaging/dittohead.8 $(DEB_SRCDIR)/packaging/
+	cp -pR packaging/samba packaging/ssh $(DEB_SRCDIR)/packaging/
 	cp -pR packaging/debian $(DEB_SRCDIR)/debian
 	@maint=$$(sed -n 's/^Maintainer: *//p' packaging/debian/control); \
 	date=$$(git log -1 --format=%cD 2>/dev/null || date -R); \

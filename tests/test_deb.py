@@ -38,6 +38,9 @@ FILES = (
     "./usr/lib/tmpfiles.d/dittohead.conf",
     "./usr/lib/systemd/catalog/dittohead.catalog",
     "./usr/share/man/man8/dittohead.8.gz",
+    "./usr/share/doc/dittohead/upload.md.gz",
+    "./usr/share/doc/dittohead/examples/dittohead-smb.conf",
+    "./usr/share/doc/dittohead/examples/dittohead-sshd.conf",
     "./etc/dittohead/config.yaml",
 )
 DEPENDS = ("python3 (>= 3.11)", "python3-yaml", "python3-systemd", "systemd")
