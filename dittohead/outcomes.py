@@ -308,7 +308,12 @@ def mine(study: StudyConfig, last: int) -> dict[str, Any]:
     except OSError as e:
         notes, problem = [], (f"cannot read {folder}: {e.strerror} (ask the admin to run "
                               f"`dittohead setup {study.name}`; the dropbox needs POSIX ACLs)")
+    try:  # not taken yet: what is in the caller's own inbox (the shared one cannot be listed)
+        waiting = sorted(n for n in os.listdir(folder.parent / "inbox") if not n.startswith("."))
+    except OSError:
+        waiting = []
     return {"study": study.name, "outcomes": str(folder), "problem": problem,
+            "waiting": waiting, "quiet_period": study.quiet_period,
             "uploads": notes[:last] if last else notes}
 
 
@@ -318,5 +323,7 @@ def mine_text(found: list[dict[str, Any]]) -> str:
     for s in found:
         lines.append(f"{s['study']}: " + (s["problem"] or f"{len(s['uploads'])} recent "
                                           f"uploads (in {s['outcomes']})"))
+        lines += [f"  waiting in your inbox: {printable(n)} (taken once nothing in it has "
+                  f"changed for {s['quiet_period']:g} s)" for n in s["waiting"]]
         lines += [f"  {note.get('started')}  {shown(note)}" for note in s["uploads"]]
     return "\n".join(lines)

@@ -253,6 +253,16 @@ def test_failed_entry_from_own_inbox_is_retried_back_there(env: Env) -> None:
     assert (inbox / "s10" / "a.txt").read_bytes() == b"mine"
 
 
+def test_status_mine_lists_what_waits_in_the_own_inbox(env: Env) -> None:
+    inbox = own_inbox(env)
+    (inbox / "s14").write_bytes(b"x")
+    (inbox / ".s15").write_bytes(b"y")  # still being copied: not listed
+    text = env.run("status", "--mine", "s1", check=True).stdout
+    assert "waiting in your inbox: s14 (taken once nothing in it has changed for 0 s)" in text
+    [study] = json.loads(env.run("status", "--mine", "--json", "s1", check=True).stdout)
+    assert study["waiting"] == ["s14"]
+
+
 def test_status_counts_entries_in_own_inboxes(env: Env) -> None:
     inbox = own_inbox(env)
     (inbox / "s11").write_bytes(b"x")
