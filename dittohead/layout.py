@@ -91,6 +91,13 @@ def problems(config: Config, study: StudyConfig) -> list[str]:
 
 def setup(config: Config, study: StudyConfig) -> list[str]:
     """Create or repair the study's tree; return what was changed. Idempotent."""
+    if study.group is not None:  # before anything is changed, not halfway
+        try:
+            grp.getgrnam(study.group)
+        except KeyError:
+            raise ConfigError(f"studies.{study.name}.group: no such group {study.group!r}: "
+                              f"create it first (groupadd {study.group}), then run setup "
+                              "again; nothing was changed", str(config.path)) from None
     changed = []
     for w in wanted(config, study):
         if not os.path.lexists(w.path):

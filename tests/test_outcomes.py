@@ -321,3 +321,16 @@ def test_check_names_a_folder_whose_acl_lets_another_uid_in(
                 acl_for_user(other.uid, 5))
     out = env.run("check", "s1").stdout
     assert f"users/{ra.name}: its ACL does not let exactly uid {ra.uid}" in out
+
+
+@root
+@needs_root
+def test_setup_of_a_study_whose_group_is_missing_says_so_and_changes_nothing(
+        shared_base: Path, svc: ThrowawayUser) -> None:
+    env = make_env(shared_base, {"group": "dh-test-nosuchgroup"}, service_user=svc.name)
+    (env.cfg.dropbox_root / layout.MARKER).unlink(missing_ok=True)
+    r = env.run("setup", "s1")
+    assert r.returncode == 78, r.stderr
+    assert "no such group 'dh-test-nosuchgroup': create it first" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (env.cfg.dropbox_root / layout.MARKER).exists()
