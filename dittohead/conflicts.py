@@ -25,8 +25,18 @@ def open_destination(study: StudyConfig) -> int:
     try:
         return os.open(study.destination, DIR_FLAGS)
     except OSError as e:
+        if os.path.islink(study.destination):
+            raise ConfigError(symlinked_destination(study)) from None
         raise TemporaryError(f"destination {study.destination} is not available "
                              f"({e.strerror}); is it mounted?") from None
+
+
+def symlinked_destination(study: StudyConfig) -> str:
+    """Why a destination that is a symbolic link is refused, and the fix."""
+    return (f"studies.{study.name}.destination: {study.destination} is a symbolic link (to "
+            f"{os.readlink(study.destination)}): deliveries never follow one (the service's "
+            "sandbox and its checks bind and open the path as configured); set destination "
+            f"to the real directory, {os.path.realpath(study.destination)}")
 
 
 def check_destination(study: StudyConfig, plan: Plan, dest_fd: int) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from . import layout
 from .config import Config, StudyConfig
+from .conflicts import symlinked_destination
 from .errors import DittoheadError, TemporaryError
 from .examine import MAX_DEPTH
 from .fsops import rename_noreplace, used_percent
@@ -165,6 +166,9 @@ def check(cfg: Config, studies: list[StudyConfig]) -> list[str]:
                 grp.getgrnam(g)
             except KeyError:
                 found.append(p + f"group {g!r} does not exist")
+        if os.path.islink(study.destination):
+            found.append(p + symlinked_destination(study))
+            continue
         try:
             st = os.stat(study.destination)
         except OSError as e:

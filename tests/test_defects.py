@@ -93,3 +93,17 @@ def test_the_python_floor_is_declared_once_and_tested() -> None:
     assert project["tool"]["mypy"]["python_version"] == "3.11"
     assert project["tool"]["ruff"]["target-version"] == "py311"
     assert sys.version_info >= (3, 11)
+
+
+def test_a_symlinked_destination_is_a_config_error_that_check_names(env: Env,
+                                                                    tmp_path: Path) -> None:
+    real = tmp_path / "real-dest"
+    env.study.destination.rename(real)
+    env.study.destination.symlink_to(real)
+    env.drop("s01", {"a.txt": b"x"})
+    r = env.process()
+    assert r.returncode == 78, r.stderr
+    assert "is a symbolic link" in r.stderr and str(real) in r.stderr
+    assert list(real.iterdir()) == []  # nothing went through the link
+    out = env.run("check", "s1").stdout
+    assert f"is a symbolic link (to {real})" in out

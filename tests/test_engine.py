@@ -394,3 +394,4 @@ def test_check_reports_abandoned_staging_and_stale_mail_only(env: Env) -> None:
     assert ".incoming-20260101T000000Z-gone-000000 belongs to no claim" in r.stdout
     assert "live-000000" not in r.stdout
     assert "1 of 2 queued mails are more than a day old" in r.stdout
+
