@@ -178,9 +178,10 @@ def check(cfg: Config, studies: list[StudyConfig]) -> list[str]:
             found.append(p + f"destination {study.destination} is not setgid: directories "
                          "the service creates may lose dir_mode's setgid bit and need "
                          f"CAP_CHOWN for the study's group (chmod g+s {study.destination})")
-        if st.st_uid != svc.pw_uid or not st.st_mode & 0o200:
-            found.append(p + f"destination {study.destination} is not owned and writable "
-                         f"by {cfg.service_user}: deliveries will fail")
+        if not may_add(st, svc.pw_uid, set(os.getgrouplist(svc.pw_name, svc.pw_gid))):
+            found.append(p + f"destination {study.destination} is not writable by "
+                         f"{cfg.service_user} (by owner, group or others): deliveries will "
+                         f"fail (`dittohead setup {study.name}` makes it the service's)")
         found += [p + x for x in closed_dirs(study.destination, svc)]
         disk = disk_use(study.destination)
         if disk and study.disk_warn_percent and disk["percent"] >= study.disk_warn_percent[0]:
@@ -208,6 +209,14 @@ def check(cfg: Config, studies: list[StudyConfig]) -> list[str]:
 CLOSED_DIRS_MAX = 100_000
 
 
+def may_add(st: os.stat_result, uid: int, groups: set[int]) -> bool:
+    """Whether a user may add names to a directory by its mode bits (what the service,
+    without CAP_DAC_OVERRIDE, needs): the owner's, else the group's, else others' wx."""
+    bits = (st.st_mode >> 6 if st.st_uid == uid
+            else st.st_mode >> 3 if st.st_gid in groups else st.st_mode) & 0o3
+    return bits == 0o3
+
+
 def closed_dirs(dest: Path, svc: pwd.struct_passwd, most: int = CLOSED_DIRS_MAX) -> list[str]:
     """Directories below dest the service user may not add to, by their modes (not ACLs).
 
@@ -224,9 +233,7 @@ def closed_dirs(dest: Path, svc: pwd.struct_passwd, most: int = CLOSED_DIRS_MAX)
                 continue  # gone meanwhile
             if not stat.S_ISDIR(st.st_mode):
                 continue  # a symlink: never followed
-            bits = (st.st_mode >> 6 if st.st_uid == svc.pw_uid
-                    else st.st_mode >> 3 if st.st_gid in groups else st.st_mode) & 0o3
-            if bits != 0o3:
+            if not may_add(st, svc.pw_uid, groups):
                 closed.append(os.path.join(path, name))
         seen += 1
         if seen >= most:

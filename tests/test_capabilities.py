@@ -217,3 +217,18 @@ def test_a_claim_of_an_older_version_still_the_uploaders_is_filed_when_rejected(
     assert json.loads(rc.read_text())["outcome"] == "rejected"
     assert tree(env.study.failed / claim_id) == FILES
     no_leftovers(env)
+
+
+def test_check_and_delivery_agree_on_a_destination_writable_through_its_group(
+        service_env: Env, svc: ThrowawayUser, ra: ThrowawayUser) -> None:
+    env = service_env
+    dest = env.study.destination
+    os.chown(dest, 0, svc.gid)  # root's, the service's group may write: deliveries work
+    os.chmod(dest, 0o2770)
+    assert "is not writable by" not in env.run("check", "s1").stdout
+    upload(env, ra)
+    r = as_service(env, svc, "process", "s1")
+    assert r.returncode == 0, r.stderr
+    delivered(env, ra)
+    os.chmod(dest, 0o2750)  # now only its owner, root, may add
+    assert f"destination {dest} is not writable by {svc.name}" in env.run("check", "s1").stdout
