@@ -201,7 +201,35 @@ def check(cfg: Config, studies: list[StudyConfig]) -> list[str]:
                     found.append(p + f"{unit} has failed (systemctl reset-failed {unit})")
     if _systemd_booted():
         from . import generator
-        found += generator.problems(cfg) + generator.drift(cfg)
+        found += generator.problems(cfg) + generator.drift(cfg) + stray_units(cfg)
+    return found
+
+
+_UNIT = re.compile(r"(dittohead(?:-mail|-notify)?)@(.+)\.(path|timer|service)")
+
+
+def stray_units(cfg: Config) -> list[str]:
+    """Units of studies the config no longer has (their uploads would sit unseen), and
+    failed notifier units (a failure nobody was told of)."""
+    r = subprocess.run(["systemctl", "list-units", "--all", "--plain", "--no-legend", "--full",
+                        "dittohead@*", "dittohead-mail@*", "dittohead-notify@*"],
+                       capture_output=True, text=True, check=False)
+    found = []
+    for line in r.stdout.splitlines():
+        fields = line.split()
+        m = _UNIT.fullmatch(fields[0]) if len(fields) >= 3 else None
+        if m is None:
+            continue
+        unit, active, (kind, study, suffix) = printable(fields[0]), fields[2], m.groups()
+        if kind == "dittohead-notify":
+            if active == "failed":
+                found.append(f"{unit} has failed: a unit's failure was not told (journalctl "
+                             f"-u {unit}; then systemctl reset-failed {unit})")
+        elif study not in cfg.studies and (suffix != "service" or active == "failed"):
+            s = printable(study)
+            found.append(f"{unit} is {active} ({fields[1]}), but the config has no study {s}: "
+                         f"its uploads are never delivered (add the study back, or "
+                         f"systemctl disable --now dittohead@{s}.path dittohead@{s}.timer)")
     return found
 
 

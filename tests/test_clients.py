@@ -367,3 +367,16 @@ def test_a_user_added_while_a_run_works_is_known_by_name(box: Box) -> None:
     finally:
         box.dropin("dittohead@s1.service", "90-hold", None)
         box.sh(f"rm -f {GO}; userdel sbxnew", check=False)
+
+
+def test_check_names_the_units_of_a_study_the_config_no_longer_has(box: Box) -> None:
+    # As after a study was removed from the config: its path unit still enabled.
+    box.sh("systemctl enable --now dittohead@gone.path", check=False)
+    try:
+        out = box.sh("dittohead check s1", check=False).stdout
+        assert "dittohead@gone.path is " in out, out
+        assert "but the config has no study gone" in out
+        assert "systemctl disable --now dittohead@gone.path dittohead@gone.timer" in out
+    finally:
+        box.sh("systemctl disable --now dittohead@gone.path; "
+               "systemctl reset-failed dittohead@gone.path", check=False)
