@@ -25,17 +25,6 @@ MAX_DEPTH = 32  # nested mappings and lists
 MAX_NODES = 50_000  # values, keys and collections, each alias counted as what it stands for
 
 
-DEFAULT_CONFIG = Path("/etc/dittohead/config.yaml")
-
-
-def config_path(arg: str | None) -> Path:
-    """--config, else $DITTOHEAD_CONFIG, else /etc/dittohead/config.yaml."""
-    if arg:
-        return Path(arg)
-    env = os.environ.get("DITTOHEAD_CONFIG")
-    return Path(env) if env else DEFAULT_CONFIG
-
-
 def read_yaml(path: Path) -> Any:
     """The file's YAML as plain data; ConfigError for anything wrong with the file itself."""
     shown = printable(str(path))
