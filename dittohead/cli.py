@@ -13,9 +13,6 @@ from typing import TYPE_CHECKING, TextIO
 
 from . import __version__, config, log
 from .errors import (
-    EXIT_DATAERR,
-    EXIT_NOPERM,
-    EXIT_OK,
     EXIT_TEMPFAIL,
     EXIT_UNEXPECTED,
     ConfigError,
@@ -69,20 +66,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--last", type=int, default=10, metavar="N",
                    help="with --mine: how many uploads per study (default 10; 0: all)")
 
+    s = sub.add_parser("retry", help="put a failed delivery back in the inbox")
+    s.add_argument("study")
+    s.add_argument("id")
+
+    _user_commands(sub)
+    return p
+
+
+def _user_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """The commands any user runs: where, upload and (on the server, for upload --host)
+    ready."""
     s = sub.add_parser("where", help="where a study's inbox and your outcomes are (any user)")
     s.add_argument("study")
     s.add_argument("names", nargs="*", metavar="NAME",
                    help="also say which of these names already wait in the inbox")
     s.add_argument("--json", action="store_true", help="machine-readable output")
 
-    s = sub.add_parser("retry", help="put a failed delivery back in the inbox")
-    s.add_argument("study")
-    s.add_argument("id")
-
     s = sub.add_parser("upload", help="copy files or directories into a study's inbox")
     s.add_argument("study")
     s.add_argument("paths", nargs="+", metavar="PATH", type=Path)
-    s.add_argument("--wait", action="store_true", help="wait for the delivery's receipt")
+    s.add_argument("--wait", action="store_true",
+                   help="wait for each upload's outcome and exit by it")
     s.add_argument("--timeout", type=float, default=3600, metavar="SECONDS",
                    help="how long --wait waits (default 3600)")
     s.add_argument("--host", metavar="[USER@]HOST",
@@ -98,7 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only say whether NAME is free (exit 1 when it waits already)")
     s.add_argument("--on-go", action="store_true",
                    help="rename once a line 'go' comes on stdin (nothing without it)")
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -240,7 +244,7 @@ def _upload(args: argparse.Namespace) -> int:
 
 def _waited(study: config.StudyConfig, names: list[str], then: Before, timeout: float) -> int:
     """Print each upload's outcome; the exit code says the worst (docs/contract.md)."""
-    from .outcomes import shown
+    from .outcomes import shown, wait_code, worst
     from .upload import wait
     codes = []
     deadline = time.monotonic() + timeout
@@ -252,13 +256,8 @@ def _waited(study: config.StudyConfig, names: list[str], then: Before, timeout: 
             codes.append(EXIT_TEMPFAIL)
             continue
         _say(shown(note))
-        codes.append({"delivered": EXIT_OK, "rejected": EXIT_NOPERM}.get(
-            str(note["outcome"]), EXIT_DATAERR))
-    return max(codes, key=_UPLOAD_SEVERITY.index)
-
-
-# Which exit code `upload --wait` ends with when several uploads ended differently.
-_UPLOAD_SEVERITY = [EXIT_OK, EXIT_TEMPFAIL, EXIT_DATAERR, EXIT_NOPERM]
+        codes.append(wait_code(note))
+    return worst(codes)
 
 
 def entry_point() -> None:

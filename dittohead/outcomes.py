@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import Config, StudyConfig
+from .errors import EXIT_DATAERR, EXIT_NOPERM, EXIT_OK, EXIT_TEMPFAIL
 from .fsops import user_name
 from .log import clean, printable
 
@@ -276,6 +277,25 @@ def read_notes(folder: Path, since: float = 0.0) -> list[dict[str, Any]]:
                 notes.append(note)
     notes.sort(key=lambda n: str(n.get("id")), reverse=True)
     return notes
+
+
+# How `upload --wait` (local or --host) ends when uploads ended differently:
+# each later code wins over the ones before it.
+_WAIT_SEVERITY = (EXIT_OK, EXIT_TEMPFAIL, EXIT_DATAERR, EXIT_NOPERM)
+
+
+def wait_code(note: dict[str, Any] | None) -> int:
+    """What `upload --wait` says of one upload: 0 delivered, 77 rejected, 65 failed, 75 no
+    outcome yet (no note, or a pending one)."""
+    if note is None or note.get("outcome") == PENDING:
+        return EXIT_TEMPFAIL
+    return {"delivered": EXIT_OK, "rejected": EXIT_NOPERM}.get(str(note.get("outcome")),
+                                                               EXIT_DATAERR)
+
+
+def worst(codes: list[int]) -> int:
+    """The exit code of `upload --wait` for all its uploads."""
+    return max(codes, key=_WAIT_SEVERITY.index)
 
 
 def shown(note: dict[str, Any]) -> str:

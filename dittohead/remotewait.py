@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import EXIT_DATAERR, EXIT_NOPERM, EXIT_OK, EXIT_TEMPFAIL
+from .errors import EXIT_TEMPFAIL
 from .log import clean, printable
-from .outcomes import shown
+from .outcomes import shown, wait_code, worst
 from .sftpsend import quote, run_batch
 from .sshrun import Ssh
 
@@ -119,6 +119,5 @@ def report(names: list[str], got: dict[str, dict[str, Any]], timeout: float) -> 
             codes.append(EXIT_TEMPFAIL)
             continue
         print(clean(shown(note)), flush=True)
-        codes.append({"delivered": EXIT_OK, "rejected": EXIT_NOPERM}.get(outcome,
-                                                                          EXIT_DATAERR))
-    return max(codes, key=[EXIT_OK, EXIT_TEMPFAIL, EXIT_DATAERR, EXIT_NOPERM].index)
+        codes.append(wait_code(note))
+    return worst(codes)
