@@ -51,6 +51,16 @@ def shell_user(box: Box) -> Uploader:
     return add_uploader(box, "rmsh", ["sbxs1"], sftp_only=False)
 
 
+Account = tuple[str, Uploader]  # ("shell" or "sftp", that account)
+
+
+@pytest.fixture(params=["shell", "sftp"])
+def account(request: pytest.FixtureRequest) -> Account:
+    """Each kind of account in turn: ("shell", shell_user), then ("sftp", sftp_user)."""
+    user: Uploader = request.getfixturevalue(f"{request.param}_user")
+    return request.param, user
+
+
 @pytest.fixture(scope="module")
 def sftp_user(box: Box) -> Uploader:
     u = add_uploader(box, "rmsftp", ["sbxs1"], sftp_only=True)
@@ -71,10 +81,8 @@ def delivered(box: Box, name: str) -> list[dict[str, object]]:
     return [r for r in box.receipts(STUDY)["done"] if r["entry"] == name]
 
 
-@pytest.mark.parametrize("who", ["shell", "sftp"])
-def test_upload_wait_delivers_and_prints_outcome(box: Box, shell_user: Uploader,
-                                                 sftp_user: Uploader, who: str) -> None:
-    u = shell_user if who == "shell" else sftp_user
+def test_upload_wait_delivers_and_prints_outcome(box: Box, account: Account) -> None:
+    who, u = account
     name = f"visit-{who}"
     tree(box, u, name)
     r = as_user(box, u, f"{UPLOAD} {name} --wait --timeout 60", check=False)
@@ -94,10 +102,8 @@ def test_shell_account_sends_with_rsync(box: Box, shell_user: Uploader) -> None:
     assert "rsync" in r.stdout.splitlines()[-1]
 
 
-@pytest.mark.parametrize("who", ["shell", "sftp"])
-def test_name_already_waiting_is_refused(box: Box, shell_user: Uploader,
-                                         sftp_user: Uploader, who: str) -> None:
-    u = shell_user if who == "shell" else sftp_user
+def test_name_already_waiting_is_refused(box: Box, account: Account) -> None:
+    who, u = account
     name = f"taken-{who}"
     tree(box, u, name)
     # Something of that name waits in the inbox (held back: the path unit is stopped).
@@ -115,10 +121,8 @@ def test_name_already_waiting_is_refused(box: Box, shell_user: Uploader,
                f"systemctl start dittohead@{STUDY}.path dittohead@{STUDY}.timer")
 
 
-@pytest.mark.parametrize("who", ["shell", "sftp"])
-def test_failed_outcome_exits_65(box: Box, shell_user: Uploader, sftp_user: Uploader,
-                                 who: str) -> None:
-    u = shell_user if who == "shell" else sftp_user
+def test_failed_outcome_exits_65(box: Box, account: Account) -> None:
+    who, u = account
     name = f"clash-{who}"
     tree(box, u, name)
     box.sh(f"mkdir -p {DEST}/{name} && echo other > {DEST}/{name}/a.txt && "
@@ -191,10 +195,8 @@ def _wire_bytes(box: Box) -> int:
     return int(box.sh("cat /sys/class/net/lo/statistics/tx_bytes").stdout)
 
 
-@pytest.mark.parametrize("who", ["shell", "sftp"])
-def test_rerun_after_a_killed_transfer_continues(box: Box, shell_user: Uploader,
-                                                 sftp_user: Uploader, who: str) -> None:
-    u = shell_user if who == "shell" else sftp_user
+def test_rerun_after_a_killed_transfer_continues(box: Box, account: Account) -> None:
+    who, u = account
     name = f"resume-{who}"
     tree(box, u, name, big_mib=BIG_MIB)
     dot = f"{INBOX}/.{name}"
@@ -235,10 +237,8 @@ def test_rejected_outcome_exits_77(box: Box, shell_user: Uploader) -> None:
 SMALL = f"{ROOT}/dropbox/s2"  # study s2's whole tree, on a tmpfs of its own in the test
 
 
-@pytest.mark.parametrize("who", ["shell", "sftp"])
-def test_full_disk_exits_75_and_a_later_rerun_continues(box: Box, shell_user: Uploader,
-                                                        sftp_user: Uploader, who: str) -> None:
-    u = shell_user if who == "shell" else sftp_user
+def test_full_disk_exits_75_and_a_later_rerun_continues(box: Box, account: Account) -> None:
+    who, u = account
     name = f"full-{who}"
     tree(box, u, name, big_mib=48)
     box.sh(f"mount -t tmpfs -o size=24m,mode=0755 dh-small {SMALL} && "
