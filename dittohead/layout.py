@@ -195,15 +195,19 @@ def _mode(path: Path) -> int | None:
 
 
 def _members(groups: tuple[str, ...]) -> set[int]:
-    uids = set()
+    """The uids of the groups' members, primary or supplementary."""
+    gids, names = set(), set()
     for name in groups:
         try:
             g = grp.getgrnam(name)
         except KeyError:
             continue  # `check` names a missing group
-        names = set(g.gr_mem)
-        uids |= {p.pw_uid for p in pwd.getpwall() if p.pw_gid == g.gr_gid or p.pw_name in names}
-    return uids
+        gids.add(g.gr_gid)
+        names.update(g.gr_mem)
+    if not gids:
+        return set()
+    # One pass over the user database (a directory service may be slow), not one a group.
+    return {p.pw_uid for p in pwd.getpwall() if p.pw_gid in gids or p.pw_name in names}
 
 
 def _owner(uid: int, gid: int) -> str:
