@@ -22,7 +22,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .upload import Before
+    from .upload import Before, RsyncProbe
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,6 +82,9 @@ def _user_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     s.add_argument("names", nargs="*", metavar="NAME",
                    help="also say which of these names already wait in the inbox")
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--then-ready", action="store_true",
+                   help="print the JSON on one line, then rename each .NAME named on stdin "
+                        "(what upload --host runs on the server: one start-up for both)")
 
     s = sub.add_parser("upload", help="copy files or directories into a study's inbox")
     s.add_argument("study")
@@ -135,6 +138,11 @@ def _say(text: str, stream: TextIO | None = None) -> None:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "upload":
         return _upload(args)
+    # `where` tells the server's rsync version: asked while the config loads.
+    probe = None
+    if args.command == "where":
+        from .upload import RsyncProbe
+        probe = RsyncProbe()
     cfg = config.load(config.config_path(args.config))
     if args.command == "process":
         from .process import process
@@ -168,7 +176,7 @@ def _run(args: argparse.Namespace) -> int:
         _say(retry(cfg, cfg.study(args.study), args.id))
         return 0
     if args.command == "where" or (args.command == "status" and args.mine):
-        return _uploaders_view(args, cfg)
+        return _uploaders_view(args, cfg, probe)
     if args.command == "status":
         from .health import status, status_text
         names = [args.study] if args.study else sorted(cfg.studies)
@@ -194,16 +202,21 @@ def _uid(name: str) -> int:
         raise UsageError(f"--user: no such user {log.printable(name)}") from None
 
 
-def _uploaders_view(args: argparse.Namespace, cfg: config.Config) -> int:
+def _uploaders_view(args: argparse.Namespace, cfg: config.Config,
+                    probe: RsyncProbe | None) -> int:
     """`where` and `status --mine`: what any user may ask about their own uploads."""
     from .outcomes import mine, mine_text, where
     if args.command == "where":
-        from .upload import rsync_version, waiting
+        from .upload import serve_ready, waiting
         study = cfg.study(args.study)
         data = where(cfg, study)
         # What `upload --host` also needs before sending: one start-up on the server.
         data["waiting"] = waiting(study, args.names)
-        data["rsync"] = rsync_version()
+        data["rsync"] = probe.version() if probe else None
+        if args.then_ready:
+            print(json.dumps(data), flush=True)  # one line: the client reads a line
+            serve_ready(study, sys.stdin, sys.stdout)
+            return 0
         _say(json.dumps(data, indent=2) if args.json else "\n".join(
             f"{k}: {', '.join(v) if isinstance(v, list) else v}" for k, v in data.items()))
         return 0

@@ -26,6 +26,7 @@ from typing import Any
 from .entrycheck import entry_name, refuse_special
 from .errors import DittoheadError, UsageError
 from .log import printable
+from .remotesession import Session
 from .sftpsend import DiskFull, Upload, Waiting, quote, run_batch, walk
 from .sshrun import Connection, RemoteError, Ssh, ssh_failure
 
@@ -65,20 +66,18 @@ def _rsync3(version: str | None) -> bool:
     return m is not None and int(m.group(1)) >= 3
 
 
-def ask(ssh: Ssh, study: str, names: list[str]) -> subprocess.CompletedProcess[bytes]:
-    """`dittohead where` on the server: where the study's inbox and the caller's outcomes
-    are, which of names already wait there, whether it has rsync. It also logs in."""
-    return ssh.run(["dittohead", "where", "--json", study, *names], timeout=600, first=True)
-
-
-def discover(ssh: Ssh, study: str, names: list[str],
-             asked: Future[subprocess.CompletedProcess[bytes]],
+def discover(ssh: Ssh, study: str, names: list[str], session: Session,
              rsync_here: Future[bool]) -> Server:
-    """What the server told (ask()), or what an SFTP-only account's dittohead.json says."""
-    r = asked.result()
+    """What the server's `where` told (the session's first answer; an older dittohead's
+    `where` without --then-ready or NAME...), or what an SFTP-only account's
+    dittohead.json says."""
+    r = session.first(timeout=600)  # the login: a password may be typed meanwhile
     said = printable(r.stderr.decode(errors="replace").strip())
-    if r.returncode == 2 and "unrecognized arguments" in said:  # a server before NAME...
-        r = ssh.run(["dittohead", "where", "--json", study], timeout=60)
+    for older in (["dittohead", "where", "--json", study, *names],
+                  ["dittohead", "where", "--json", study]):
+        if not (r.returncode == 2 and "unrecognized arguments" in said):
+            break
+        r = ssh.run(older, timeout=60)
         said = printable(r.stderr.decode(errors="replace").strip())
     if r.returncode == EXIT_CONFIG:
         raise UnknownStudy(f"{ssh.dest}: {said}" if said else
@@ -97,8 +96,8 @@ def discover(ssh: Ssh, study: str, names: list[str],
             rsync = rsync_here.result() and _rsync3(info.get("rsync"))
             return Server(True, inbox, outcomes, rsync, tuple(info.get("waiting") or ()))
     # No JSON: an SFTP-only account (sshd's ForceCommand internal-sftp refuses
-    # the command: "This service allows sftp connections only.", or waits for
-    # SFTP and ends at the EOF of our empty stdin), or no dittohead there.
+    # the command: "This service allows sftp connections only.", or takes our
+    # first line for an SFTP packet too long and ends), or no dittohead there.
     return _discover_sftp(ssh, study, no_command=r.returncode == 127, said=said)
 
 
@@ -209,12 +208,15 @@ class ReadyLater:
         self.p.communicate(b"", timeout=120)
 
 
-def send(ssh: Ssh, server: Server, study: str, path: Path,
-         name: str) -> Callable[[], None]:
+def send(ssh: Ssh, server: Server, study: str, path: Path, name: str,
+         session: Session) -> Callable[[], None]:
     """Upload one PATH as `.<name>` in the inbox, resuming; return the rename to `<name>`."""
     key = "\0".join([ssh.dest, ssh.config or "", study, server.inbox, os.path.abspath(path)])
     if server.rsync:
-        later = ReadyLater(ssh, study, name)
+        if session.live:
+            _rsync(ssh, server, path, name)
+            return lambda: session.ready(name)
+        later = ReadyLater(ssh, study, name)  # an older dittohead there
         try:
             _rsync(ssh, server, path, name)
         except BaseException:
@@ -227,7 +229,10 @@ def send(ssh: Ssh, server: Server, study: str, path: Path,
         return up.rename
 
     def ready() -> None:
-        _ready(ssh, study, name, check=False)
+        if session.live:
+            session.ready(name)
+        else:
+            _ready(ssh, study, name, check=False)
         up.state.forget()
     return ready
 
@@ -237,21 +242,29 @@ def upload_remote(dest: str, study: str, paths: list[Path], ssh_config: str | No
     """The whole `upload --host` command; returns its exit code."""
     names = check_paths(paths)
     with Connection(dest, ssh_config) as ssh, ThreadPoolExecutor(2) as pool:
-        asked = pool.submit(ask, ssh, study, names)
-        rsync_here = pool.submit(local_rsync3)  # while it logs in and asks
-        from .remotewait import Watcher, report
-        server = discover(ssh, study, names, asked, rsync_here)
-        if server.waiting:
-            raise Waiting(f"{ssh.dest}: {printable(', '.join(server.waiting))} already waits "
-                          "in the inbox; try again when it has been delivered (nothing sent)")
-        watcher = Watcher(ssh, server.shell, study, server.outcomes)
-        # The outcomes there before: read while the first transfer runs, before its rename.
-        before = pool.submit(watcher.snapshot if wait else lambda: None)
-        for p, n in zip(paths, names, strict=True):
-            rename = send(ssh, server, study, p, n)
-            before.result()
-            rename()
-            print(printable(f"{p} -> {dest}:{server.inbox}/{n}"), flush=True)
-        if not wait:
-            return 0
-        return report(names, watcher.wait(names, timeout), timeout)
+        session = Session(ssh, study, names)
+        try:
+            return _upload(ssh, session, pool, study, paths, names, wait, timeout)
+        finally:
+            session.close()
+
+
+def _upload(ssh: Ssh, session: Session, pool: ThreadPoolExecutor, study: str,
+            paths: list[Path], names: list[str], wait: bool, timeout: float) -> int:
+    rsync_here = pool.submit(local_rsync3)  # while it logs in and asks
+    from .remotewait import Watcher, report
+    server = discover(ssh, study, names, session, rsync_here)
+    if server.waiting:
+        raise Waiting(f"{ssh.dest}: {printable(', '.join(server.waiting))} already waits "
+                      "in the inbox; try again when it has been delivered (nothing sent)")
+    watcher = Watcher(ssh, server.shell, study, server.outcomes)
+    # The outcomes there before: read while the first transfer runs, before its rename.
+    before = pool.submit(watcher.snapshot if wait else lambda: None)
+    for p, n in zip(paths, names, strict=True):
+        rename = send(ssh, server, study, p, n, session)
+        before.result()
+        rename()
+        print(printable(f"{p} -> {ssh.dest}:{server.inbox}/{n}"), flush=True)
+    if not wait:
+        return 0
+    return report(names, watcher.wait(names, timeout), timeout)
