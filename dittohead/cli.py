@@ -22,7 +22,8 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .upload import Before, RsyncProbe
+    from .rsyncver import RsyncProbe
+    from .upload import Before
 
 
 class _Parser(argparse.ArgumentParser):
@@ -141,7 +142,7 @@ def _run(args: argparse.Namespace) -> int:
     # `where` tells the server's rsync version: asked while the config loads.
     probe = None
     if args.command == "where":
-        from .upload import RsyncProbe
+        from .rsyncver import RsyncProbe
         probe = RsyncProbe()
     cfg = config.load(config.config_path(args.config))
     if args.command == "process":

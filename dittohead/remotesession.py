@@ -17,8 +17,7 @@ import threading
 import time
 
 from .log import printable
-from .sftpsend import Waiting
-from .sshrun import RemoteError, Ssh, ssh_failure
+from .sshrun import RemoteError, Ssh, Waiting, ssh_failure
 
 
 class Session:
@@ -98,13 +97,18 @@ class Session:
             raise RemoteError(f"{self.ssh.dest}: the rename of .{printable(name)} failed: "
                               f"{printable(str(answer.get('error')))}")
 
-    def close(self) -> None:
-        """End it (it reads the end of its input) and wait for it."""
+    def end(self) -> None:
+        """Tell it we are done: it reads the end of its input and ends (not waited for:
+        the master's `-O exit` that follows ends its ssh)."""
         if self.p.stdin is not None and not self.p.stdin.closed:
             try:
                 self.p.stdin.close()
             except OSError:
                 pass
+
+    def close(self) -> None:
+        """End it and wait for it."""
+        self.end()
         try:
             self.p.wait(timeout=30)
         except subprocess.TimeoutExpired:

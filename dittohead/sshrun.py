@@ -36,6 +36,16 @@ class RemoteError(DittoheadError):
     exit_code = EXIT_UNAVAILABLE
 
 
+class Waiting(DittoheadError):
+    """NAME already waits in the inbox: the server keeps it, nothing was replaced."""
+
+
+class DiskFull(DittoheadError):
+    """The server's filesystem has no room; rerunning later continues the upload."""
+
+    exit_code = 75
+
+
 def ssh_failure(dest: str, stderr: str) -> RemoteError:
     """A clear error for an ssh that ended with 255, keeping ssh's own last words."""
     said = " ".join(line.strip() for line in stderr.strip().splitlines()[-2:])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import stat
 import time
@@ -153,28 +152,6 @@ def waiting(study: StudyConfig, names: list[str]) -> list[str]:
     for n in names:
         _entry_name(n)
     return [n for n in names if os.path.lexists(study.inbox / n)]
-
-
-class RsyncProbe:
-    """The version of the rsync on PATH (None without one), asked as soon as made: `upload
-    --host` sends with rsync when both ends have rsync 3."""
-
-    def __init__(self) -> None:
-        import subprocess
-        try:
-            self._p: subprocess.Popen[str] | None = subprocess.Popen(
-                ["rsync", "--version"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL, text=True)
-        except OSError:
-            self._p = None
-
-    def version(self) -> str | None:
-        """What it said, once it has."""
-        if self._p is None:
-            return None
-        out, _ = self._p.communicate(timeout=30)
-        m = re.search(r"version (\S+)", out.split("\n", 1)[0])
-        return m.group(1) if self._p.returncode == 0 and m else None
 
 
 def serve_ready(study: StudyConfig, requests: TextIO, answers: TextIO) -> None:
