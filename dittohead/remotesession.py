@@ -34,9 +34,10 @@ class Session:
         self._drain.start()
         assert self.p.stdin is not None
         try:
-            # An SFTP-only account's forced sftp-server would wait for SFTP on this
-            # pipe for ever: read as a packet length, "hell" is one it refuses, and it
-            # ends at once (then dittohead.json is read). dittohead ignores the line.
+            # An account forced to run the external sftp-server (not internal-sftp,
+            # which refuses an exec request) would wait for SFTP on this pipe for
+            # ever: read as a packet length, "hell" is one it refuses, and it ends
+            # at once (then dittohead.json is read). dittohead ignores the line.
             self.p.stdin.write(b"hello\n")
             self.p.stdin.flush()
         except OSError:
