@@ -14,17 +14,14 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from . import sysbox
+from .packages import DEB, REPO, VERSION, build, run
 
-REPO = Path(__file__).resolve().parent.parent
-VERSION: str = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-DEB = REPO / "dist" / f"dittohead_{VERSION}_all.deb"  # where packaging/deb.mk puts it
 UNITS = ("dittohead@.path", "dittohead@.service", "dittohead@.timer",
          "dittohead-notify@.service")
 FILES = (
@@ -62,28 +59,10 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 booted = [pytest.mark.systemd]
 
 
-def run(*argv: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=False,
-                       timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} exited {r.returncode}:\n"
-                             f"{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
-    return r
-
-
 @pytest.fixture(scope="module")
 def deb() -> Path:
     """`make deb`, once per module."""
-    deps = run("make", "-s", "deb-deps", check=False)
-    if deps.returncode != 0:
-        pytest.skip("SKIPPED LOUDLY: cannot install dpkg-buildpackage/debhelper/dh-python "
-                    f"(make deb-deps): {(deps.stdout + deps.stderr).strip()[-1000:]}")
-    DEB.unlink(missing_ok=True)
-    start = time.monotonic()
-    run("make", "deb")
-    print(f"\nmake deb: {time.monotonic() - start:.1f} s")
-    assert DEB.is_file()
-    return DEB
+    return build("deb", DEB, "dpkg-buildpackage/debhelper/dh-python")
 
 
 def info(deb: Path, *member: str) -> str:
