@@ -11,11 +11,25 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .packages import DEB, REPO, RPM, VERSION, build, run
+from . import sysbox
+from .packages import (
+    DEB,
+    REPO,
+    RPM,
+    VERSION,
+    assert_removed_and_stopped,
+    build,
+    installed_box,
+    run,
+    set_up_study,
+    study_config,
+)
 
 SPEC = REPO / "build" / "rpm" / "SPECS" / "dittohead.spec"  # as rpmbuild read it
 LINTRC = REPO / "packaging" / "rpm" / "rpmlint.toml"
@@ -168,3 +182,92 @@ def test_rpmlint_finds_nothing(rpm: Path) -> None:
     print(f"\nrpmlint --config {LINTRC.name} {SPEC.name} {rpm.name}:\n{r.stdout}{r.stderr}")
     assert r.returncode == 0, r.stdout
     assert "0 errors, 0 warnings" in r.stdout, r.stdout
+
+
+# --- installed in a booted throwaway systemd -----------------------------------------------
+
+UPLOADER = "sbxrpmup"
+DEST = "/srv/dittohead-rpm/s1"
+CONFIG = study_config(DEST)
+DELIVERED_ID = "38a8638a6c0e47ae85e1afdd33a44e53"
+
+
+@pytest.fixture(scope="module")
+def box(rpm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[sysbox.Sysbox]:
+    """One box for the module, as an EL 9 host would be, with the package installed.
+
+    `rpm -i --nodeps`: the box's rpm database is empty (Debian's), though what the
+    package requires is there as Debian packages (python3.11, its PyYAML, systemd). Like
+    EL 9, the box has no systemd-python for python3.11: its copy is removed (in the box's
+    overlay only).
+    """
+    with installed_box(tmp_path_factory, "rpm",
+                       [("rm", "-rf", "/usr/lib/python3/dist-packages/systemd")],
+                       ("rpm", "-i", "--nodeps", str(rpm))) as b:
+        yield b
+
+def sh(box: sysbox.Sysbox, script: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return box.run("/bin/sh", "-c", script, check=check)
+
+
+def upload(box: sysbox.Sysbox, name: str, text: str) -> None:
+    """An upload by UPLOADER into s1's inbox, then wait for its delivery into DEST."""
+    box.run("/bin/sh", "-c", 'cd /data-dropbox/s1/inbox && mkdir ".$0" && '
+            'echo "$1" > ".$0/$0.txt" && mv ".$0" "$0"', name, text, user=UPLOADER)
+    deadline = time.monotonic() + 30
+    while box.run("cat", f"{DEST}/{name}.txt", check=False).stdout != text + "\n":
+        if time.monotonic() > deadline:
+            state = sh(box, "ls -lAR /data-dropbox/s1; systemctl status --no-pager "
+                       "'dittohead@s1.*'; journalctl -n 40 --no-pager", check=False)
+            raise AssertionError(f"{name} not delivered after 30 s:\n{state.stdout}")
+        time.sleep(0.25)
+
+
+class TestInstalled:
+    """In file order: installed, a delivery, a reinstall (an upgrade's path), removed."""
+
+    pytestmark = pytest.mark.systemd
+
+    def test_user_tmpfiles_catalog_and_nothing_enabled(self, box: sysbox.Sysbox) -> None:
+        assert sh(box, "command -v dittohead").stdout.strip() == "/usr/bin/dittohead"
+        assert "usage" in box.run("dittohead", "--help").stdout.lower()
+        assert box.run("getent", "passwd", "dittohead").stdout.startswith("dittohead:")
+        assert sh(box, "stat -c '%a %U %G' /etc/dittohead /data-dropbox").stdout.split() == [
+            "755", "root", "root", "755", "root", "root"]
+        assert DELIVERED_ID in box.run("journalctl", "--list-catalog", DELIVERED_ID).stdout
+        listed = box.run("systemctl", "list-units", "--all", "--no-legend", "--plain",
+                         "dittohead*").stdout
+        assert listed.strip() == "", listed
+        assert sh(box, "ls /etc/systemd/system/*.wants | grep dittohead",
+                  check=False).stdout == ""
+
+    def test_a_study_delivers_and_its_events_keep_their_fields(
+            self, box: sysbox.Sysbox) -> None:
+        assert box.run("python3.11", "-c", "import systemd", check=False).returncode != 0
+        set_up_study(box, UPLOADER, DEST)
+        upload(box, "visit1", "hello from the rpm")
+        assert sh(box, f"stat -c '%U' {DEST}/visit1.txt").stdout.strip() == "dittohead"
+        events = box.run("journalctl", "--no-pager", "-o", "export",
+                         f"MESSAGE_ID={DELIVERED_ID}").stdout
+        assert "DITTOHEAD_STUDY=s1" in events, events
+        assert "DITTOHEAD_ENTRY=visit1" in events, events
+
+    def test_reinstall_stops_nothing_and_the_study_delivers_on(
+            self, box: sysbox.Sysbox) -> None:
+        r = box.run("rpm", "-U", "--replacepkgs", "--nodeps", str(RPM), check=False,
+                    timeout=300)
+        assert r.returncode == 0, f"rpm -U failed:\n{r.stdout}\n{r.stderr}"
+        assert box.run("systemctl", "is-active", "dittohead@s1.path").stdout.strip() == "active"
+        assert box.run("cat", "/etc/dittohead/config.yaml").stdout == CONFIG
+        upload(box, "visit2", "after the reinstall")
+
+    def test_erase_stops_the_study_and_keeps_user_config_and_data(
+            self, box: sysbox.Sysbox) -> None:
+        r = box.run("rpm", "-e", "dittohead", check=False, timeout=300)
+        assert r.returncode == 0, f"rpm -e failed:\n{r.stdout}\n{r.stderr}"
+        # %preun stopped the study (letting its run finish: no failure, no notifier).
+        assert_removed_and_stopped(box)
+        # The admin's config, changed since install, is saved, as rpm does.
+        assert box.run("cat", "/etc/dittohead/config.yaml.rpmsave").stdout == CONFIG
+        assert box.run("getent", "passwd", "dittohead").returncode == 0
+        assert box.run("cat", f"{DEST}/visit1.txt").stdout == "hello from the rpm\n"
