@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -182,6 +183,50 @@ def test_rpmlint_finds_nothing(rpm: Path) -> None:
     print(f"\nrpmlint --config {LINTRC.name} {SPEC.name} {rpm.name}:\n{r.stdout}{r.stderr}")
     assert r.returncode == 0, r.stdout
     assert "0 errors, 0 warnings" in r.stdout, r.stdout
+
+
+
+def test_el10_and_fedora_flavour_takes_python3_and_systemd_python(rpm: Path) -> None:
+    """`make rpm RPM_RHEL=`: python3 (3.12 or newer there) and its python3-systemd."""
+    top = "build/rpm-el10"
+    run("make", "rpm", "RPM_RHEL=", f"RPM_TOPDIR={top}", f"RPM_OUTDIR={top}/out")
+    other = REPO / top / "out" / RPM.name
+    requires = set(run("rpm", "-qp", "--requires", str(other)).stdout.split("\n"))
+    assert {"python3 >= 3.11", "python3-pyyaml", "python3-systemd", "/usr/bin/python3"} \
+        <= requires, requires
+    assert not [r for r in requires if r.startswith("python3.11")], requires
+    launcher = subprocess.run(f"rpm2cpio {other} | cpio -i --quiet --to-stdout ./usr/bin/dittohead",
+                              shell=True, capture_output=True, check=True).stdout
+    assert launcher.startswith(b"#!/usr/bin/python3 -I\n"), launcher[:40]
+    r = run("rpmlint", "--config", str(LINTRC), str(other), check=False)
+    assert r.returncode == 0 and "0 errors, 0 warnings" in r.stdout, r.stdout
+
+
+def test_a_unit_added_to_the_install_needs_no_edit_of_the_spec(
+        rpm: Path, tmp_path: Path) -> None:
+    """The spec takes the units from what `make install` installed (a glob)."""
+    copy = tmp_path / "checkout"
+    listed = run("git", "ls-files", "-z", "--cached", "--others", "--exclude-standard").stdout
+    for name in filter(None, listed.split("\0")):
+        if (REPO / name).is_file():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, copy / name)
+    (copy / "units" / "dittohead-example.service").write_text(
+        "[Service]\nType=oneshot\nExecStart=/bin/true\n")
+    (copy / "units" / "dittohead-example.timer").write_text(
+        "[Timer]\nOnCalendar=daily\n[Install]\nWantedBy=timers.target\n")
+    install_mk = copy / "packaging" / "install.mk"
+    text = install_mk.read_text()
+    assert "DITTOHEAD_UNITS := " in text
+    added = "dittohead-example.service dittohead-example.timer "
+    install_mk.write_text(text.replace("DITTOHEAD_UNITS := ", "DITTOHEAD_UNITS := " + added, 1))
+    subprocess.run(["git", "init", "-q"], cwd=copy, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=copy, check=True)
+    made = subprocess.run(["make", "rpm"], cwd=copy, capture_output=True, text=True, check=False)
+    assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
+    listing = run("rpm", "-qlp", str(copy / "dist" / RPM.name)).stdout.split()
+    assert {"/usr/lib/systemd/system/dittohead-example.service",
+            "/usr/lib/systemd/system/dittohead-example.timer"} <= set(listing)
 
 
 # --- installed in a booted throwaway systemd -----------------------------------------------
