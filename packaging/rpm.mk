@@ -14,7 +14,8 @@
 # %changelog entry dated by the last commit, as packaging/deb.mk writes
 # debian/changelog; its source is a tarball of the checkout's working tree
 # (committed or not, as `make deb` takes it: what git tracks plus what it does
-# not ignore). The spec installs with `make -f packaging/install.mk install
+# not ignore; outside a git checkout, every file but .venv, .cache, build and
+# dist). The spec installs with `make -f packaging/install.mk install
 # DESTDIR=... PREFIX=/usr PYTHON=...`, like debian/rules.
 #
 # Built here with Debian's rpm (rpmbuild 4.18), which has none of the systemd
@@ -42,10 +43,15 @@ RPM_BUILD_DEBS := rpm rpmlint
 rpm: rpm-deps rpm-spec
 	rm -rf $(RPM_TOPDIR)/BUILD $(RPM_TOPDIR)/BUILDROOT $(RPM_TOPDIR)/RPMS
 	mkdir -p $(RPM_TOPDIR)/SOURCES
-	git ls-files -z --cached --others --exclude-standard \
+	{ if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+	      git ls-files -z --cached --others --exclude-standard; \
+	  else \
+	      find . -path ./.git -prune -o -path ./.venv -prune -o -path ./.cache -prune \
+	          -o -path ./build -prune -o -path ./dist -prune -o -type f -print0; \
+	  fi; } \
 	    | xargs -0 sh -c 'for f; do [ ! -e "$$f" ] || printf "%s\0" "$$f"; done' sh \
 	    | tar --null -T - -czf $(RPM_TOPDIR)/SOURCES/dittohead-$(RPM_VERSION).tar.gz \
-	        --transform 's|^|dittohead-$(RPM_VERSION)/|' --owner=0 --group=0
+	        --transform 's|^\(\./\)\?|dittohead-$(RPM_VERSION)/|' --owner=0 --group=0
 	cp -p units/dittohead.sysusers $(RPM_TOPDIR)/SOURCES/dittohead.sysusers
 	rpmbuild -bb --nodeps --define '_topdir $(CURDIR)/$(RPM_TOPDIR)' \
 	    --define "packager $$(sed -n 's/^Maintainer: *//p' packaging/debian/control)" \
