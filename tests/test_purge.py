@@ -1,0 +1,159 @@
+"""Retention: `dittohead purge` removes old done/ copies and abandoned uploads, nothing else."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from dittohead import config
+from dittohead.errors import ConfigError
+
+from .conftest import Env, tree
+
+
+def _deliver(env: Env, name: str = "s01", files: dict[str, bytes] | None = None) -> str:
+    env.drop(name, files or {"a.txt": b"alpha", "sub/b.txt": b"beta"})
+    r = env.process()
+    assert r.returncode == 0, r.stderr
+    receipt = max(env.done_receipts(), key=lambda p: p.stat().st_mtime_ns)
+    return str(json.loads(receipt.read_text())["id"])
+
+
+def _age_receipt(env: Env, delivery: str, days: float) -> None:
+    path = env.study.done / f"{delivery}.json"
+    data = json.loads(path.read_text())
+    when = time.gmtime(time.time() - days * 86400)
+    data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", when)
+    path.write_text(json.dumps(data))
+
+
+def test_retention_keys_default_and_validate() -> None:
+    s = config.parse({"studies": {"a1": {"destination": "/srv/a1"}}}).study("a1")
+    assert (s.keep_done_days, s.abandoned_days, s.failed_warn_days, s.purge_abandoned) == \
+        (30.0, 7.0, 14.0, False)
+    s = config.parse({"defaults": {"keep_done_days": None, "purge_abandoned": True},
+                      "studies": {"a1": {"destination": "/srv/a1"}}}).study("a1")
+    assert s.keep_done_days is None and s.purge_abandoned
+    with pytest.raises(ConfigError) as e:
+        config.parse({"studies": {"a1": {"destination": "/srv/a1", "keep_done_days": -1,
+                                         "abandoned_days": None, "failed_warn_days": "x",
+                                         "purge_abandoned": "yes"}}})
+    text = str(e.value)
+    for key in ("keep_done_days", "abandoned_days", "failed_warn_days", "purge_abandoned"):
+        assert f"studies.a1.{key}:" in text
+
+
+def test_purge_removes_old_done_copy_and_keeps_receipt_manifest_and_destination(
+        env: Env) -> None:
+    old = _deliver(env, "old")
+    new = _deliver(env, "new")
+    _age_receipt(env, old, 31)
+    delivered = tree(env.study.destination)
+    r = env.run("purge", "s1")
+    assert r.returncode == 0, r.stderr
+    assert f"done/{old} (old): purged (2 files, 9 bytes freed)" in r.stdout
+    assert not os.path.lexists(env.study.done / old)
+    assert os.path.isdir(env.study.done / new)  # younger than keep_done_days
+    assert (env.study.done / f"{old}.sha256").exists()
+    receipt = json.loads((env.study.done / f"{old}.json").read_text())
+    assert receipt["purged"].endswith("Z") and receipt["outcome"] == "delivered"
+    assert tree(env.study.destination) == delivered
+    assert "MESSAGE_ID=a461bf2b74104b38bf8513a13f40b7cb" in r.stderr
+    assert f"DITTOHEAD_DELIVERY={old}" in r.stderr and "DITTOHEAD_BYTES=9" in r.stderr
+    again = env.run("purge", "s1")  # nothing left to do: no second event
+    assert again.returncode == 0 and "purged" not in again.stdout + again.stderr
+
+
+def test_dry_run_removes_nothing(env: Env) -> None:
+    d = _deliver(env)
+    env.reload(keep_done_days=0)
+    r = env.run("purge", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "would be purged (2 files, 9 bytes)" in r.stdout
+    assert os.path.isdir(env.study.done / d)
+    assert "purged" not in json.loads((env.study.done / f"{d}.json").read_text())
+
+
+def test_keep_forever_and_failed_entries_untouched(env: Env) -> None:
+    d = _deliver(env)
+    _age_receipt(env, d, 10000)
+    env.drop("bad", {"x": b"1"})
+    os.symlink("/etc/passwd", env.study.inbox / "bad" / "link")
+    env.process()
+    failed = sorted(p.name for p in env.study.failed.iterdir())
+    env.reload(keep_done_days=None)
+    assert env.run("purge").returncode == 0
+    assert os.path.isdir(env.study.done / d)
+    env.reload(keep_done_days=0)
+    assert env.run("purge").returncode == 0
+    assert not os.path.lexists(env.study.done / d)
+    assert sorted(p.name for p in env.study.failed.iterdir()) == failed
+
+
+def test_a_killed_purge_is_finished_by_the_next(env: Env) -> None:
+    d = _deliver(env)
+    env.reload(keep_done_days=0)
+    # As a purge killed after its rename: the copy is gone under its name, not removed.
+    os.rename(env.study.done / d, env.study.done / f".purge-{d}")
+    r = env.run("purge")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in env.study.done.iterdir()) == [f"{d}.json", f"{d}.sha256"]
+    assert "purged" in json.loads((env.study.done / f"{d}.json").read_text())
+
+
+@pytest.mark.slow
+def test_abandoned_upload_is_reported_and_removed_only_when_asked(env: Env) -> None:
+    dot = env.study.inbox / ".s02"
+    (dot / "deep").mkdir(parents=True)
+    (dot / "deep" / "f").write_bytes(b"12345")
+    env.reload(abandoned_days=0.00003)  # 2.6 s (a ctime cannot be set back)
+    time.sleep(3)
+    young = env.study.inbox / ".s03"
+    young.write_bytes(b"new")
+    r = env.run("purge")
+    assert r.returncode == 0, r.stderr
+    assert "inbox/.s02 of" in r.stdout and "purge --abandoned s1` removes it" in r.stdout
+    assert dot.exists()
+    r = env.run("check")
+    assert "inbox/.s02" in r.stdout and "abandoned" in r.stdout and ".s03" not in r.stdout
+    r = env.run("purge", "--abandoned", "s1")
+    assert r.returncode == 0, r.stderr
+    assert not dot.exists() and young.exists()
+    assert "abandoned upload removed" in r.stdout
+    assert "MESSAGE_ID=3b7d9720d1654fb081164abf96a9916a" in r.stderr
+    assert "DITTOHEAD_BYTES=5" in r.stderr and "DITTOHEAD_ENTRY=.s02" in r.stderr
+
+
+def test_status_json_lists_uploading_entries(env: Env) -> None:
+    (env.study.inbox / ".s04").mkdir()
+    r = env.run("status", "s1", "--json")
+    assert r.returncode == 0, r.stderr
+    [entry] = json.loads(r.stdout)[0]["uploading_entries"]
+    assert entry["name"] == "inbox/.s04" and entry["age_seconds"] >= 0
+    assert entry["uploader"]
+
+
+def test_check_names_old_failed_entries(env: Env) -> None:
+    env.drop("bad", {"x": b"1"})
+    os.symlink("/etc/passwd", env.study.inbox / "bad" / "link")
+    env.process()
+    [receipt] = [p for p in env.failed_receipts()]
+    data = json.loads(receipt.read_text())
+    data["finished"] = "2020-01-01T00:00:00Z"
+    receipt.write_text(json.dumps(data))
+    r = env.run("check", "s1")
+    assert f"failed/{data['id']}" in r.stdout and "dittohead retry s1" in r.stdout
+
+
+def test_plain_file_entry_is_purged(env: Env) -> None:
+    env.drop("single.bin", b"0123456789")
+    env.process()
+    d = json.loads(env.done_receipts()[0].read_text())["id"]
+    env.reload(keep_done_days=0)
+    r = env.run("purge", "s1")
+    assert "(1 files, 10 bytes freed)" in r.stdout, r.stdout + r.stderr
+    assert not os.path.lexists(env.study.done / d)
+    assert (env.study.destination / "single.bin").read_bytes() == b"0123456789"
