@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 
 from dittohead import config
 from dittohead.errors import ConfigError
 
-from .conftest import Env, tree
+from .conftest import SERVICE_CAPS, Env, ThrowawayUser, as_service, tree
 
 
 def _deliver(env: Env, name: str = "s01", files: dict[str, bytes] | None = None) -> str:
@@ -157,3 +158,68 @@ def test_plain_file_entry_is_purged(env: Env) -> None:
     assert "(1 files, 10 bytes freed)" in r.stdout, r.stdout + r.stderr
     assert not os.path.lexists(env.study.done / d)
     assert (env.study.destination / "single.bin").read_bytes() == b"0123456789"
+
+
+# --- throwaway users: trees of other users, taken over without CAP_DAC_OVERRIDE -----------
+
+def _users_tree(top: Path, owner: ThrowawayUser) -> None:
+    """An entry as filed before the lockdown, or an upload: the uploader's, some of it private."""
+    (top / "open" / "closed").mkdir(parents=True)
+    (top / "private").mkdir()
+    for rel in ("a", "open/b", "open/closed/c", "private/d"):
+        (top / rel).write_bytes(b"data")
+    for p in [top, *top.rglob("*")]:
+        os.lchown(p, owner.uid, owner.gid)
+        os.chmod(p, 0o400 if p.is_file() else 0o755)
+    os.chmod(top / "open" / "closed", 0o500)
+    os.chmod(top / "private", 0o700)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("caps", ["+chown", None])
+def test_purge_takes_an_uploaders_done_copy_over_with_cap_chown_only(
+        service_env: Env, svc: ThrowawayUser, ra: ThrowawayUser, caps: str | None) -> None:
+    env = service_env
+    d = "20200101T000000Z-old-abcdef"
+    _users_tree(env.study.done / d, ra)
+    receipt = {"study": "s1", "id": d, "entry": "old", "uploader": ra.name,
+               "outcome": "delivered", "files": 4, "bytes": 16, "finished": "2020-01-01T00:00:00Z"}
+    (env.study.done / f"{d}.json").write_text(json.dumps(receipt))
+    os.chown(env.study.done / f"{d}.json", svc.uid, svc.gid)
+    r = as_service(env, svc, "purge", "s1", caps=caps)
+    if caps is None:  # without CAP_CHOWN: said, and nothing of the data lost
+        assert r.returncode == 78 and "needs CAP_CHOWN" in r.stderr, r.stderr
+        assert (env.study.done / f".purge-{d}" / "private" / "d").read_bytes() == b"data"
+        return
+    assert r.returncode == 0, r.stderr
+    assert "(4 files, 16 bytes freed)" in r.stdout
+    assert sorted(os.listdir(env.study.done)) == [f"{d}.json"]
+    assert "purged" in json.loads((env.study.done / f"{d}.json").read_text())
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.parametrize("caps", [SERVICE_CAPS, "+chown"])
+def test_purge_removes_a_private_abandoned_upload_only_when_it_can_see_all_of_it(
+        service_env: Env, svc: ThrowawayUser, ra: ThrowawayUser, caps: str) -> None:
+    env = service_env
+    env.reload(abandoned_days=0.00002)  # 1.7 s
+    dot = env.study.inbox / ".s05"
+    _users_tree(dot, ra)
+    time.sleep(2)
+    r = as_service(env, svc, "purge", "--abandoned", caps=caps)
+    if caps == "+chown":  # CAP_DAC_READ_SEARCH is what lets it see a private upload's age
+        assert r.returncode == 1 and "cannot be read" in r.stdout, r.stdout + r.stderr
+        assert (dot / "private" / "d").read_bytes() == b"data"
+        assert os.stat(dot).st_uid == ra.uid
+        return
+    assert r.returncode == 0, r.stderr
+    assert f"inbox/.s05 of {ra.name}: abandoned upload removed" in r.stdout
+    assert not os.path.lexists(dot)
+    assert f"DITTOHEAD_UPLOADER={ra.name}" in r.stderr
+
+
+@pytest.mark.root
+def test_purge_refuses_other_users(service_env: Env, ra: ThrowawayUser) -> None:
+    r = as_service(service_env, ra, "purge", caps=None)
+    assert r.returncode == 77 and "only root or" in r.stderr, r.stderr
