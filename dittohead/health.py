@@ -206,6 +206,7 @@ def check(cfg: Config, studies: list[StudyConfig]) -> list[str]:
     if _systemd_booted():
         from . import generator
         found += generator.problems(cfg) + generator.drift(cfg) + stray_units(cfg)
+        found += purge.timer_problems(cfg)
     return found
 
 

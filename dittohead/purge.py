@@ -20,6 +20,7 @@ import errno
 import json
 import os
 import stat
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from typing import Any
 
 from . import log
 from .claim import now_iso
-from .config import StudyConfig
+from .config import Config, StudyConfig
 from .errors import ConfigError
 from .fsops import DIR_FLAGS, user_name, write_atomic
 from .readiness import drop_folders
@@ -280,4 +281,23 @@ def retention_problems(study: StudyConfig) -> list[str]:
     found += [f"failed/{log.printable(d)} failed {days(age)} ago: {why} (fix the cause, then "
               f"`dittohead retry {study.name} {log.printable(d)}`; or remove it: rm -r "
               f"{log.printable(str(study.failed / d))}*)" for d, why, age in old_failed(study)]
+    return found
+
+
+def timer_problems(cfg: Config) -> list[str]:
+    """dittohead-purge.timer not enabled while a study keeps done/ copies for a time only."""
+    if all(s.keep_done_days is None for s in cfg.studies.values()):
+        return []
+    unit = "dittohead-purge.timer"
+    r = subprocess.run(["systemctl", "is-enabled", unit], capture_output=True, text=True,
+                       check=False)
+    found = []
+    if r.stdout.strip() != "enabled":
+        found.append(f"{unit} is {r.stdout.strip() or 'not enabled'}: done/ copies older than "
+                     f"keep_done_days stay (systemctl enable --now {unit})")
+    r = subprocess.run(["systemctl", "is-failed", "dittohead-purge.service"],
+                       capture_output=True, text=True, check=False)
+    if r.stdout.strip() == "failed":
+        found.append("dittohead-purge.service has failed (journalctl -u dittohead-purge; "
+                     "then systemctl reset-failed dittohead-purge.service)")
     return found

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 VERSION: str = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 DEB = REPO / "dist" / f"dittohead_{VERSION}_all.deb"  # where packaging/deb.mk puts it
 UNITS = ("dittohead@.path", "dittohead@.service", "dittohead@.timer",
-         "dittohead-notify@.service")
+         "dittohead-notify@.service", "dittohead-purge.service", "dittohead-purge.timer")
 FILES = (
     "./usr/bin/dittohead",
     "./usr/lib/dittohead/dittohead/cli.py",
