@@ -92,11 +92,13 @@ def _purge_done(run: Run, study: StudyConfig, lines: list[str]) -> bool:
                 continue
             data = read_json(study.done / n)
             age = iso_age(data.get("finished"), now) if data else None
+            copy = os.path.lexists(study.done / n[:-5])
             if data is None or age is None:
-                lines.append(f"{study.name}: done/{log.printable(n)} is not a readable "
-                             "receipt: its copy is kept")
-                ok = False
-            elif age >= keep and (os.path.lexists(study.done / n[:-5]) or "purged" not in data):
+                if copy:  # (a stray file with no copy beside it holds nothing to purge)
+                    lines.append(f"{study.name}: done/{log.printable(n)} is not a readable "
+                                 "receipt: its copy is kept")
+                    ok = False
+            elif age >= keep and (copy or "purged" not in data):
                 ok = _purge_one(run, study, done, n[:-5], lines) and ok
     finally:
         os.close(done)

@@ -223,3 +223,15 @@ def test_purge_removes_a_private_abandoned_upload_only_when_it_can_see_all_of_it
 def test_purge_refuses_other_users(service_env: Env, ra: ThrowawayUser) -> None:
     r = as_service(service_env, ra, "purge", caps=None)
     assert r.returncode == 77 and "only root or" in r.stderr, r.stderr
+
+
+def test_a_copy_whose_receipt_cannot_be_read_is_kept_and_said(env: Env) -> None:
+    d = _deliver(env)
+    env.reload(keep_done_days=0)
+    (env.study.done / f"{d}.json").write_text("{not json")
+    (env.study.done / "notes.json").write_text("[]")  # a stray file: nothing to purge
+    r = env.run("purge")
+    assert r.returncode == 1
+    assert f"done/{d}.json is not a readable receipt: its copy is kept" in r.stdout
+    assert "notes.json" not in r.stdout
+    assert os.path.isdir(env.study.done / d)
