@@ -73,38 +73,54 @@ def _lstat(fd: int, name: str) -> os.stat_result:
 def measure(parent: int, name: str) -> tuple[int, bool, Tally]:
     """Newest ctime (ns) in parent/name, whether every directory was read, and its tally.
 
-    Reads only (no takeover): the same walk as readiness, to the end.
+    Reads only (no takeover): the same walk as readiness, to the end, one
+    open directory per level.
     """
     st = _lstat(parent, name)
-    newest, complete = st.st_ctime_ns, True
-    tally = Tally(1, st.st_size) if stat.S_ISREG(st.st_mode) else Tally()
+    w = _Measure(st.st_ctime_ns)
     if not stat.S_ISDIR(st.st_mode):
-        return newest, complete, tally
-    stack = [(parent, name, 0)]
-    while stack:
-        at, sub, depth = stack.pop()
-        try:
-            fd = os.open(sub, DIR_FLAGS, dir_fd=at)
-        except OSError:
-            complete = False
-            continue
-        try:
-            with os.scandir(fd) as it:
-                for e in it:
-                    est = e.stat(follow_symlinks=False)
-                    newest = max(newest, est.st_ctime_ns)
-                    if stat.S_ISDIR(est.st_mode):
-                        if depth < MAX_DEPTH:
-                            stack.append((os.dup(fd), e.name, depth + 1))
-                        else:
-                            complete = False
-                    elif stat.S_ISREG(est.st_mode):
-                        tally += Tally(1, est.st_size)
-        finally:
+        return w.newest, True, Tally(1, st.st_size) if stat.S_ISREG(st.st_mode) else Tally()
+    stack: list[tuple[int, list[str]]] = []
+    try:
+        w.descend(stack, parent, name)
+        while stack:
+            fd, subdirs = stack[-1]
+            if not subdirs:
+                os.close(stack.pop()[0])
+            elif len(stack) <= MAX_DEPTH:
+                w.descend(stack, fd, subdirs.pop())
+            else:
+                subdirs.clear()
+                w.complete = False
+    finally:
+        for fd, _ in stack:
             os.close(fd)
-            if at != parent:
-                os.close(at)
-    return newest, complete, tally
+    return w.newest, w.complete, w.tally
+
+
+class _Measure:
+    """The state of one measuring walk."""
+
+    def __init__(self, newest: int) -> None:
+        self.newest, self.complete, self.tally = newest, True, Tally()
+
+    def descend(self, stack: list[tuple[int, list[str]]], parent: int, name: str) -> None:
+        """List one directory: note its names' ctimes and files, push it with its subdirs."""
+        try:
+            fd = os.open(name, DIR_FLAGS, dir_fd=parent)
+        except OSError:
+            self.complete = False
+            return
+        subdirs: list[str] = []
+        stack.append((fd, subdirs))
+        with os.scandir(fd) as it:
+            for e in it:
+                st = e.stat(follow_symlinks=False)
+                self.newest = max(self.newest, st.st_ctime_ns)
+                if stat.S_ISDIR(st.st_mode):
+                    subdirs.append(e.name)
+                elif stat.S_ISREG(st.st_mode):
+                    self.tally += Tally(1, st.st_size)
 
 
 def remove_tree(parent: int, name: str, uid: int, gid: int) -> Tally:
@@ -112,51 +128,52 @@ def remove_tree(parent: int, name: str, uid: int, gid: int) -> Tally:
 
     Never follows a symlink: a directory is lchown'ed by name, then opened
     O_NOFOLLOW and checked to be the service's before anything in it goes.
+    One open directory per level; each directory is listed once.
     """
     st = _lstat(parent, name)
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=parent)
         return Tally(1, st.st_size) if stat.S_ISREG(st.st_mode) else Tally()
     tally = Tally()
-    top = _take(parent, name, st, uid, gid)
-    stack: list[tuple[int, str, int]] = [(top, name, parent)]  # (fd, its name, parent fd)
+    # Per level: the directory (fd), its name in its parent, the parent, subdirs left.
+    stack: list[tuple[int, str, int, list[tuple[str, os.stat_result]]]] = []
     try:
+        fd = _take(parent, name, st, uid, gid)
+        stack.append((fd, name, parent, []))
+        tally += _clear_files(fd, stack[-1][3])
         while stack:
-            fd, _, _ = stack[-1]
-            sub = _clear_names(fd, uid, gid, len(stack))
-            tally += sub[0]
-            if sub[1] is not None:
-                stack.append(sub[1])
+            fd, sub_name, at, subdirs = stack[-1]
+            if subdirs:
+                if len(stack) >= MAX_DEPTH:
+                    raise OSError(errno.ELOOP, "deeper than dittohead takes apart; remove by "
+                                  "hand", subdirs[-1][0])
+                child, cst = subdirs.pop()
+                stack.append((_take(fd, child, cst, uid, gid), child, fd, []))
+                tally += _clear_files(stack[-1][0], stack[-1][3])
                 continue
-            fd, sub_name, at = stack.pop()
+            stack.pop()
             os.close(fd)
             os.rmdir(sub_name, dir_fd=at)
     finally:
-        for fd, _, _ in stack:
+        for fd, _, _, _ in stack:
             os.close(fd)
     return tally
 
 
-def _clear_names(fd: int, uid: int, gid: int,
-                 depth: int) -> tuple[Tally, tuple[int, str, int] | None]:
-    """Unlink every non-directory in fd; return the first subdirectory, taken over, if any."""
+def _clear_files(fd: int, subdirs: list[tuple[str, os.stat_result]]) -> Tally:
+    """Unlink every non-directory in fd; note its subdirectories in subdirs."""
     tally = Tally()
     with os.scandir(fd) as it:
         entries = list(it)
     for e in entries:
         est = e.stat(follow_symlinks=False)
-        if not stat.S_ISDIR(est.st_mode):
-            os.unlink(e.name, dir_fd=fd)
-            if stat.S_ISREG(est.st_mode):
-                tally += Tally(1, est.st_size)
-    for e in entries:
-        est = e.stat(follow_symlinks=False)
         if stat.S_ISDIR(est.st_mode):
-            if depth >= MAX_DEPTH:
-                raise OSError(errno.ELOOP, "deeper than dittohead takes apart; remove by hand",
-                              e.name)
-            return tally, (_take(fd, e.name, est, uid, gid), e.name, fd)
-    return tally, None
+            subdirs.append((e.name, est))
+            continue
+        os.unlink(e.name, dir_fd=fd)
+        if stat.S_ISREG(est.st_mode):
+            tally += Tally(1, est.st_size)
+    return tally
 
 
 def _take(parent: int, name: str, st: os.stat_result, uid: int, gid: int) -> int:
@@ -173,7 +190,9 @@ def _take(parent: int, name: str, st: os.stat_result, uid: int, gid: int) -> int
         now = os.fstat(fd)
         if not stat.S_ISDIR(now.st_mode) or now.st_uid != uid:
             raise OSError(errno.EAGAIN, "replaced while being taken over", name)
-        if stat.S_IMODE(now.st_mode) & 0o700 != 0o700:
+        if stat.S_IMODE(now.st_mode) != 0o700:
+            # Owner rwx to empty it; nobody else may add, rename or swap a name
+            # in it meanwhile (a 0777 directory stays writable after a chown).
             os.fchmod(fd, 0o700)
     except BaseException:
         os.close(fd)
@@ -253,10 +272,12 @@ def old_failed(study: StudyConfig, now: float | None = None) -> list[tuple[str, 
 
 
 def days(seconds: float) -> str:
-    """An age for people: `9.2 days`, `5 hours`."""
+    """An age for people: `9.2 days`, `5 hours`, `12 minutes`."""
     if seconds >= DAY:
         return f"{seconds / DAY:.1f} days"
-    return f"{seconds / 3600:.0f} hours"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.0f} hours"
+    return f"{seconds / 60:.0f} minutes"
 
 
 # What `status` and `check` show (dittohead/health.py).

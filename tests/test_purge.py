@@ -235,3 +235,19 @@ def test_a_copy_whose_receipt_cannot_be_read_is_kept_and_said(env: Env) -> None:
     assert f"done/{d}.json is not a readable receipt: its copy is kept" in r.stdout
     assert "notes.json" not in r.stdout
     assert os.path.isdir(env.study.done / d)
+
+
+def test_wide_and_deep_trees_are_removed_whole(env: Env) -> None:
+    dot = env.study.inbox / ".wide"
+    for i in range(300):
+        (dot / f"d{i}" / "x" / "y").mkdir(parents=True)
+        (dot / f"d{i}" / "x" / "y" / "f").write_bytes(b"1")
+    deep = dot / "deep"
+    deep.mkdir()
+    os.chmod(dot / "d0", 0o777)
+    os.symlink("/etc", dot / "d1" / "x" / "link")
+    env.reload(abandoned_days=0, purge_abandoned=True)
+    r = env.run("purge", "s1")
+    assert r.returncode == 0, r.stderr
+    assert "300 files, 300 bytes freed" in r.stdout
+    assert not dot.exists() and os.path.isdir("/etc")
