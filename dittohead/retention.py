@@ -2,9 +2,10 @@
 
 Order for one done/ copy, each step rerunnable: rename done/<id> to
 done/.purge-<id> (from then on the copy is gone as a whole for every reader),
-remove that tree, add `purged` to the receipt, log the event. A run killed
+add `purged` to the receipt, remove that tree, log the event. A run killed
 anywhere is finished by the next one: a `.purge-<id>` left over is removed
-and its receipt marked; a receipt old enough whose copy is gone is marked.
+(and its receipt marked if it is not yet). Only receipts with a copy beside
+them are read.
 """
 
 from __future__ import annotations
@@ -79,26 +80,25 @@ def _purge_done(run: Run, study: StudyConfig, lines: list[str]) -> bool:
         return False
     ok = True
     try:
-        names = sorted(os.listdir(done))
-        for n in names:
+        names = set(os.listdir(done))
+        for n in sorted(names):
             if n.startswith(PURGING) and not run.dry_run:
                 ok = _purge_one(run, study, done, n[len(PURGING):], lines) and ok
         if study.keep_done_days is None:
             return ok
         keep = study.keep_done_days * DAY
         now = time.time()
-        for n in names:
-            if n.startswith(".") or not n.endswith(".json"):
-                continue
+        for n in sorted(names):
+            if n.startswith(".") or not n.endswith(".json") or n[:-5] not in names:
+                continue  # only receipts with their copy beside them: a daily purge
+                # reads keep_done_days' worth of receipts, not every one ever written
             data = read_json(study.done / n)
             age = iso_age(data.get("finished"), now) if data else None
-            copy = os.path.lexists(study.done / n[:-5])
             if data is None or age is None:
-                if copy:  # (a stray file with no copy beside it holds nothing to purge)
-                    lines.append(f"{study.name}: done/{log.printable(n)} is not a readable "
-                                 "receipt: its copy is kept")
-                    ok = False
-            elif age >= keep and (copy or "purged" not in data):
+                lines.append(f"{study.name}: done/{log.printable(n)} is not a readable "
+                             "receipt: its copy is kept")
+                ok = False
+            elif age >= keep:
                 ok = _purge_one(run, study, done, n[:-5], lines) and ok
     finally:
         os.close(done)
@@ -107,7 +107,7 @@ def _purge_done(run: Run, study: StudyConfig, lines: list[str]) -> bool:
 
 def _purge_one(run: Run, study: StudyConfig, done: int, delivery: str,
                lines: list[str]) -> bool:
-    """Remove done/<delivery> (or its .purge- leftover), mark its receipt, log it."""
+    """Mark its receipt and remove done/<delivery> (or its .purge- leftover); log it."""
     receipt = study.done / f"{delivery}.json"
     data = read_json(receipt) or {}
     entry = _entry(data)
@@ -120,10 +120,9 @@ def _purge_one(run: Run, study: StudyConfig, done: int, delivery: str,
     try:
         if os.path.lexists(study.done / delivery):
             os.rename(delivery, gone, src_dir_fd=done, dst_dir_fd=done)
-        freed = remove_tree(done, gone, run.uid, run.gid) if os.path.lexists(
-            study.done / gone) else Tally()
         if data and "purged" not in data:
             mark_purged(receipt, data)
+        freed = remove_tree(done, gone, run.uid, run.gid)
     except OSError as e:
         lines.append(f"{what}: could not be purged, kept (the next purge tries again): {e}")
         _warn(study, lines[-1])
