@@ -135,6 +135,8 @@ def test_status_json_lists_uploading_entries(env: Env) -> None:
     [entry] = json.loads(r.stdout)[0]["uploading_entries"]
     assert entry["name"] == "inbox/.s04" and entry["age_seconds"] >= 0
     assert entry["uploader"]
+    text = env.run("status", "s1").stdout
+    assert f"uploading: inbox/.s04 by {entry['uploader']}, unchanged for 0 minutes" in text
 
 
 def test_check_names_old_failed_entries(env: Env) -> None:
