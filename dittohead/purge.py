@@ -115,7 +115,11 @@ class _Measure:
         stack.append((fd, subdirs))
         with os.scandir(fd) as it:
             for e in it:
-                st = e.stat(follow_symlinks=False)
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except FileNotFoundError:  # removed while we look: changed now
+                    self.newest = max(self.newest, time.time_ns())
+                    continue
                 self.newest = max(self.newest, st.st_ctime_ns)
                 if stat.S_ISDIR(st.st_mode):
                     subdirs.append(e.name)

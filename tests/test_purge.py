@@ -253,3 +253,19 @@ def test_wide_and_deep_trees_are_removed_whole(env: Env) -> None:
     assert r.returncode == 0, r.stderr
     assert "300 files, 300 bytes freed" in r.stdout
     assert not dot.exists() and os.path.isdir("/etc")
+
+
+def test_abandoned_upload_in_an_own_inbox_is_found_and_removed(env: Env) -> None:
+    own = env.study.users / "someone" / "inbox"
+    own.mkdir(parents=True)
+    (own / ".half").mkdir()
+    (own / ".half" / "f").write_bytes(b"abc")
+    env.reload(abandoned_days=0)
+    r = env.run("status", "s1", "--json")
+    assert [u["name"] for u in json.loads(r.stdout)[0]["uploading_entries"]] == [
+        "users/someone/inbox/.half"]
+    r = env.run("purge", "--abandoned", "--dry-run")
+    assert "users/someone/inbox/.half of" in r.stdout and "would be removed" in r.stdout
+    assert (own / ".half" / "f").exists()
+    r = env.run("purge", "--abandoned")
+    assert r.returncode == 0 and not (own / ".half").exists(), r.stdout + r.stderr
