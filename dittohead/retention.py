@@ -69,6 +69,9 @@ def purge_study(run: Run, study: StudyConfig) -> tuple[list[str], bool]:
     lines: list[str] = []
     ok = _purge_done(run, study, lines)
     ok = _abandoned(run, study, lines) and ok
+    if not lines:
+        keep = "null" if study.keep_done_days is None else f"{study.keep_done_days:g}"
+        lines.append(f"{study.name}: nothing to purge (keep_done_days: {keep})")
     return lines, ok
 
 
