@@ -72,7 +72,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("id")
 
     _user_commands(sub)
+    _build_purge(sub)
     return p
+
+
+# --- purge (dittohead/retention.py) ---------------------------------------------------------
+def _build_purge(sub: argparse._SubParsersAction[_Parser]) -> None:
+    s = sub.add_parser("purge", help="remove done/ copies older than keep_done_days (and "
+                                     "abandoned .name uploads); what the daily timer runs")
+    s.add_argument("study", nargs="?", help="only this study (default: every study)")
+    s.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
+    s.add_argument("--abandoned", action="store_true",
+                   help="also remove .name uploads unchanged for more than abandoned_days")
+
+
+def _purge(args: argparse.Namespace, cfg: config.Config) -> int:
+    """Purge each study (all of them, or one); exit 1 when something was kept by error."""
+    from .retention import purge_study, start
+    run = start(cfg, args.dry_run, args.abandoned)
+    names = [args.study] if args.study else sorted(cfg.studies)
+    ok = True
+    for n in names:
+        lines, study_ok = purge_study(run, cfg.study(n))
+        for line in lines:
+            _say(line)
+        ok = ok and study_ok
+    return 0 if ok else EXIT_UNEXPECTED
+# --- end purge ------------------------------------------------------------------------------
 
 
 def _user_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
@@ -172,6 +198,8 @@ def _run(args: argparse.Namespace) -> int:
             raise DittoheadError(f"not told to go: .{log.printable(args.name)} not renamed")
         ready(study, args.name, check=args.check)
         return 0
+    if args.command == "purge":
+        return _purge(args, cfg)
     if args.command == "retry":
         from .health import retry
         _say(retry(cfg, cfg.study(args.study), args.id))

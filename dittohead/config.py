@@ -17,6 +17,9 @@ from typing import Any
 from .errors import ConfigError
 from .log import printable
 from .settings import (
+    DEFAULT_ABANDONED_DAYS,
+    DEFAULT_FAILED_WARN_DAYS,
+    DEFAULT_KEEP_DONE_DAYS,
     DEFAULT_QUIET_PERIOD,
     NOTIFY_EVENTS,
     Config,
@@ -107,7 +110,8 @@ def parse(data: Any, path: Path = DEFAULT_CONFIG) -> Config:
 
 
 _STUDY_KEYS = {"destination", "group", "uploaders", "file_mode", "dir_mode", "ignore",
-               "disk_warn_percent", "notify", "quiet_period"}
+               "disk_warn_percent", "notify", "quiet_period",
+               "keep_done_days", "abandoned_days", "failed_warn_days", "purge_abandoned"}
 
 
 class _Validator:
@@ -259,13 +263,39 @@ def _study(v: _Validator, key: str, name: str, raw: dict[str, Any],
     notify = _study_notify(v, f"{key}.notify", raw.get("notify"))
     quiet = _quiet_period(v, f"{key}.quiet_period", raw.get("quiet_period",
                                                           DEFAULT_QUIET_PERIOD))
+    retention = _retention(v, key, raw)
     if len(v.problems) != before or root is None:
         return None
     assert dest is not None and file_mode is not None and dir_mode is not None
     return StudyConfig(name=name, root=root / name, destination=dest, group=group,
                        uploaders=uploaders, file_mode=file_mode, dir_mode=dir_mode,
                        ignore=ignore or (), disk_warn_percent=tuple(sorted(set(warn))),
-                       notify=notify, quiet_period=quiet)
+                       notify=notify, quiet_period=quiet, **retention)
+
+
+MAX_DAYS = 36500.0  # a century: beyond it, a typo
+
+
+def _retention(v: _Validator, key: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """keep_done_days (null: for ever), abandoned_days, failed_warn_days, purge_abandoned."""
+    def days(name: str, default: float, nullable: bool = False) -> float | None:
+        value = raw.get(name, default)
+        if value is None and nullable:
+            return None
+        if (isinstance(value, bool) or not isinstance(value, int | float)
+                or not 0 <= value <= MAX_DAYS):  # (NaN fails this too)
+            v.error(f"{key}.{name}", f"must be a number of days from 0 to {MAX_DAYS:.0f}"
+                    + (", or null (for ever)" if nullable else ""))
+            return default
+        return float(value)
+    purge = raw.get("purge_abandoned", False)
+    if not isinstance(purge, bool):
+        v.error(f"{key}.purge_abandoned", "must be true or false")
+        purge = False
+    return {"keep_done_days": days("keep_done_days", DEFAULT_KEEP_DONE_DAYS, nullable=True),
+            "abandoned_days": days("abandoned_days", DEFAULT_ABANDONED_DAYS),
+            "failed_warn_days": days("failed_warn_days", DEFAULT_FAILED_WARN_DAYS),
+            "purge_abandoned": purge}
 
 
 def _quiet_period(v: _Validator, key: str, value: Any) -> float:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import layout
+from . import layout, purge
 from .config import Config, StudyConfig
 from .conflicts import symlinked_destination
 from .errors import DittoheadError, TemporaryError
@@ -87,6 +87,7 @@ def status(cfg: Config, study: StudyConfig) -> dict[str, Any]:
         "destination": str(study.destination),
         "disk": disk_use(study.destination),
         "units": unit_states(study.name),
+        "uploading_entries": purge.uploading_entries(study),
     }
 
 
@@ -116,6 +117,8 @@ def status_text(data: list[dict[str, Any]]) -> str:
                      + (f"{disk['percent']}% used" if disk else "NOT AVAILABLE"))
         for unit, state in s["units"].items():
             lines.append(f"  {unit}: {state}")
+        if len(data) == 1:
+            lines += purge.uploading_detail(s)
     return "\n".join(lines)
 
 
@@ -187,6 +190,7 @@ def check(cfg: Config, studies: list[StudyConfig]) -> list[str]:
         if disk and study.disk_warn_percent and disk["percent"] >= study.disk_warn_percent[0]:
             found.append(p + f"destination is {disk['percent']}% full")
         found += [p + x for x in leftovers(study)]
+        found += [p + x for x in purge.retention_problems(study)]
         found += [p + x for x in shared_filesystem(study)]
         if _systemd_booted():
             for unit in (f"dittohead@{study.name}.path", f"dittohead@{study.name}.timer"):
@@ -202,6 +206,7 @@ def check(cfg: Config, studies: list[StudyConfig]) -> list[str]:
     if _systemd_booted():
         from . import generator
         found += generator.problems(cfg) + generator.drift(cfg) + stray_units(cfg)
+        found += purge.timer_problems(cfg)
     return found
 
 

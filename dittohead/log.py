@@ -34,6 +34,9 @@ MESSAGE_IDS: Mapping[str, str] = {
     "config-error": "741b67835ddc4eb580bfc74611985daa",
     # Sent by units/dittohead-notify-failure (OnFailure= of the units).
     "unit-failed": "d49d0a088dd54a0286ba26b8f857ba0b",
+    # dittohead purge (dittohead/purge.py).
+    "purged": "a461bf2b74104b38bf8513a13f40b7cb",
+    "abandoned-removed": "3b7d9720d1654fb081164abf96a9916a",
 }
 
 _PRIORITY = {
@@ -44,6 +47,8 @@ _PRIORITY = {
     "disk-warning": syslog.LOG_WARNING,
     "config-error": syslog.LOG_ERR,
     "unit-failed": syslog.LOG_ERR,
+    "purged": syslog.LOG_INFO,
+    "abandoned-removed": syslog.LOG_NOTICE,
 }
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"

@@ -19,6 +19,11 @@ NOTIFY_EVENTS = ("delivered", "failed", "rejected", "disk")
 # longer than a Windows SMB client's 60 s session timeout on a stalled
 # connection. config.yaml and docs/contract.md say why.
 DEFAULT_QUIET_PERIOD = 120.0
+# done/ is a second copy, kept while the study checks what arrived: a month
+# covers a monthly data review (docs/contract.md, "Retention").
+DEFAULT_KEEP_DONE_DAYS = 30.0
+DEFAULT_ABANDONED_DAYS = 7.0
+DEFAULT_FAILED_WARN_DAYS = 14.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,13 @@ class StudyConfig:
     disk_warn_percent: tuple[int, ...]
     notify: StudyNotify
     quiet_period: float = DEFAULT_QUIET_PERIOD
+    # Retention (dittohead/purge.py): days done/<id>/ is kept after its receipt's
+    # `finished` (None: for ever); days a .name upload may go unchanged before it
+    # is abandoned; days a failed entry may wait before `check` names it.
+    keep_done_days: float | None = DEFAULT_KEEP_DONE_DAYS
+    abandoned_days: float = DEFAULT_ABANDONED_DAYS
+    failed_warn_days: float = DEFAULT_FAILED_WARN_DAYS
+    purge_abandoned: bool = False
 
     @property
     def inbox(self) -> Path:

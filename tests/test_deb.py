@@ -33,7 +33,7 @@ from .packages import (
 )
 
 UNITS = ("dittohead@.path", "dittohead@.service", "dittohead@.timer",
-         "dittohead-notify@.service")
+         "dittohead-notify@.service", "dittohead-purge.service", "dittohead-purge.timer")
 FILES = (
     "./usr/bin/dittohead",
     "./usr/lib/dittohead/dittohead/cli.py",
