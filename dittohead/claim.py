@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import StudyConfig
-from .errors import ConfigError, DittoheadError, StorageError, TemporaryError
+from .errors import ConfigError, DittoheadError, NoSpace, StorageError, TemporaryError
 from .faults import point
 from .fsops import is_enospc, write_atomic
 from .lockdown import Lockdown
@@ -65,6 +65,9 @@ class Claim:
     # Where it was dropped, relative to the study's root: the shared inbox, or
     # an uploader's own (users/<user>/inbox); where `retry` puts it back.
     inbox: str = "inbox"
+    # When the study's contacts and uploader were told the entry waits for space
+    # in its destination (ISO 8601 UTC; "" never): told once, not every attempt.
+    space_told: str = ""
 
 
 class StudyLock:
@@ -308,7 +311,8 @@ def pending_claims(study: StudyConfig) -> Iterator[Claim]:
                       busy_since=str(data.get("busy_since", "")),
                       busy_files=tuple(str(f) for f in data.get("busy_files", ())),
                       top=tuple(int(x) for x in data.get("top", ())),
-                      inbox=_inbox(data.get("inbox", "inbox")))
+                      inbox=_inbox(data.get("inbox", "inbox")),
+                      space_told=str(data.get("space_told", "")))
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not a claim record of ours; `check` reports strays
         yield c
@@ -348,6 +352,13 @@ def note_busy(study: StudyConfig, c: Claim, files: list[str], keep: int) -> Clai
     return c
 
 
+def note_space_told(study: StudyConfig, c: Claim) -> Claim:
+    """Record in the claim that its wait for space has been told of (capacity.py)."""
+    c = replace(c, space_told=now_iso())
+    _write_record(study.processing / f"{c.id}.json", c)
+    return c
+
+
 def busy_seconds(c: Claim) -> float:
     """How long ago an attempt first found the entry busy (0 if never)."""
     if not c.busy_since:
@@ -365,7 +376,7 @@ def _claim_error(study: StudyConfig, folder: str, entry: str, e: OSError,
     """What a failed claim means for the run, with the true reason (the entry stays put)."""
     what = f"cannot claim {printable(entry)} in {study.root / folder}: {e.strerror}"
     if is_enospc(e):
-        return TemporaryError(f"{what}: free space or inodes on the dropbox's filesystem "
+        return NoSpace(f"{what}: free space or inodes on the dropbox's filesystem "
                               "(the entry waits in the inbox)")
     if e.errno in (errno.EROFS, errno.EIO, errno.EUCLEAN):
         return StorageError(f"{what}: the dropbox's storage failed or went read-only; "
@@ -396,4 +407,6 @@ def _write_record(path: Path, c: Claim) -> None:
         data["inbox"] = c.inbox
     if c.busy_since:
         data |= {"busy_since": c.busy_since, "busy_files": list(c.busy_files)}
+    if c.space_told:
+        data["space_told"] = c.space_told
     write_atomic(path, json.dumps(data).encode() + b"\n")

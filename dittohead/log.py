@@ -33,6 +33,7 @@ MESSAGE_IDS: Mapping[str, str] = {
     "config-error": "741b67835ddc4eb580bfc74611985daa",
     # Sent by units/dittohead-notify-failure (OnFailure= of the units).
     "unit-failed": "d49d0a088dd54a0286ba26b8f857ba0b",
+    "out-of-space": "9f00b37b35594764850e82a4d624610a",
 }
 
 _PRIORITY = {
@@ -43,6 +44,7 @@ _PRIORITY = {
     "disk-warning": syslog.LOG_WARNING,
     "config-error": syslog.LOG_ERR,
     "unit-failed": syslog.LOG_ERR,
+    "out-of-space": syslog.LOG_WARNING,
 }
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"

@@ -19,6 +19,10 @@ NOTIFY_EVENTS = ("delivered", "failed", "rejected", "disk")
 # longer than a Windows SMB client's 60 s session timeout on a stalled
 # connection. config.yaml and docs/contract.md say why.
 DEFAULT_QUIET_PERIOD = 120.0
+# Days: a month's warning leaves time to order and mount more storage.
+DEFAULT_FORECAST_WARN_DAYS = 30
+# The dropbox's own filesystem: percentages at which each study's run warns.
+DEFAULT_DROPBOX_WARN_PERCENT = (90, 95)
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,8 @@ class StudyConfig:
     disk_warn_percent: tuple[int, ...]
     notify: StudyNotify
     quiet_period: float = DEFAULT_QUIET_PERIOD
+    # Warn when the destination is forecast to fill within this many days (None: never).
+    forecast_warn_days: int | None = DEFAULT_FORECAST_WARN_DAYS
 
     @property
     def inbox(self) -> Path:
@@ -85,6 +91,7 @@ class Config:
     service_user: str
     notify: NotifyConfig
     studies: Mapping[str, StudyConfig]
+    dropbox_warn_percent: tuple[int, ...] = DEFAULT_DROPBOX_WARN_PERCENT
 
     def study(self, name: str) -> StudyConfig:
         """The named study, or a ConfigError listing the known ones."""
