@@ -47,10 +47,14 @@ class Forecast:
                 "rate_bytes_per_day": round(self.rate_bytes_per_day),
                 "window_days": round(self.window_days, 2)}
 
+    def window(self) -> str:
+        """The window as said: "the last 14 days'", "the last day's"."""
+        days = round(self.window_days)
+        return "the last day's" if days <= 1 else f"the last {days} days'"
+
     def text(self) -> str:
         """Like "at the last 14 days' rate (1.2 GB a day), full in about 23 days"."""
-        return (f"at the last {self.window_days:.0f} days' rate "
-                f"({size(self.rate_bytes_per_day)} a day), "
+        return (f"at {self.window()} rate ({size(self.rate_bytes_per_day)} a day), "
                 f"full in about {self.days_to_full:.0f} days")
 
 
@@ -182,11 +186,9 @@ def check_destination(config: Config, study: StudyConfig) -> None:
                    f"{percent:.1f}% used{ahead}", destination=True)
     elif soon and not told_soon:
         assert fc is not None
-        text = (f"{study.destination} fills: full in about {fc.days_to_full:.0f} days at "
-                f"the last {fc.window_days:.0f} days' rate")
-        _warn_disk(config, study, text, study.destination,
-                   f"full in about {fc.days_to_full:.0f} days at the last "
-                   f"{fc.window_days:.0f} days' rate ({percent:.1f}% used)", destination=True)
+        soon_text = f"full in about {fc.days_to_full:.0f} days at {fc.window()} rate"
+        _warn_disk(config, study, f"{study.destination} fills: {soon_text}", study.destination,
+                   f"{soon_text} ({percent:.1f}% used)", destination=True)
     if abs(percent - before) >= 0.05 or crossed or bool(state.get("forecast_warned")) != soon:
         _save(study, state, percent=round(percent, 2), forecast_warned=soon)
 
