@@ -267,6 +267,25 @@ def dropbox_full(config: Config, study: StudyConfig, why: str) -> None:
                  priority=4, DITTOHEAD_STUDY=study.name, DITTOHEAD_REASON=str(e))
 
 
+def findings(config: Config, study: StudyConfig) -> list[str]:
+    """What `check` says about capacity: a dropbox over its first threshold, and a
+    destination forecast to fill within forecast_warn_days."""
+    found = []
+    try:
+        percent = used_percent(os.statvfs(study.root))
+    except OSError:
+        percent = 0.0  # layout problems name a missing root
+    if config.dropbox_warn_percent and percent >= config.dropbox_warn_percent[0]:
+        found.append(f"the dropbox's filesystem ({study.root}) is {percent:.1f}% full: "
+                     "when it is full no upload can be taken (df -h; dittohead status)")
+    fc = study_forecast(study) if study.forecast_warn_days is not None else None
+    if fc is not None and study.forecast_warn_days is not None \
+            and fc.days_to_full < study.forecast_warn_days:
+        found.append(f"destination {study.destination} is {fc.text()}: make room or grow "
+                     "it")
+    return found
+
+
 def out_of_space(config: Config, study: StudyConfig, c: Claim, uploader: str, nbytes: int,
                  detail: str) -> tuple[Claim, str]:
     """An entry kept because its destination has no room: tell its contacts (`disk`) and

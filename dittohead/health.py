@@ -168,6 +168,8 @@ def check(cfg: Config, studies: list[StudyConfig]) -> list[str]:
         disk = disk_use(study.destination)
         if disk and study.disk_warn_percent and disk["percent"] >= study.disk_warn_percent[0]:
             found.append(p + f"destination is {disk['percent']}% full")
+        from .capacity import findings  # the dropbox's fill and the forecast
+        found += [p + x for x in findings(cfg, study)]
         found += [p + x for x in leftovers(study)]
         found += [p + x for x in shared_filesystem(study)]
         if _systemd_booted():

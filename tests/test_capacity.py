@@ -96,6 +96,7 @@ def test_forecast_warning_once_when_it_drops_under_forecast_warn_days(
     env.drop("f", {"b.txt": b"b"})
     r = env.process()
     assert "MESSAGE_ID=6640f08a" not in r.stderr  # once per crossing, not per delivery
+    assert "full in about 0 days: make room or grow it" in env.run("check", "s1").stdout
     data = json.loads(env.run("status", "s1", "--json", check=True).stdout)[0]
     assert data["forecast"]["days_to_full"] < 1 and data["forecast"]["window_days"] >= 1
 
