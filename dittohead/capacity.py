@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import log, notify
-from .claim import Claim, note_space_told
+from .claim import Claim, note, now_iso
 from .config import Config, StudyConfig
 from .fsops import used_percent, write_atomic
 
@@ -236,32 +236,40 @@ def _warn_disk(config: Config, study: StudyConfig, text: str, where: Path, reaso
 
 def check_dropbox(config: Config, study: StudyConfig) -> None:
     """Warn once each time the dropbox's filesystem (where this study's uploads arrive)
-    crosses one of dropbox_warn_percent upward (at the end of each run)."""
+    crosses one of dropbox_warn_percent upward (at the end of each run). The state is
+    written only when that changes, so a run that finds all as before writes nothing."""
     if not config.dropbox_warn_percent:
         return
-    percent = used_percent(os.statvfs(study.root))
+    st = os.statvfs(study.root)
+    percent = used_percent(st)
     state = _state(_state_path(study))
     before = _before(state, "dropbox_percent")
-    crossed = [t for t in config.dropbox_warn_percent if before < t <= percent]
+    marks = config.dropbox_warn_percent
+    crossed = [t for t in marks if before < t <= percent]
     if crossed:
         text = f"the dropbox {study.root} is {percent:.0f}% full (crossed {crossed[-1]}%)"
         _warn_disk(config, study, text, study.root, f"{percent:.1f}% used of the dropbox",
                    destination=False)
-    if abs(percent - before) >= 0.05 or crossed:
-        _save(study, state, dropbox_percent=round(percent, 2))
+    changes: dict[str, Any] = {}
+    if sum(t <= percent for t in marks) != sum(t <= before for t in marks):
+        changes["dropbox_percent"] = round(percent, 2)
+    if state.get("dropbox_full") and percent < 100 and not (st.f_files and not st.f_favail):
+        changes["dropbox_full"] = False  # room again: the next time it is full is told
+    if changes:
+        _save(study, state, **changes)
 
 
 def dropbox_full(config: Config, study: StudyConfig, why: str) -> None:
     """An entry could not be claimed for want of space on the dropbox: warn and mail once
-    until the fill drops again (the state and the mail need a little room themselves:
+    until there is room again (the state and the mail need a little room themselves:
     when none is left, the journal event is all, once per run and entry)."""
     state = _state(_state_path(study))
-    if _before(state, "dropbox_percent") >= 100:
+    if state.get("dropbox_full"):
         return
     _warn_disk(config, study, f"the dropbox {study.root} is full: uploads wait in the inbox",
                study.root, why, destination=False)
     try:
-        _save(study, state, dropbox_percent=100.0)
+        _save(study, state, dropbox_full=True)
     except OSError as e:
         log.send(f"{study.name}: could not record that the dropbox is full: {e}",
                  priority=4, DITTOHEAD_STUDY=study.name, DITTOHEAD_REASON=str(e))
@@ -303,7 +311,7 @@ def out_of_space(config: Config, study: StudyConfig, c: Claim, uploader: str, nb
     why = f"{text} ({detail})"
     if c.space_told:
         return c, why
-    c = note_space_told(study, c)
+    c = note(study, c, space_told=now_iso())
     log.event("out-of-space", f"{study.name}: {text}", reason=why, bytes=nbytes,
               study=study.name, entry=c.entry, delivery=c.id,
               destination=str(study.destination), uploader=uploader)

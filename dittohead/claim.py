@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from .config import StudyConfig
 from .errors import ConfigError, DittoheadError, NoSpace, StorageError, TemporaryError
@@ -65,9 +66,7 @@ class Claim:
     # Where it was dropped, relative to the study's root: the shared inbox, or
     # an uploader's own (users/<user>/inbox); where `retry` puts it back.
     inbox: str = "inbox"
-    # When the study's contacts and uploader were told the entry waits for space
-    # in its destination (ISO 8601 UTC; "" never): told once, not every attempt.
-    space_told: str = ""
+    space_told: str = ""  # when its wait for space was told, once (ISO 8601 UTC; "": not)
 
 
 class StudyLock:
@@ -347,14 +346,12 @@ def release(study: StudyConfig, c: Claim) -> None:
 def note_busy(study: StudyConfig, c: Claim, files: list[str], keep: int) -> Claim:
     """Record in the claim that an attempt found `files` busy; keep at most `keep` names."""
     names = tuple(dict.fromkeys([*c.busy_files, *files]))[:keep]
-    c = replace(c, busy_since=c.busy_since or now_iso(), busy_files=names)
-    _write_record(study.processing / f"{c.id}.json", c)
-    return c
+    return note(study, c, busy_since=c.busy_since or now_iso(), busy_files=names)
 
 
-def note_space_told(study: StudyConfig, c: Claim) -> Claim:
-    """Record in the claim that its wait for space has been told of (capacity.py)."""
-    c = replace(c, space_told=now_iso())
+def note(study: StudyConfig, c: Claim, **changes: Any) -> Claim:
+    """The claim with `changes` (Claim's fields), written to its record."""
+    c = replace(c, **changes)
     _write_record(study.processing / f"{c.id}.json", c)
     return c
 
@@ -401,12 +398,9 @@ def _write_record(path: Path, c: Claim) -> None:
             "entry": os.fsencode(c.entry).decode("utf-8", "backslashreplace"),
             "entry_hex": os.fsencode(c.entry).hex(), "started": c.started,
             "uploader_uid": c.uploader_uid}
-    if c.top:
-        data["top"] = list(c.top)
-    if c.inbox != "inbox":
-        data["inbox"] = c.inbox
+    optional = {"top": list(c.top), "inbox": "" if c.inbox == "inbox" else c.inbox,
+                "busy_since": c.busy_since, "space_told": c.space_told}
+    data |= {k: v for k, v in optional.items() if v}
     if c.busy_since:
-        data |= {"busy_since": c.busy_since, "busy_files": list(c.busy_files)}
-    if c.space_told:
-        data["space_told"] = c.space_told
+        data["busy_files"] = list(c.busy_files)
     write_atomic(path, json.dumps(data).encode() + b"\n")

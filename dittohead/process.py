@@ -111,7 +111,7 @@ class Attempt:
     plan: Plan | None  # None when the entry was not examined
     reason: str | None = None
     busy: tuple[str, ...] = ()  # files still written to (RETRY_LATER only)
-    no_space: bool = False  # kept for want of room in the destination (RETRY_LATER only)
+    space_needed: int = -1  # kept for want of room: the entry's bytes (RETRY_LATER only)
 
 
 def process(config: Config, study_name: str, linger: float = 0.0) -> RunResult:
@@ -257,11 +257,7 @@ def handle(config: Config, study: StudyConfig, c: Claim, owner: Ownership) -> Ou
         if attempt.busy:
             c, attempt = _still_busy(study, c, attempt)
         if attempt.outcome is Outcome.RETRY_LATER:
-            why = attempt.reason or ""
-            if attempt.no_space:
-                c, why = report.out_of_space(config, study, c, uploader,
-                                             attempt.plan.nbytes if attempt.plan else 0, why)
-            report.kept(study, c, uploader, why)
+            report.kept(config, study, c, uploader, attempt.reason or "", attempt.space_needed)
             return attempt.outcome
         receipt = file_entry(study, c, attempt.plan, attempt.outcome, uploader, attempt.reason)
     except ConfigError:
@@ -314,7 +310,7 @@ def deliver(study: StudyConfig, c: Claim, owner: Ownership) -> Attempt:
     except EntryBusy as e:
         return Attempt(Outcome.RETRY_LATER, plan, str(e), tuple(e.files))
     except NoSpace as e:
-        return Attempt(Outcome.RETRY_LATER, plan, str(e), no_space=True)
+        return Attempt(Outcome.RETRY_LATER, plan, str(e), space_needed=plan.nbytes if plan else 0)
     except TemporaryError as e:
         return Attempt(Outcome.RETRY_LATER, plan, str(e))
     except EntryFailed as e:
@@ -324,7 +320,7 @@ def deliver(study: StudyConfig, c: Claim, owner: Ownership) -> Attempt:
             raise
         return Attempt(Outcome.RETRY_LATER, plan,
                        f"the destination is full ({e.strerror}); rolled back, will retry",
-                       no_space=True)
+                       space_needed=plan.nbytes if plan else 0)
     return Attempt(Outcome.DELIVERED, plan)
 
 

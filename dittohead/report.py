@@ -28,8 +28,12 @@ def fields(study: StudyConfig, c: Claim, uploader: str) -> dict[str, str]:
             "destination": str(study.destination), "uploader": uploader}
 
 
-def kept(study: StudyConfig, c: Claim, uploader: str, why: str) -> None:
-    """The entry stays claimed in processing/ for a later run (retry-later)."""
+def kept(config: Config, study: StudyConfig, c: Claim, uploader: str, why: str,
+         space_needed: int = -1) -> None:
+    """The entry stays claimed in processing/ for a later run (retry-later); with
+    space_needed (its bytes, >= 0), for want of room in its destination: told once."""
+    if space_needed >= 0:
+        c, why = out_of_space(config, study, c, uploader, space_needed, why)
     log.event(Outcome.RETRY_LATER, f"{study.name}: {log.printable(c.entry)} kept for a later "
               f"run: {why}", reason=why, **fields(study, c, uploader))
     r = Receipt(study=study.name, id=c.id, entry=c.entry, uploader=uploader,
