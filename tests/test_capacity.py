@@ -246,6 +246,7 @@ def test_dropbox_filling_past_a_threshold_warns_and_mails_once(
     assert rcpt == ["pi@example.edu"] and "the dropbox" in str(m["Subject"])
     r = env.process()
     assert "MESSAGE_ID=6640f08a" not in r.stderr and len(inbox.messages) == 1
+    assert "the dropbox's filesystem" in env.run("check", "s1").stdout
     hog.unlink()
     env.process()  # below again: the next crossing is told again
     _fill(env.study.root, leave=300 << 10)
