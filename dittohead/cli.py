@@ -207,12 +207,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "where" or (args.command == "status" and args.mine):
         return _uploaders_view(args, cfg, probe)
     if args.command == "status":
-        from .health import status, status_text
-        names = [args.study] if args.study else sorted(cfg.studies)
-        data = [status(cfg, cfg.study(n)) for n in names]
-        # JSON escapes every control and non-ASCII character itself.
-        _say(json.dumps(data, indent=2) if args.json else status_text(data))
-        return 0
+        return _status(args, cfg)
     if args.command == "check":
         from .health import check
         names = [args.study] if args.study else sorted(cfg.studies)
@@ -221,6 +216,21 @@ def _run(args: argparse.Namespace) -> int:
             _say(line)
         return 1 if found else 0
     raise UsageError(f"unknown command {args.command}")  # pragma: no cover
+
+
+def _status(args: argparse.Namespace, cfg: config.Config) -> int:
+    """`status [STUDY] [--json]`: one table of the studies (glance.py); details for one."""
+    from .glance import status_text, use_colour
+    from .health import status
+    names = [args.study] if args.study else sorted(cfg.studies)
+    data = [status(cfg, cfg.study(n)) for n in names]
+    if args.json:  # JSON escapes every control and non-ASCII character itself
+        _say(json.dumps(data, indent=2))
+    elif use_colour():  # status_text escapes every piece itself; _say would its colours
+        print(status_text(data, colour=True, details=bool(args.study)), flush=True)
+    else:
+        _say(status_text(data, details=bool(args.study)))
+    return 0
 
 
 def _uid(name: str) -> int:

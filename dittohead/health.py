@@ -74,7 +74,7 @@ def status(cfg: Config, study: StudyConfig) -> dict[str, Any]:
         except (OSError, ReceiptError):
             last = None
     ready, waiting = _ready_and_waiting(study, inbox)
-    return {
+    data = {
         "study": study.name,
         "pending": ready,
         "waiting": waiting,
@@ -89,6 +89,8 @@ def status(cfg: Config, study: StudyConfig) -> dict[str, Any]:
         "units": unit_states(study.name),
         "uploading_entries": purge.uploading_entries(study),
     }
+    from .glance import more  # the table's keys (oldest pending, forecast, ...)
+    return data | more(cfg, study, data)
 
 
 def _ready_and_waiting(study: StudyConfig, inbox: list[str]) -> tuple[int, int]:
@@ -98,28 +100,6 @@ def _ready_and_waiting(study: StudyConfig, inbox: list[str]) -> tuple[int, int]:
     except (TemporaryError, OSError):  # an inbox we cannot read: count names only
         return len([n for n in inbox if not n.startswith(".")]), 0
     return len(seen.ready), len(seen.waiting)
-
-
-def status_text(data: list[dict[str, Any]]) -> str:
-    lines = []
-    for s in data:
-        lines.append(f"{s['study']}: {s['pending']} pending, {s['waiting']} waiting to be "
-                     f"quiet, {s['uploading']} uploading, "
-                     f"{s['processing']} processing, {s['failed']} failed, "
-                     f"{s['delivered']} delivered")
-        last = s["last_delivery"]
-        if last:  # its entry is printable() already (Receipt.to_dict)
-            lines.append(f"  last delivery: {printable(str(last.get('id')))} "
-                         f"({last.get('entry')}, {last.get('files')} files, "
-                         f"{last.get('finished')})")
-        disk = s["disk"]
-        lines.append(f"  destination: {s['destination']} "
-                     + (f"{disk['percent']}% used" if disk else "NOT AVAILABLE"))
-        for unit, state in s["units"].items():
-            lines.append(f"  {unit}: {state}")
-        if len(data) == 1:
-            lines += purge.uploading_detail(s)
-    return "\n".join(lines)
 
 
 STALE_MAIL = 24 * 3600  # seconds a queued mail may wait before `check` says so
@@ -189,6 +169,8 @@ def check(cfg: Config, studies: list[StudyConfig]) -> list[str]:
         disk = disk_use(study.destination)
         if disk and study.disk_warn_percent and disk["percent"] >= study.disk_warn_percent[0]:
             found.append(p + f"destination is {disk['percent']}% full")
+        from .capacity import findings  # the dropbox's fill and the forecast
+        found += [p + x for x in findings(cfg, study)]
         found += [p + x for x in leftovers(study)]
         found += [p + x for x in purge.retention_problems(study)]
         found += [p + x for x in shared_filesystem(study)]

@@ -37,6 +37,7 @@ MESSAGE_IDS: Mapping[str, str] = {
     # dittohead purge (dittohead/purge.py).
     "purged": "a461bf2b74104b38bf8513a13f40b7cb",
     "abandoned-removed": "3b7d9720d1654fb081164abf96a9916a",
+    "out-of-space": "9f00b37b35594764850e82a4d624610a",
 }
 
 _PRIORITY = {
@@ -49,6 +50,7 @@ _PRIORITY = {
     "unit-failed": syslog.LOG_ERR,
     "purged": syslog.LOG_INFO,
     "abandoned-removed": syslog.LOG_NOTICE,
+    "out-of-space": syslog.LOG_WARNING,
 }
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"

@@ -24,6 +24,10 @@ DEFAULT_QUIET_PERIOD = 120.0
 DEFAULT_KEEP_DONE_DAYS = 30.0
 DEFAULT_ABANDONED_DAYS = 7.0
 DEFAULT_FAILED_WARN_DAYS = 14.0
+# Days: a month's warning leaves time to order and mount more storage.
+DEFAULT_FORECAST_WARN_DAYS = 30
+# The dropbox's own filesystem: percentages at which each study's run warns.
+DEFAULT_DROPBOX_WARN_PERCENT = (90, 95)
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,8 @@ class StudyConfig:
     abandoned_days: float = DEFAULT_ABANDONED_DAYS
     failed_warn_days: float = DEFAULT_FAILED_WARN_DAYS
     purge_abandoned: bool = False
+    # Warn when the destination is forecast to fill within this many days (None: never).
+    forecast_warn_days: int | None = DEFAULT_FORECAST_WARN_DAYS
 
     @property
     def inbox(self) -> Path:
@@ -97,6 +103,7 @@ class Config:
     service_user: str
     notify: NotifyConfig
     studies: Mapping[str, StudyConfig]
+    dropbox_warn_percent: tuple[int, ...] = DEFAULT_DROPBOX_WARN_PERCENT
 
     def study(self, name: str) -> StudyConfig:
         """The named study, or a ConfigError listing the known ones."""
