@@ -136,6 +136,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "upload":
         return _upload(args)
     cfg = config.load(config.config_path(args.config))
+    if not getattr(args, "mine", False):  # status --mine is for anyone
+        from .access import require
+        require(args.command, cfg.service_user)
     if args.command == "process":
         from .process import process
         if args.linger < 0:
@@ -147,8 +150,6 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_TEMPFAIL if send_queued(cfg, cfg.study(args.study)) else 0
     if args.command == "setup":
         from .layout import setup, user_folders
-        if os.geteuid() != 0:
-            raise UsageError("setup must run as root (it sets owners)")
         study = cfg.study(args.study)
         done = (user_folders(cfg, study, {_uid(n) for n in args.user}) if args.user
                 else setup(cfg, study))
