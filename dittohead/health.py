@@ -16,7 +16,7 @@ from typing import Any
 from . import layout
 from .config import Config, StudyConfig
 from .conflicts import symlinked_destination
-from .errors import DittoheadError, TemporaryError
+from .errors import DittoheadError, NotPermitted, TemporaryError
 from .examine import MAX_DEPTH
 from .fsops import rename_noreplace, used_percent
 from .log import printable
@@ -376,8 +376,8 @@ def retry(cfg: Config, study: StudyConfig, delivery: str) -> str:
             give_back(study.failed / delivery, r.uploader_uid,
                       pwd.getpwnam(cfg.service_user).pw_uid)
         except PermissionError:
-            raise DittoheadError("retry gives the upload back to its uploader, which needs "
-                                 "root; nothing was changed") from None
+            raise NotPermitted("retry gives the upload back to its uploader, which needs "
+                               "root: run it with sudo; nothing was changed") from None
     try:
         rename_noreplace(study.failed / delivery, inbox / name)
     except FileExistsError:

@@ -22,6 +22,7 @@ from .conftest import (
     Inbox,
     ThrowawayUser,
     add_user,
+    as_service,
     free_port,
     mail_env,
     service_argv,
@@ -109,6 +110,21 @@ def test_an_admin_in_the_service_group_checks_but_may_not_retry(
     # The service user itself may: the answer is about the delivery, not the caller.
     r = as_user(service_env, svc, "retry", "s1", "20261127T204655Z-x-9f3a0c")
     assert r.returncode == 1 and "no failed delivery" in r.stderr, r.stderr
+
+
+@pytest.mark.root
+def test_retry_by_the_service_user_of_another_users_upload_needs_root(
+        service_env: Env, svc: ThrowawayUser, ra: ThrowawayUser) -> None:
+    (service_env.study.destination / "a.txt").write_bytes(b"other\n")
+    service_env.drop("s01", {"a.txt": b"mine\n"}, uid=ra.uid)
+    assert as_service(service_env, svc, "process", "s1").returncode == 0
+    [receipt] = service_env.failed_receipts()
+    r = as_user(service_env, svc, "retry", "s1", receipt.stem)
+    assert r.returncode == 77, r.stderr
+    assert "which needs root: run it with sudo; nothing was changed" in r.stderr
+    assert (service_env.study.failed / receipt.stem).is_dir()
+    assert service_env.run("retry", "s1", receipt.stem).returncode == 0  # as root
+    assert (service_env.study.inbox / "s01").stat().st_uid == ra.uid
 
 
 # --- mail -------------------------------------------------------------------------------
