@@ -20,7 +20,7 @@ from .errors import DittoheadError, NotPermitted, TemporaryError
 from .examine import MAX_DEPTH
 from .fsops import rename_noreplace, used_percent
 from .log import printable
-from .notify import last_failure
+from .notify import failed_send
 from .outcomes import outcomes_dir
 from .readiness import Watch, drop_folders
 from .record import ReceiptError, read_receipt
@@ -138,13 +138,9 @@ def leftovers(study: StudyConfig) -> list[str]:
     queued = list((study.processing / ".mail").glob("*.eml"))
     now = time.time()
     stale = [p for p in queued if now - _mtime(p) > STALE_MAIL]
-    failure = last_failure(study) if queued else None
-    if failure:
-        found.append(f"mail could not be sent at {printable(str(failure.get('at')))} via "
-                     f"{printable(str(failure.get('server')))}: "
-                     f"{printable(str(failure.get('error')))}; {len(queued)} mails wait in "
-                     f"the queue (journalctl -u dittohead-mail@{study.name}.service; once "
-                     f"the server is back: systemctl start dittohead-mail@{study.name})")
+    failed = failed_send(study, len(queued)) if queued else None
+    if failed:
+        found.append(failed)
     elif stale:
         found.append(f"{len(stale)} of {len(queued)} queued mails are more than a day old: "
                      "is the SMTP server reachable? (journalctl -u "

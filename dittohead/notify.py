@@ -189,11 +189,17 @@ def _record_failure(study: StudyConfig, server: str, error: str, left: int) -> N
         _warn(study, f"could not record the mail failure: {e}")
 
 
-def last_failure(study: StudyConfig) -> dict[str, Any] | None:
-    """The last failed send recorded in the queue, or None (none, or not readable)."""
+def failed_send(study: StudyConfig, queued: int) -> str | None:
+    """What `check` says of the last failed send recorded in the queue, or None (none, or
+    not readable by the caller)."""
     import json
     try:
         data = json.loads((queue_dir(study) / LAST_ERROR).read_bytes())
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    at, server, error = (log.printable(str(data.get(k))) for k in ("at", "server", "error"))
+    return (f"mail could not be sent at {at} via {server}: {error}; {queued} mails wait in "
+            f"the queue (journalctl -u dittohead-mail@{study.name}.service; once the server "
+            f"is back: systemctl start dittohead-mail@{study.name})")
