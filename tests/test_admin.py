@@ -56,6 +56,12 @@ def test_install_puts_a_config_without_studies_and_the_example_in_the_docs(
     live.symlink_to("/nonexistent/config.yaml")
     _install(tmp_path)
     assert live.is_symlink()
+    # make uninstall takes the docs along and leaves the config.
+    r = subprocess.run(["make", "-s", "-f", "packaging/install.mk", "uninstall",
+                        f"DESTDIR={tmp_path}", "PREFIX=/usr"],
+                       cwd=REPO, capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    assert not doc.exists() and live.is_symlink()
 
 
 # --- who may run what -------------------------------------------------------------------
