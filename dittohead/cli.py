@@ -71,7 +71,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("id")
 
     _user_commands(sub)
+    _build_metrics(sub)
     return p
+
+
+# --- metrics (dittohead-metrics.service) ---
+def _build_metrics(sub: argparse._SubParsersAction[_Parser]) -> None:
+    s = sub.add_parser("metrics", help="write each study's metrics for node_exporter into "
+                                       "metrics_dir (what dittohead-metrics.service runs)")
+    s.add_argument("study", nargs="?",
+                   help="only this study (default: every study, and remove the files of "
+                        "studies no longer in the config)")
+    s.add_argument("--stdout", action="store_true",
+                   help="print the metrics instead of writing files (metrics_dir not needed)")
+
+
+def _metrics(args: argparse.Namespace, cfg: config.Config) -> int:
+    from .metrics import render, samples, write_metrics
+    studies = [cfg.study(args.study)] if args.study else [cfg.studies[n]
+                                                          for n in sorted(cfg.studies)]
+    if args.stdout:
+        import itertools
+        now = time.time()
+        sys.stdout.write(render(itertools.chain.from_iterable(samples(s, now)
+                                                              for s in studies)))
+        return 0
+    for line in write_metrics(cfg, studies, tidy=not args.study):
+        _say(line)
+    return 0
+# --- end metrics ---
 
 
 def _user_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
@@ -176,6 +204,8 @@ def _run(args: argparse.Namespace) -> int:
         # JSON escapes every control and non-ASCII character itself.
         _say(json.dumps(data, indent=2) if args.json else status_text(data))
         return 0
+    if args.command == "metrics":
+        return _metrics(args, cfg)
     if args.command == "check":
         from .health import check
         names = [args.study] if args.study else sorted(cfg.studies)

@@ -66,7 +66,8 @@ def parse(data: Any, path: Path = DEFAULT_CONFIG) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("the top level must be a mapping", printable(str(path)))
-    v.known_keys("", data, {"dropbox_root", "service_user", "defaults", "notify", "studies"})
+    v.known_keys("", data, {"dropbox_root", "service_user", "defaults", "notify", "studies",
+                            "metrics_dir"})
     root = v.abspath("dropbox_root", data.get("dropbox_root", "/data-dropbox"))
     user = v.unix_name("service_user", data.get("service_user", "dittohead"))
     notify = _notify(v, data.get("notify"))
@@ -99,11 +100,12 @@ def parse(data: Any, path: Path = DEFAULT_CONFIG) -> Config:
         if study is not None:
             studies[name] = study
     _check_overlaps(v, root, studies)
+    metrics_dir = _metrics_dir(v, data.get("metrics_dir"), root, studies)
     if v.problems:
         raise ConfigError(v.problems, printable(str(path)))
     assert root is not None and user is not None
     return Config(path=path, dropbox_root=root, service_user=user, notify=notify,
-                  studies=studies)
+                  studies=studies, metrics_dir=metrics_dir)
 
 
 _STUDY_KEYS = {"destination", "group", "uploaders", "file_mode", "dir_mode", "ignore",
@@ -266,6 +268,25 @@ def _study(v: _Validator, key: str, name: str, raw: dict[str, Any],
                        uploaders=uploaders, file_mode=file_mode, dir_mode=dir_mode,
                        ignore=ignore or (), disk_warn_percent=tuple(sorted(set(warn))),
                        notify=notify, quiet_period=quiet)
+
+
+def _metrics_dir(v: _Validator, value: Any, root: Path | None,
+                 studies: dict[str, StudyConfig]) -> Path | None:
+    """metrics_dir: writable by the metrics unit only, so apart from every study's paths."""
+    if value is None:
+        return None
+    path = v.abspath("metrics_dir", value)
+    if path is None:
+        return None
+    # Inside a study's tree the study's own service could write the files; around
+    # one, the metrics unit (which binds it read-write) could write the study's.
+    apart = [("dropbox_root", root)] + [(f"studies.{n}.destination", s.destination)
+                                        for n, s in sorted(studies.items())]
+    for key, other in apart:
+        if other is not None and (_inside(path, other) or _inside(other, path)):
+            v.error("metrics_dir", f"must not overlap {key} ({other})")
+            return None
+    return path
 
 
 def _quiet_period(v: _Validator, key: str, value: Any) -> float:

@@ -85,6 +85,8 @@ class Config:
     service_user: str
     notify: NotifyConfig
     studies: Mapping[str, StudyConfig]
+    # node_exporter's textfile directory that `dittohead metrics` writes; None: off.
+    metrics_dir: Path | None = None
 
     def study(self, name: str) -> StudyConfig:
         """The named study, or a ConfigError listing the known ones."""

@@ -1,0 +1,324 @@
+"""`dittohead metrics`: each study's numbers for Prometheus, as node_exporter textfiles.
+
+One file a study, `<metrics_dir>/dittohead-<study>.prom`, in the text
+exposition format, written atomically (a temporary name starting with "."
+that node_exporter never reads, fsync, rename), mode 0644 so the exporter can
+read it. The counters are derived from the receipts in done/ and failed/,
+which are never removed (a purge keeps them), so they survive restarts and
+need no state of their own. Timestamps rather than ages: the file is
+rewritten every few minutes at most, and `time() - x` in a query is exact at
+any moment, even when the writer has stopped (which
+`dittohead_metrics_timestamp_seconds` shows).
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import STUDY_RE, Config, StudyConfig
+from .errors import EXIT_CONFIG, EXIT_NOPERM, DittoheadError
+from .log import printable
+from .readiness import drop_folders
+
+FILE_PREFIX = "dittohead-"
+FILE_SUFFIX = ".prom"
+OUTCOMES = ("delivered", "failed", "rejected")
+STALE_TEMP = 3600  # seconds: a temporary file this old is a killed run's
+
+
+class MetricsOff(DittoheadError):
+    """metrics_dir is not set or not usable: a configuration matter."""
+
+    exit_code = EXIT_CONFIG
+
+
+class NotAllowed(DittoheadError):
+    """The caller may not read the receipts."""
+
+    exit_code = EXIT_NOPERM
+
+
+@dataclass(frozen=True)
+class Totals:
+    """What a study's receipts add up to."""
+
+    deliveries: dict[str, int]  # outcome -> receipts
+    undone: int
+    delivered_bytes: int
+    last_delivery: str | None  # the newest delivered receipt's `finished`
+    unreadable: int  # receipt files that could not be read or parsed
+    failed_now: int  # entries in failed/ now (not retried)
+
+
+@dataclass(frozen=True)
+class Pending:
+    """Entries not filed yet."""
+
+    inbox: int  # names in the inbox and the own inboxes, not dot names
+    processing: int  # claimed, in processing/
+    uploading: int  # dot names in the inboxes
+    oldest: float | None  # the oldest pending entry's time (see _pending)
+
+
+def receipt_totals(study: StudyConfig) -> Totals:
+    """Count the receipts in done/ and failed/ (retried and undone ones included)."""
+    counts = dict.fromkeys(OUTCOMES, 0)
+    undone = nbytes = unreadable = failed_now = 0
+    last: str | None = None
+    for path in _receipts(study):
+        if path.parent == study.failed and not path.name.endswith(".retried.json"):
+            failed_now += 1
+        try:
+            data = json.loads(path.read_bytes())
+            outcome, size, finished = data["outcome"], int(data["bytes"]), str(data["finished"])
+        except (OSError, ValueError, KeyError, TypeError):
+            unreadable += 1
+            continue
+        if outcome == "undone":  # it was delivered, then taken back
+            undone += 1
+            outcome = "delivered"
+        if outcome not in counts:
+            continue  # an outcome this version does not know
+        counts[outcome] += 1
+        if outcome == "delivered":
+            nbytes += size
+            last = finished if last is None or finished > last else last
+    return Totals(counts, undone, nbytes, last, unreadable, failed_now)
+
+
+def _receipts(study: StudyConfig) -> Iterator[Path]:
+    for d in (study.done, study.failed):
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:
+            continue
+        except PermissionError:
+            raise NotAllowed(f"cannot read {printable(str(d))}: `dittohead metrics` is "
+                                 "run by root or the service user") from None
+        for n in names:
+            # <id>.json and <id>.retried.json; not the receipts' temporary names.
+            if n.endswith(".json") and not n.startswith("."):
+                yield d / n
+
+
+def _ts(iso: str) -> float | None:
+    try:
+        return float(calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ")))
+    except ValueError:
+        return None
+
+
+def _pending(study: StudyConfig) -> Pending:
+    """Entries in the inboxes and claims in processing/, and since when the oldest waits.
+
+    An inbox entry's time is its ctime (a rename into the inbox sets it, and
+    so does every change to its top directory: an upload still being written
+    is not old); a claim's is its record's `started`.
+    """
+    inbox = uploading = processing = 0
+    oldest: float | None = None
+    for folder in [study.inbox, *(study.root / f for f in drop_folders(study))]:
+        for name in _names(folder):
+            if name.startswith("."):
+                uploading += 1
+                continue
+            inbox += 1
+            try:
+                t = os.lstat(folder / name).st_ctime
+            except OSError:
+                continue  # claimed meanwhile
+            oldest = t if oldest is None else min(oldest, t)
+    for name in _names(study.processing):
+        if name.startswith("."):
+            continue
+        if not name.endswith(".json"):
+            processing += 1
+            continue
+        try:
+            started = _ts(json.loads((study.processing / name).read_bytes())["started"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if started is not None:
+            oldest = started if oldest is None else min(oldest, started)
+    return Pending(inbox + processing, processing, uploading, oldest)
+
+
+def _names(path: Path) -> list[str]:
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
+
+
+def _fs(path: Path) -> tuple[int, int] | None:
+    """Size and bytes available to ordinary users of the filesystem holding path."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
+
+# name -> (type, help). HELP is the same in every study's file: node_exporter
+# merges the files and refuses a metric whose help differs between them.
+METRICS = {
+    "dittohead_deliveries_total": (
+        "counter", "Entries filed, by outcome (delivered, failed, rejected), from the receipts; "
+        "an undone delivery counts as delivered."),
+    "dittohead_undone_total": ("counter", "Deliveries taken back with dittohead undo."),
+    "dittohead_delivered_bytes_total": (
+        "counter", "Bytes of the delivered entries, as their receipts say."),
+    "dittohead_last_delivery_timestamp_seconds": (
+        "gauge", "When the newest delivery was filed (Unix time); absent before the first."),
+    "dittohead_pending_entries": (
+        "gauge", "Entries not filed yet: in an inbox (ready or not) or claimed."),
+    "dittohead_processing_entries": (
+        "gauge", "Of the pending entries, those claimed (being delivered, or kept for a "
+        "later run)."),
+    "dittohead_uploading_entries": ("gauge", "Dot names in the inboxes (uploads under way)."),
+    "dittohead_oldest_pending_timestamp_seconds": (
+        "gauge", "Since when the oldest pending entry waits (Unix time); absent when none "
+        "waits."),
+    "dittohead_failed_entries": (
+        "gauge", "Entries in failed/ now (not retried)."),
+    "dittohead_receipts_unreadable": (
+        "gauge", "Receipt files that could not be read or parsed (not counted above)."),
+    "dittohead_destination_available": (
+        "gauge", "1 when the destination's filesystem could be looked at, else 0."),
+    "dittohead_destination_size_bytes": ("gauge", "Size of the destination's filesystem."),
+    "dittohead_destination_avail_bytes": (
+        "gauge", "Bytes available to the service user on the destination's filesystem."),
+    "dittohead_dropbox_size_bytes": (
+        "gauge", "Size of the filesystem holding the study's dropbox directory."),
+    "dittohead_dropbox_avail_bytes": (
+        "gauge", "Bytes available on the filesystem holding the study's dropbox directory."),
+    "dittohead_metrics_timestamp_seconds": (
+        "gauge", "When this file was written (Unix time)."),
+}
+
+
+def samples(study: StudyConfig, now: float) -> Iterator[tuple[str, dict[str, str], float]]:
+    """Every sample of one study: (metric, labels, value)."""
+    s = {"study": study.name}
+    totals = receipt_totals(study)
+    for outcome in OUTCOMES:
+        yield "dittohead_deliveries_total", {**s, "outcome": outcome}, \
+            totals.deliveries[outcome]
+    yield "dittohead_undone_total", s, totals.undone
+    yield "dittohead_delivered_bytes_total", s, totals.delivered_bytes
+    last = _ts(totals.last_delivery) if totals.last_delivery else None
+    if last is not None:
+        yield "dittohead_last_delivery_timestamp_seconds", s, last
+    pending = _pending(study)
+    yield "dittohead_pending_entries", s, pending.inbox
+    yield "dittohead_processing_entries", s, pending.processing
+    yield "dittohead_uploading_entries", s, pending.uploading
+    if pending.oldest is not None:
+        yield "dittohead_oldest_pending_timestamp_seconds", s, int(pending.oldest)
+    yield "dittohead_failed_entries", s, totals.failed_now
+    yield "dittohead_receipts_unreadable", s, totals.unreadable
+    dest = _fs(study.destination) if os.path.isdir(study.destination) else None
+    yield "dittohead_destination_available", s, 0 if dest is None else 1
+    if dest is not None:
+        yield "dittohead_destination_size_bytes", s, dest[0]
+        yield "dittohead_destination_avail_bytes", s, dest[1]
+    box = _fs(study.root)
+    if box is not None:
+        yield "dittohead_dropbox_size_bytes", s, box[0]
+        yield "dittohead_dropbox_avail_bytes", s, box[1]
+    yield "dittohead_metrics_timestamp_seconds", s, round(now, 3)
+
+
+def render(found: Iterable[tuple[str, dict[str, str], float]]) -> str:
+    """The text exposition format: HELP and TYPE once per metric, then its samples."""
+    by_metric: dict[str, list[str]] = {}
+    for name, labels, value in found:
+        shown = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+        number = str(int(value)) if float(value).is_integer() else repr(float(value))
+        by_metric.setdefault(name, []).append(f"{name}{{{shown}}} {number}")
+    lines = []
+    for name, rows in by_metric.items():
+        kind, text = METRICS[name]
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *rows]
+    return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def write_file(directory: Path, name: str, text: str) -> None:
+    """Atomically: a temporary dot name (node_exporter reads *.prom only), fsync, rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        os.fchmod(fd, 0o644)  # the exporter runs as another user
+        view = memoryview(text.encode())
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.rename(tmp, directory / name)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        os.unlink(tmp)
+        raise
+
+
+def file_name(study: str) -> str:
+    return f"{FILE_PREFIX}{study}{FILE_SUFFIX}"
+
+
+def write_metrics(cfg: Config, studies: list[StudyConfig], tidy: bool) -> list[str]:
+    """Write each study's file; with tidy, also remove the files (and killed runs'
+    temporary files) of studies the config no longer has. Returns what it did."""
+    directory = cfg.metrics_dir
+    if directory is None:
+        raise MetricsOff(f"metrics_dir is not set in {printable(str(cfg.path))}: nothing to "
+                         "write (set it, or use --stdout)")
+    if not os.path.isdir(directory):
+        raise MetricsOff(f"metrics_dir {printable(str(directory))} is not a directory: create "
+                         "it (node_exporter's --collector.textfile.directory), writable by "
+                         f"{cfg.service_user}, then systemctl daemon-reload")
+    now = time.time()
+    for study in studies:
+        try:
+            write_file(directory, file_name(study.name), render(samples(study, now)))
+        except PermissionError as e:
+            raise MetricsOff(f"cannot write in metrics_dir {printable(str(directory))} "
+                             f"({e.strerror}): let {cfg.service_user} write there (e.g. "
+                             f"setfacl -m u:{cfg.service_user}:rwx {printable(str(directory))})"
+                             ) from None
+    done = [f"wrote {len(studies)} file(s) in {printable(str(directory))}"]
+    if tidy:
+        done += _tidy(directory, set(cfg.studies), now)
+    return done
+
+
+_OURS = re.compile(rf"{FILE_PREFIX}(.+){re.escape(FILE_SUFFIX)}")
+
+
+def _tidy(directory: Path, studies: set[str], now: float) -> list[str]:
+    """Remove the files of studies no longer configured, and stale temporary files."""
+    done = []
+    for name in _names(directory):
+        m = _OURS.fullmatch(name)
+        stale_study = m is not None and STUDY_RE.fullmatch(m.group(1)) is not None \
+            and m.group(1) not in studies
+        temp = name.startswith(f".{FILE_PREFIX}") and name.endswith(".tmp")
+        try:
+            if stale_study or (temp and now - os.lstat(directory / name).st_mtime > STALE_TEMP):
+                os.unlink(directory / name)
+                done.append(f"removed {printable(str(directory / name))}")
+        except FileNotFoundError:
+            continue
+    return done
