@@ -84,6 +84,9 @@ def _build_metrics(sub: argparse._SubParsersAction[_Parser]) -> None:
                         "studies no longer in the config)")
     s.add_argument("--stdout", action="store_true",
                    help="print the metrics instead of writing files (metrics_dir not needed)")
+    s.add_argument("--cache", metavar="DIR", type=Path,
+                   help="remember what each receipt holds in DIR, so that only new receipts "
+                        "are read (the unit's StateDirectory)")
 
 
 def _metrics(args: argparse.Namespace, cfg: config.Config) -> int:
@@ -93,10 +96,10 @@ def _metrics(args: argparse.Namespace, cfg: config.Config) -> int:
     if args.stdout:
         import itertools
         now = time.time()
-        sys.stdout.write(render(itertools.chain.from_iterable(samples(s, now)
+        sys.stdout.write(render(itertools.chain.from_iterable(samples(s, now, args.cache)
                                                               for s in studies)))
         return 0
-    for line in write_metrics(cfg, studies, tidy=not args.study):
+    for line in write_metrics(cfg, studies, tidy=not args.study, cache_dir=args.cache):
         _say(line)
     return 0
 # --- end metrics ---

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .config import STUDY_RE, Config, StudyConfig
 from .errors import EXIT_CONFIG, EXIT_NOPERM, DittoheadError
@@ -68,18 +69,28 @@ class Pending:
     oldest: float | None  # the oldest pending entry's time (see _pending)
 
 
-def receipt_totals(study: StudyConfig) -> Totals:
-    """Count the receipts in done/ and failed/ (retried and undone ones included)."""
+def receipt_totals(study: StudyConfig, cache_dir: Path | None = None) -> Totals:
+    """Count the receipts in done/ and failed/ (retried and undone ones included).
+
+    With cache_dir, what each receipt file holds is remembered there by name
+    and inode (a receipt is only ever replaced by a rename, which gives a new
+    inode), so a run reads only the receipts that are new since the last.
+    """
+    cache_file = cache_dir / f"{study.name}.json" if cache_dir is not None else None
+    old = _load_cache(cache_file)
+    new: dict[str, list[Any]] = {}
     counts = dict.fromkeys(OUTCOMES, 0)
     undone = nbytes = unreadable = failed_now = 0
     last: str | None = None
-    for path in _receipts(study):
-        if path.parent == study.failed and not path.name.endswith(".retried.json"):
+    for key, path, inode in _receipts(study):
+        if key.startswith("failed/") and not key.endswith(".retried.json"):
             failed_now += 1
-        try:
-            data = json.loads(path.read_bytes())
-            outcome, size, finished = data["outcome"], int(data["bytes"]), str(data["finished"])
-        except (OSError, ValueError, KeyError, TypeError):
+        row = old.get(key)
+        if row is None or row[0] != inode:
+            row = _read(path, inode)
+        new[key] = row
+        _, outcome, size, finished = row
+        if outcome is None:
             unreadable += 1
             continue
         if outcome == "undone":  # it was delivered, then taken back
@@ -91,22 +102,50 @@ def receipt_totals(study: StudyConfig) -> Totals:
         if outcome == "delivered":
             nbytes += size
             last = finished if last is None or finished > last else last
+    if cache_file is not None and new != old:
+        try:
+            write_file(cache_file.parent, cache_file.name, json.dumps(new), 0o600)
+        except OSError:
+            pass  # only an optimisation: the next run reads the receipts again
     return Totals(counts, undone, nbytes, last, unreadable, failed_now)
 
 
-def _receipts(study: StudyConfig) -> Iterator[Path]:
+def _read(path: str, inode: int) -> list[Any]:
+    """[inode, outcome, bytes, finished] of one receipt; outcome None when unreadable."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read())
+        return [inode, str(data["outcome"]), int(data["bytes"]), str(data["finished"])]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return [inode, None, 0, ""]
+
+
+def _load_cache(path: Path | None) -> dict[str, list[Any]]:
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}  # none yet, or damaged: everything is read again
+    return data if isinstance(data, dict) else {}
+
+
+def _receipts(study: StudyConfig) -> Iterator[tuple[str, str, int]]:
+    """(key, path, inode) of every receipt file in done/ and failed/."""
     for d in (study.done, study.failed):
         try:
-            names = os.listdir(d)
+            it = os.scandir(d)
         except FileNotFoundError:
             continue
         except PermissionError:
             raise NotAllowed(f"cannot read {printable(str(d))}: `dittohead metrics` is "
-                                 "run by root or the service user") from None
-        for n in names:
-            # <id>.json and <id>.retried.json; not the receipts' temporary names.
-            if n.endswith(".json") and not n.startswith("."):
-                yield d / n
+                             "run by root or the service user") from None
+        with it:
+            for e in it:
+                # <id>.json and <id>.retried.json; not the receipts' temporary names.
+                if e.name.endswith(".json") and not e.name.startswith("."):
+                    # Strings, not Paths: 10,000 Path objects cost more than the rest.
+                    yield f"{d.name}/{e.name}", e.path, e.inode()
 
 
 def _ts(iso: str) -> float | None:
@@ -205,10 +244,11 @@ METRICS = {
 }
 
 
-def samples(study: StudyConfig, now: float) -> Iterator[tuple[str, dict[str, str], float]]:
+def samples(study: StudyConfig, now: float,
+            cache_dir: Path | None = None) -> Iterator[tuple[str, dict[str, str], float]]:
     """Every sample of one study: (metric, labels, value)."""
     s = {"study": study.name}
-    totals = receipt_totals(study)
+    totals = receipt_totals(study, cache_dir)
     for outcome in OUTCOMES:
         yield "dittohead_deliveries_total", {**s, "outcome": outcome}, \
             totals.deliveries[outcome]
@@ -255,11 +295,11 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def write_file(directory: Path, name: str, text: str) -> None:
+def write_file(directory: Path, name: str, text: str, mode: int = 0o644) -> None:
     """Atomically: a temporary dot name (node_exporter reads *.prom only), fsync, rename."""
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     try:
-        os.fchmod(fd, 0o644)  # the exporter runs as another user
+        os.fchmod(fd, mode)  # 0644: the exporter runs as another user
         view = memoryview(text.encode())
         while view:
             view = view[os.write(fd, view):]
@@ -278,7 +318,8 @@ def file_name(study: str) -> str:
     return f"{FILE_PREFIX}{study}{FILE_SUFFIX}"
 
 
-def write_metrics(cfg: Config, studies: list[StudyConfig], tidy: bool) -> list[str]:
+def write_metrics(cfg: Config, studies: list[StudyConfig], tidy: bool,
+                  cache_dir: Path | None = None) -> list[str]:
     """Write each study's file; with tidy, also remove the files (and killed runs'
     temporary files) of studies the config no longer has. Returns what it did."""
     directory = cfg.metrics_dir
@@ -291,8 +332,9 @@ def write_metrics(cfg: Config, studies: list[StudyConfig], tidy: bool) -> list[s
                          f"{cfg.service_user}, then systemctl daemon-reload")
     now = time.time()
     for study in studies:
+        text = render(samples(study, now, cache_dir))
         try:
-            write_file(directory, file_name(study.name), render(samples(study, now)))
+            write_file(directory, file_name(study.name), text)
         except PermissionError as e:
             raise MetricsOff(f"cannot write in metrics_dir {printable(str(directory))} "
                              f"({e.strerror}): let {cfg.service_user} write there (e.g. "
