@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 VERSION: str = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 DEB = REPO / "dist" / f"dittohead_{VERSION}_all.deb"  # where packaging/deb.mk puts it
 UNITS = ("dittohead@.path", "dittohead@.service", "dittohead@.timer",
-         "dittohead-notify@.service")
+         "dittohead-notify@.service", "dittohead-metrics.service", "dittohead-metrics.timer")
 FILES = (
     "./usr/bin/dittohead",
     "./usr/lib/dittohead/dittohead/cli.py",
@@ -41,6 +41,7 @@ FILES = (
     "./usr/share/doc/dittohead/upload.md.gz",
     "./usr/share/doc/dittohead/examples/dittohead-smb.conf",
     "./usr/share/doc/dittohead/examples/dittohead-sshd.conf",
+    "./usr/share/doc/dittohead/examples/dittohead-alerts.yml",
     "./etc/dittohead/config.yaml",
 )
 DEPENDS = ("python3 (>= 3.11)", "python3-yaml", "python3-systemd", "systemd")

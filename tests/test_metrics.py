@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -186,6 +187,34 @@ def test_generator_binds_every_study_read_only_only_when_metrics_are_on() -> Non
                                           parse({**base, "metrics_dir": "/m"}).study("s1"))
     assert not any("/m" in line.split() for text in study_units.values()
                    for line in text.replace("-/m", "/m").splitlines())
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="SKIPPED: no systemd-analyze")
+def test_the_metrics_units_verify_and_are_sandboxed(tmp_path: Path) -> None:
+    units, bindir = tmp_path / "units", tmp_path / "bin"
+    units.mkdir()
+    bindir.mkdir()
+    (bindir / "dittohead").write_text("#!/bin/sh\n")
+    (bindir / "dittohead").chmod(0o755)
+    for name in ("dittohead-metrics.service", "dittohead-metrics.timer"):
+        text = (REPO / "units" / name).read_text()
+        (units / name).write_text(text.replace("@BINDIR@", str(bindir))
+                                  .replace("@LIBDIR@", str(tmp_path)))
+    cfg = parse({"dropbox_root": "/box", "metrics_dir": "/m",
+                 "studies": {"s1": {"destination": "/st/s1"}}})
+    generator.write(units, generator.expected_dropins(cfg))
+    env = {**os.environ, "SYSTEMD_UNIT_PATH": f"{units}:", "SYSTEMD_LOG_COLOR": "0"}
+    r = subprocess.run(["systemd-analyze", "verify", "--man=no", "dittohead-metrics.service",
+                        "dittohead-metrics.timer"], capture_output=True, text=True, env=env,
+                       cwd=units, check=False)
+    assert (r.returncode, r.stdout + r.stderr) == (0, "")
+    r = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager",
+                        "dittohead-metrics.service"], capture_output=True, text=True, env=env,
+                       cwd=units, check=False)
+    m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", r.stdout)
+    assert m, r.stdout + r.stderr
+    print(f"\nsystemd-analyze security --offline dittohead-metrics.service: {m.group(1)}")
+    assert float(m.group(1)) <= 1.0
 
 
 ALERT_TESTS = """
