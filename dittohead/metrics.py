@@ -364,3 +364,47 @@ def _tidy(directory: Path, studies: set[str], now: float) -> list[str]:
         except FileNotFoundError:
             continue
     return done
+
+
+def findings(cfg: Config) -> list[str]:
+    """What `check` says about metrics: metrics_dir missing or closed to the service user,
+    and the timer not enabled or the unit failed."""
+    if cfg.metrics_dir is None:
+        return []
+    import pwd
+    import subprocess
+
+    from .health import _systemd_booted, may_add
+    d = printable(str(cfg.metrics_dir))
+    try:
+        st = os.stat(cfg.metrics_dir)
+    except OSError as e:
+        return [f"metrics_dir {d}: {e.strerror} (create it, writable by {cfg.service_user})"]
+    svc = pwd.getpwnam(cfg.service_user)  # check() made sure it exists
+    groups = set(os.getgrouplist(svc.pw_name, svc.pw_gid))
+    found = []
+    # An ACL may grant what the mode bits do not: then the bits are not the answer.
+    acl = "system.posix_acl_access" in _xattrs(cfg.metrics_dir)
+    if not acl and not may_add(st, svc.pw_uid, groups):
+        found.append(f"metrics_dir {d} is not writable by {cfg.service_user}: no metrics are "
+                     f"written (chown {cfg.service_user} {d}, or setfacl -m "
+                     f"u:{cfg.service_user}:rwx {d})")
+    if _systemd_booted():
+        def state(verb: str, unit: str) -> str:
+            return subprocess.run(["systemctl", verb, unit], capture_output=True, text=True,
+                                  check=False).stdout.strip() or "unknown"
+        timer, service = "dittohead-metrics.timer", "dittohead-metrics.service"
+        if (s := state("is-enabled", timer)) != "enabled":
+            found.append(f"{timer} is {s} while metrics_dir is set: metrics are written only "
+                         f"after runs (systemctl enable --now {timer})")
+        if state("is-failed", service) == "failed":
+            found.append(f"{service} has failed: metrics are not written (systemctl status "
+                         f"{service})")
+    return found
+
+
+def _xattrs(path: Path) -> list[str]:
+    try:
+        return os.listxattr(path)
+    except OSError:
+        return []

@@ -24,7 +24,7 @@ from dittohead.config import load, parse
 from dittohead.errors import EXIT_CONFIG
 
 from .boxes import CONFIG, ROOT, Box, boot_installed
-from .conftest import Env, wait_for
+from .conftest import Env, ThrowawayUser, as_service, wait_for
 from .test_units import sees_in_unit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -352,3 +352,33 @@ def writes_in_unit(box: Box, unit: str, paths: list[str]) -> dict[str, bool]:
     assert len(found) == 1, lines
     seen: dict[str, bool] = json.loads(found[0][7:])
     return seen
+
+
+def test_check_names_a_metrics_dir_the_service_user_cannot_use(env: Env, tmp_path: Path) -> None:
+    with_metrics_dir(env, tmp_path / "missing")
+    r = env.run("check")
+    assert f"metrics_dir {tmp_path / 'missing'}: No such file or directory" in r.stdout
+    (tmp_path / "missing").mkdir()
+    r = env.run("check")
+    assert "metrics_dir" not in r.stdout, r.stdout
+
+
+@pytest.mark.root
+def test_the_service_user_writes_metrics_without_capabilities_once_it_may(
+        service_env: Env, svc: ThrowawayUser) -> None:
+    env = service_env
+    out = env.base / "textfile"
+    out.mkdir(mode=0o755)  # root's, as node_exporter's package makes it
+    with_metrics_dir(env, out)
+    env.drop("entry", b"data")
+    assert as_service(env, svc, "process", "s1").returncode == 0
+    assert f"metrics_dir {out} is not writable by {svc.name}" in env.run("check").stdout
+    r = as_service(env, svc, "metrics", caps=None)
+    assert r.returncode == EXIT_CONFIG and "cannot write in metrics_dir" in r.stderr, r.stderr
+    os.chown(out, svc.uid, -1)
+    assert "metrics_dir" not in env.run("check").stdout
+    r = as_service(env, svc, "metrics", caps=None)  # what the unit grants: nothing
+    assert r.returncode == 0, r.stderr
+    got = parsed((out / "dittohead-s1.prom").read_text())
+    assert got[("dittohead_deliveries_total", 'study="s1",outcome="delivered"')] == 1
+    assert (out / "dittohead-s1.prom").stat().st_uid == svc.uid
