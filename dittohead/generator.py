@@ -233,7 +233,8 @@ def drift(config: Config, directory: Path = GENERATOR_DIR) -> list[str]:
         if rel not in have:
             found.append(f"{unit}: no generated settings for it yet (systemctl daemon-reload)")
         elif rel not in want:
-            found.append(f"{unit}: has generated settings but its study is no longer in the "
+            gone = "metrics_dir is" if rel == METRICS_DROPIN else "its study is"
+            found.append(f"{unit}: has generated settings but {gone} no longer in the "
                          "config (systemctl daemon-reload)")
         elif _body(want[rel]) != _body(have[rel]):
             found.append(f"{unit}: generated settings differ from the config "

@@ -382,3 +382,31 @@ def test_the_service_user_writes_metrics_without_capabilities_once_it_may(
     got = parsed((out / "dittohead-s1.prom").read_text())
     assert got[("dittohead_deliveries_total", 'study="s1",outcome="delivered"')] == 1
     assert (out / "dittohead-s1.prom").stat().st_uid == svc.uid
+
+
+def test_check_sees_the_metrics_dropin_drift(tmp_path: Path) -> None:
+    base = {"dropbox_root": "/box", "studies": {"s1": {"destination": "/st/s1"}}}
+    on = parse({**base, "metrics_dir": "/m"})
+    generator.write(tmp_path, generator.expected_dropins(on))
+    assert generator.drift(on, tmp_path) == []
+    assert generator.drift(parse(base), tmp_path) == [
+        "dittohead-metrics.service: has generated settings but metrics_dir is no longer in "
+        "the config (systemctl daemon-reload)"]
+    moved = parse({**base, "metrics_dir": "/elsewhere"})
+    assert generator.drift(moved, tmp_path) == [
+        "dittohead-metrics.service: generated settings differ from the config "
+        "(systemctl daemon-reload)"]
+
+
+def test_the_metrics_unit_builds_its_root_from_an_allowlist_and_has_no_capability() -> None:
+    text = (REPO / "units" / "dittohead-metrics.service").read_text()
+    settings = re.findall(r"^(\w+)=(.*)$", text, re.M)
+    for wanted in (("TemporaryFileSystem", "/:ro"), ("RootDirectory", "/run/dittohead/root"),
+                   ("ProtectSystem", "yes"), ("CapabilityBoundingSet", ""),
+                   ("PrivateNetwork", "yes"), ("User", "dittohead")):
+        assert wanted in settings
+    assert not [k for k, _ in settings if k in ("ReadWritePaths", "ReadOnlyPaths", "BindPaths",
+                                                "AmbientCapabilities")]
+    study_unit = (REPO / "units" / "dittohead@.service").read_text()
+    assert re.findall(r"^On(Success|Failure)=dittohead-metrics\.service$", study_unit, re.M) \
+        == ["Failure", "Success"]
