@@ -25,7 +25,7 @@ from dittohead.errors import EXIT_CONFIG
 
 from .boxes import CONFIG, ROOT, Box, boot_installed
 from .conftest import Env, ThrowawayUser, as_service, wait_for
-from .test_units import sees_in_unit
+from .test_units import SEES, SEES_PY, sees_in_unit
 
 REPO = Path(__file__).resolve().parent.parent
 PROMTOOL = REPO / ".cache" / "prometheus" / "usr" / "bin" / "promtool"
@@ -314,6 +314,7 @@ def test_a_run_refreshes_the_metrics_written_by_the_metrics_unit_only(box: Box) 
     assert "s1.json" in box.sh("ls /var/lib/dittohead-metrics").stdout.split()
     # The study's service never sees metrics_dir; the metrics unit sees every
     # study, read-only.
+    box.box.write_file(SEES, SEES_PY)
     assert sees_in_unit(box, "dittohead@s1.service", [PROM, f"{ROOT}/study/s1"]) == {
         PROM: False, f"{ROOT}/study/s1": True}
     targets = [f"{PROM}/.probe", f"{ROOT}/study/s1/.probe", f"{ROOT}/dropbox/s2/done/.probe",
