@@ -411,3 +411,21 @@ def test_the_metrics_unit_builds_its_root_from_an_allowlist_and_has_no_capabilit
     study_unit = (REPO / "units" / "dittohead@.service").read_text()
     assert re.findall(r"^On(Success|Failure)=dittohead-metrics\.service$", study_unit, re.M) \
         == ["Failure", "Success"]
+
+
+@pytest.mark.systemd
+@pytest.mark.slow
+def test_the_timer_runs_it_and_without_metrics_dir_it_is_skipped(box: Box) -> None:
+    assert box.prop("dittohead-metrics.timer", "ActiveState") == "active"
+    box.box.run("systemctl", "start", "dittohead-metrics.service")
+    start = int(box.prop("dittohead-metrics.service", "ExecMainStartTimestampMonotonic"))
+    end = int(box.prop("dittohead-metrics.service", "ExecMainExitTimestampMonotonic"))
+    print(f"\ndittohead-metrics.service, 4 studies, in the box: {(end - start) / 1e6:.2f} s")
+    box.box.write_file("/etc/dittohead/config.yaml", CONFIG)
+    try:
+        box.sh("systemctl daemon-reload")
+        box.box.run("systemctl", "start", "dittohead-metrics.service")
+        assert box.prop("dittohead-metrics.service", "ConditionResult") == "no"
+    finally:
+        box.box.write_file("/etc/dittohead/config.yaml", CONFIG + f"metrics_dir: {PROM}\n")
+        box.sh("systemctl daemon-reload")
