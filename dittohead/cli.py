@@ -90,7 +90,8 @@ def _build_metrics(sub: argparse._SubParsersAction[_Parser]) -> None:
 
 
 def _metrics(args: argparse.Namespace, cfg: config.Config) -> int:
-    from .metrics import render, samples, write_metrics
+    from .metrics import samples
+    from .textfile import render, write_metrics
     studies = [cfg.study(args.study)] if args.study else [cfg.studies[n]
                                                           for n in sorted(cfg.studies)]
     if args.stdout:

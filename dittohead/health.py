@@ -202,7 +202,7 @@ def check(cfg: Config, studies: list[StudyConfig]) -> list[str]:
     if _systemd_booted():
         from . import generator
         found += generator.problems(cfg) + generator.drift(cfg) + stray_units(cfg)
-    from .metrics import findings  # metrics
+    from .textfile import findings  # metrics
     found += findings(cfg)
     return found
 

@@ -151,6 +151,12 @@ def test_the_cache_gives_the_same_numbers_and_sees_a_replaced_receipt(
     after = numbers("--cache", str(cache))
     assert after[("dittohead_delivered_bytes_total", 'study="s1"')] == 1000 + 7
     assert after == numbers()
+    # A damaged cache is only a slower run.
+    rows = json.loads((cache / "s1.json").read_text())
+    (cache / "s1.json").write_text(json.dumps(dict.fromkeys(rows, "junk")))
+    assert numbers("--cache", str(cache)) == after
+    (cache / "s1.json").write_text("{not json")
+    assert numbers("--cache", str(cache)) == after
 
 
 def test_without_metrics_dir_it_says_what_to_set(env: Env, tmp_path: Path) -> None:
