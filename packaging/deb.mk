@@ -44,7 +44,7 @@
 # The source tree is made fresh from the checkout each time (the working
 # tree, committed or not): the package's code, units, config.yaml,
 # pyproject.toml, README.md, docs/contract.md and docs/design.md (shipped in
-# /usr/share/doc/dittohead/), packaging/install.mk, the manual page
+# /usr/share/doc/dittohead/), docs/dittohead-alerts.yml (an example there), packaging/install.mk, the manual page
 # (packaging/dittohead.8), and packaging/debian as
 # debian/, plus a debian/changelog written from pyproject.toml's version
 # (a native package: no separate Debian revision), the Maintainer of
@@ -68,7 +68,7 @@ deb: deb-deps
 	cp -p units/* $(DEB_SRCDIR)/units/
 	cp -p config.yaml pyproject.toml README.md $(DEB_SRCDIR)/
 	mkdir -p $(DEB_SRCDIR)/docs && cp -p docs/contract.md docs/design.md docs/upload.md \
-	    $(DEB_SRCDIR)/docs/
+	    docs/dittohead-alerts.yml $(DEB_SRCDIR)/docs/
 	cp -p packaging/install.mk packaging/dittohead.8 $(DEB_SRCDIR)/packaging/
 	cp -pR packaging/samba packaging/ssh $(DEB_SRCDIR)/packaging/
 	cp -pR packaging/debian $(DEB_SRCDIR)/debian
