@@ -52,6 +52,7 @@ TEST_APT_PACKAGES := lintian
 pytest: venv
 	$(call apt_ensure,$(TEST_APT_PACKAGES))
 	@$(MAKE) -s test-debs
+	@$(MAKE) -s promtool
 	$(VENV)/bin/pytest -v
 
 # The servers that tests/test_uploaders.py runs inside the booted test systemd
@@ -75,6 +76,23 @@ test-debs:
 	    { $(fetch_debs) >/dev/null 2>&1 || { apt-get update -qq && $(fetch_debs); }; } && \
 	    apt-get autoclean -qq -o Dir::Cache::archives=$(CURDIR)/$(DEB_CACHE); \
 	fi
+
+# promtool checks the metrics and the sample alert rules (tests/test_metrics.py).
+# It comes from Debian's prometheus package, which is never installed here
+# (it would start a Prometheus server): the .deb is downloaded into
+# $(DEB_CACHE) and only usr/bin/promtool (linked against libc alone) is
+# extracted into .cache/prometheus. Any user can run this.
+PROMTOOL := .cache/prometheus/usr/bin/promtool
+.PHONY: promtool
+promtool: $(PROMTOOL)
+$(PROMTOOL):
+	@mkdir -p $(DEB_CACHE) .cache/prometheus
+	@cd $(DEB_CACHE) && { apt-get download -qq -o APT::Sandbox::User=root prometheus \
+	    2>/dev/null || { apt-get update -qq && apt-get download -qq \
+	    -o APT::Sandbox::User=root prometheus; }; }
+	dpkg-deb -x "$$(ls -t $(DEB_CACHE)/prometheus_*.deb | head -1)" .cache/prometheus
+	@rm -rf .cache/prometheus/usr/bin/prometheus .cache/prometheus/etc .cache/prometheus/lib
+	@$(PROMTOOL) --version | head -1
 
 test: lint typecheck pytest
 

@@ -29,6 +29,7 @@ WHO: dict[str, Who] = {
     "mail": Who.SERVICE,
     "retry": Who.SERVICE,
     "purge": Who.SERVICE,
+    "metrics": Who.SERVICE,
     "setup": Who.ROOT,
     "check": Who.ADMIN,
     "status": Who.ADMIN,

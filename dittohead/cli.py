@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _user_commands(sub)
     _build_purge(sub)
+    _build_metrics(sub)
     return p
 
 
@@ -103,6 +104,37 @@ def _purge(args: argparse.Namespace, cfg: config.Config) -> int:
         ok = ok and study_ok
     return 0 if ok else EXIT_UNEXPECTED
 # --- end purge ------------------------------------------------------------------------------
+
+
+# --- metrics (dittohead-metrics.service) ---
+def _build_metrics(sub: argparse._SubParsersAction[_Parser]) -> None:
+    s = sub.add_parser("metrics", help="write each study's metrics for node_exporter into "
+                                       "metrics_dir (what dittohead-metrics.service runs)")
+    s.add_argument("study", nargs="?",
+                   help="only this study (default: every study, and remove the files of "
+                        "studies no longer in the config)")
+    s.add_argument("--stdout", action="store_true",
+                   help="print the metrics instead of writing files (metrics_dir not needed)")
+    s.add_argument("--cache", metavar="DIR", type=Path,
+                   help="remember what each receipt holds in DIR, so that only new receipts "
+                        "are read (the unit's StateDirectory)")
+
+
+def _metrics(args: argparse.Namespace, cfg: config.Config) -> int:
+    from .metrics import samples
+    from .textfile import render, write_metrics
+    studies = [cfg.study(args.study)] if args.study else [cfg.studies[n]
+                                                          for n in sorted(cfg.studies)]
+    if args.stdout:
+        import itertools
+        now = time.time()
+        sys.stdout.write(render(itertools.chain.from_iterable(samples(s, now, args.cache)
+                                                              for s in studies)))
+        return 0
+    for line in write_metrics(cfg, studies, tidy=not args.study, cache_dir=args.cache):
+        _say(line)
+    return 0
+# --- end metrics ---
 
 
 def _user_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
@@ -214,6 +246,8 @@ def _run(args: argparse.Namespace) -> int:
         return _uploaders_view(args, cfg, probe)
     if args.command == "status":
         return _status(args, cfg)
+    if args.command == "metrics":
+        return _metrics(args, cfg)
     if args.command == "check":
         from .health import check
         names = [args.study] if args.study else sorted(cfg.studies)

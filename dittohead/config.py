@@ -72,7 +72,7 @@ def parse(data: Any, path: Path = DEFAULT_CONFIG) -> Config:
     if not isinstance(data, dict):
         raise ConfigError("the top level must be a mapping", printable(str(path)))
     v.known_keys("", data, {"dropbox_root", "service_user", "defaults", "notify", "studies",
-                            "dropbox_warn_percent"})
+                            "dropbox_warn_percent", "metrics_dir"})
     root = v.abspath("dropbox_root", data.get("dropbox_root", "/data-dropbox"))
     user = v.unix_name("service_user", data.get("service_user", "dittohead"))
     notify = _notify(v, data.get("notify"))
@@ -107,11 +107,13 @@ def parse(data: Any, path: Path = DEFAULT_CONFIG) -> Config:
         if study is not None:
             studies[name] = study
     _check_overlaps(v, root, studies)
+    metrics_dir = _metrics_dir(v, data.get("metrics_dir"), root, studies)
     if v.problems:
         raise ConfigError(v.problems, printable(str(path)))
     assert root is not None and user is not None
     return Config(path=path, dropbox_root=root, service_user=user, notify=notify,
-                  studies=studies, dropbox_warn_percent=dropbox_warn)
+                  studies=studies, dropbox_warn_percent=dropbox_warn,
+                  metrics_dir=metrics_dir)
 
 
 _STUDY_KEYS = {"destination", "group", "uploaders", "file_mode", "dir_mode", "ignore",
@@ -322,6 +324,25 @@ def _forecast_days(v: _Validator, key: str, value: Any) -> int | None:
                 "or null (no forecast warning)")
         return None
     return value
+
+
+def _metrics_dir(v: _Validator, value: Any, root: Path | None,
+                 studies: dict[str, StudyConfig]) -> Path | None:
+    """metrics_dir: writable by the metrics unit only, so apart from every study's paths."""
+    if value is None:
+        return None
+    path = v.abspath("metrics_dir", value)
+    if path is None:
+        return None
+    # Inside a study's tree the study's own service could write the files; around
+    # one, the metrics unit (which binds it read-write) could write the study's.
+    apart = [("dropbox_root", root)] + [(f"studies.{n}.destination", s.destination)
+                                        for n, s in sorted(studies.items())]
+    for key, other in apart:
+        if other is not None and (_inside(path, other) or _inside(other, path)):
+            v.error("metrics_dir", f"must not overlap {key} ({other})")
+            return None
+    return path
 
 
 def _quiet_period(v: _Validator, key: str, value: Any) -> float:

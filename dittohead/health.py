@@ -173,8 +173,8 @@ def check(cfg: Config, studies: list[StudyConfig]) -> list[str]:
         disk = disk_use(study.destination)
         if disk and study.disk_warn_percent and disk["percent"] >= study.disk_warn_percent[0]:
             found.append(p + f"destination is {disk['percent']}% full")
-        from .capacity import findings  # the dropbox's fill and the forecast
-        found += [p + x for x in findings(cfg, study)]
+        from . import capacity  # the dropbox's fill and the forecast
+        found += [p + x for x in capacity.findings(cfg, study)]
         found += [p + x for x in leftovers(study)]
         found += [p + x for x in purge.retention_problems(study)]
         found += [p + x for x in shared_filesystem(study)]
@@ -193,6 +193,8 @@ def check(cfg: Config, studies: list[StudyConfig]) -> list[str]:
         from . import generator
         found += generator.problems(cfg) + generator.drift(cfg) + stray_units(cfg)
         found += purge.timer_problems(cfg)
+    from . import textfile  # metrics
+    found += textfile.findings(cfg)
     return found
 
 

@@ -104,6 +104,8 @@ class Config:
     notify: NotifyConfig
     studies: Mapping[str, StudyConfig]
     dropbox_warn_percent: tuple[int, ...] = DEFAULT_DROPBOX_WARN_PERCENT
+    # node_exporter's textfile directory that `dittohead metrics` writes; None: off.
+    metrics_dir: Path | None = None
 
     def study(self, name: str) -> StudyConfig:
         """The named study, or a ConfigError listing the known ones."""

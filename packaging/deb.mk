@@ -45,8 +45,9 @@
 # The source tree is made fresh from the checkout each time (the working
 # tree, committed or not): the package's code, units, config.yaml (the
 # example), pyproject.toml, README.md and docs/*.md (which `make install`
-# puts in /usr/share/doc/dittohead/, with the example and the sample Samba and
-# sshd configs; dh_compress then gzips the larger ones), packaging/install.mk,
+# puts in /usr/share/doc/dittohead/, with the example, the sample Samba and
+# sshd configs and the sample alert rules docs/dittohead-alerts.yml; dh_compress
+# then gzips the larger ones), packaging/install.mk,
 # packaging/config.yaml (the installed config), the manual page
 # (packaging/dittohead.8), and packaging/debian as
 # debian/, plus a debian/changelog written from pyproject.toml's version
@@ -71,7 +72,7 @@ deb: deb-deps
 	cp -p units/* $(DEB_SRCDIR)/units/
 	cp -p config.yaml pyproject.toml README.md $(DEB_SRCDIR)/
 	mkdir -p $(DEB_SRCDIR)/docs && cp -p docs/admin.md docs/contract.md docs/design.md \
-	    docs/upload.md $(DEB_SRCDIR)/docs/
+	    docs/upload.md docs/dittohead-alerts.yml $(DEB_SRCDIR)/docs/
 	cp -p packaging/install.mk packaging/dittohead.8 packaging/config.yaml \
 	    $(DEB_SRCDIR)/packaging/
 	cp -pR packaging/samba packaging/ssh $(DEB_SRCDIR)/packaging/

@@ -46,7 +46,8 @@ DOCDIR ?= /usr/share/doc/dittohead
 DITTOHEAD_DOCS := README.md docs/admin.md docs/contract.md docs/design.md docs/upload.md
 
 DITTOHEAD_UNITS := dittohead@.path dittohead@.service dittohead@.timer dittohead-notify@.service \
-	dittohead-mail@.service dittohead-purge.service dittohead-purge.timer
+	dittohead-mail@.service dittohead-purge.service dittohead-purge.timer \
+	dittohead-metrics.service dittohead-metrics.timer
 DITTOHEAD_DEBS := python3-yaml python3-systemd
 
 # A Python launcher: runs the package installed in LIBDIR with the system
@@ -119,7 +120,7 @@ install-files:
 	install -m 0644 $(DITTOHEAD_DOCS) $(DESTDIR)$(DOCDIR)/
 	install -m 0644 config.yaml $(DESTDIR)$(DOCDIR)/config.yaml.example
 	install -m 0644 packaging/samba/dittohead-smb.conf packaging/ssh/dittohead-sshd.conf \
-	    $(DESTDIR)$(DOCDIR)/examples/
+	    docs/dittohead-alerts.yml $(DESTDIR)$(DOCDIR)/examples/
 	@if [ -e $(DESTDIR)$(SYSCONFDIR)/dittohead/config.yaml ] || \
 	    [ -L $(DESTDIR)$(SYSCONFDIR)/dittohead/config.yaml ]; then \
 	    echo "keeping $(DESTDIR)$(SYSCONFDIR)/dittohead/config.yaml"; \

@@ -33,7 +33,8 @@ from .packages import (
 )
 
 UNITS = ("dittohead@.path", "dittohead@.service", "dittohead@.timer",
-         "dittohead-notify@.service", "dittohead-purge.service", "dittohead-purge.timer")
+         "dittohead-notify@.service", "dittohead-purge.service", "dittohead-purge.timer",
+         "dittohead-metrics.service", "dittohead-metrics.timer")
 FILES = (
     "./usr/bin/dittohead",
     "./usr/lib/dittohead/dittohead/cli.py",
@@ -50,6 +51,7 @@ FILES = (
     "./usr/share/doc/dittohead/contract.md.gz",
     "./usr/share/doc/dittohead/examples/dittohead-smb.conf",
     "./usr/share/doc/dittohead/examples/dittohead-sshd.conf",
+    "./usr/share/doc/dittohead/examples/dittohead-alerts.yml",
     "./etc/dittohead/config.yaml",
 )
 DEPENDS = ("python3 (>= 3.11)", "python3-yaml", "python3-systemd", "systemd")
