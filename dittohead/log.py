@@ -33,6 +33,8 @@ MESSAGE_IDS: Mapping[str, str] = {
     "config-error": "741b67835ddc4eb580bfc74611985daa",
     # Sent by units/dittohead-notify-failure (OnFailure= of the units).
     "unit-failed": "d49d0a088dd54a0286ba26b8f857ba0b",
+    # `dittohead undo`: a delivery's files removed from the destination again.
+    "undone": "d60c4116527043ee928011d3021a3b8d",
 }
 
 _PRIORITY = {
@@ -43,6 +45,7 @@ _PRIORITY = {
     "disk-warning": syslog.LOG_WARNING,
     "config-error": syslog.LOG_ERR,
     "unit-failed": syslog.LOG_ERR,
+    "undone": syslog.LOG_NOTICE,
 }
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"

@@ -8,6 +8,7 @@ lines (stage.py joins them in plan order); filing moves it into done/.
 from __future__ import annotations
 
 import os
+import re
 from binascii import hexlify
 from pathlib import Path
 
@@ -15,9 +16,44 @@ from pathlib import Path
 def manifest_line(path: bytes, digest: bytes) -> bytes:
     """One line in `sha256sum` format, escaping names the way coreutils does."""
     if b"\\" in path or b"\n" in path or b"\r" in path:
-        path = path.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b"\r", b"\\r")
-        return b"\\%s  %s\n" % (hexlify(digest), path)
+        return b"\\%s  %s\n" % (hexlify(digest), _escape(path))
     return b"%s  %s\n" % (hexlify(digest), path)
+
+
+def _escape(path: bytes) -> bytes:
+    return path.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b"\r", b"\\r")
+
+
+def _unescape(path: bytes) -> bytes:
+    return re.sub(rb"\\(.)", lambda m: _UNESCAPES.get(m.group(1), m.group(0)), path)
+
+
+_UNESCAPES = {b"\\": b"\\", b"n": b"\n", b"r": b"\r"}
+
+
+def dir_line(path: bytes) -> bytes:
+    """One line of a `.dirs` record: the path, escaped like a manifest's (a leading \\)."""
+    if b"\\" in path or b"\n" in path or b"\r" in path:
+        return b"\\%s\n" % _escape(path)
+    return path + b"\n"
+
+
+def parse_line(line: bytes) -> tuple[str, bytes]:
+    """A manifest line's path and digest; ValueError if it is not one."""
+    line = line.rstrip(b"\n")
+    escaped = line.startswith(b"\\")
+    digest, sep, path = line[escaped:].partition(b"  ")
+    if not sep or len(digest) != 64 or not path:
+        raise ValueError(f"not a manifest line: {line[:80]!r}")
+    return os.fsdecode(_unescape(path) if escaped else path), bytes.fromhex(digest.decode())
+
+
+def parse_dir_line(line: bytes) -> str:
+    """A `.dirs` line's path."""
+    line = line.rstrip(b"\n")
+    if line.startswith(b"\\"):
+        return os.fsdecode(_unescape(line[1:]))
+    return os.fsdecode(line)
 
 
 class Manifest:

@@ -139,6 +139,9 @@ def file_entry(study: StudyConfig, claim: Claim, plan: Plan | None, outcome: Out
     if outcome is Outcome.DELIVERED:
         assert plan is not None
         install(plan.manifest_path, target / f"{claim.id}.sha256")
+        # What `undo` may remove: the files and directories this delivery made.
+        install(plan.published_path, target / f"{claim.id}.published")
+        install(plan.dirs_path, target / f"{claim.id}.dirs")
     write_atomic(target / f"{claim.id}.json", r.to_json())
     point("receipt")
     try:

@@ -1,0 +1,184 @@
+"""`dittohead undo`: exactly what a delivery created leaves the destination, nothing else.
+
+Real deliveries into a real destination under /var/tmp, then `undo` as a
+real process; the permission test runs it as a throwaway user.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dittohead.log import MESSAGE_IDS
+
+from .conftest import Env, add_user, service_argv, tree
+
+
+def receipt(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def deliver(env: Env, name: str, files: dict[str, bytes]) -> str:
+    """Drop and deliver one entry; its delivery id."""
+    env.drop(name, files)
+    r = env.process()
+    assert r.returncode == 0, r.stderr
+    ids = [receipt(p)["id"] for p in env.done_receipts() if receipt(p)["entry"] == name]
+    assert len(ids) == 1
+    return str(ids[0])
+
+
+def test_undo_removes_exactly_the_files_the_delivery_created(env: Env) -> None:
+    dest = env.study.destination
+    (dest / "old").mkdir()
+    (dest / "old" / "same").write_bytes(b"was here")  # the entry brings the same content
+    (dest / "old" / "other").write_bytes(b"not the entry's")
+    delivery = deliver(env, "e", {"old/same": b"was here", "old/new": b"1",
+                                  "fresh/deep/f": b"2", "top": b"3"})
+    published = (env.study.done / f"{delivery}.published").read_text()
+    assert sorted(line.split("  ")[1] for line in published.splitlines()) == \
+        ["fresh/deep/f", "old/new", "top"]
+    assert (env.study.done / f"{delivery}.dirs").read_text() == "fresh\nfresh/deep\n"
+    r = env.run("undo", "s1", delivery)
+    assert r.returncode == 0, r.stderr
+    assert tree(dest) == {"old/same": b"was here", "old/other": b"not the entry's"}
+    assert sorted(os.listdir(dest)) == ["old"]  # fresh/ and fresh/deep/ are gone too
+    assert "removed 3 files and 2 directories" in r.stdout
+    data = receipt(env.study.failed / f"{delivery}.json")
+    assert data["outcome"] == "undone"
+    assert data["undone"]["removed"] == 3 and data["undone"]["kept"] == []
+    assert data["undone"]["fallback"] is False
+    assert not (env.study.done / f"{delivery}.json").exists()
+    for suffix in ("", ".sha256", ".published", ".dirs"):
+        assert os.path.lexists(env.study.failed / f"{delivery}{suffix}")
+    assert f"MESSAGE_ID={MESSAGE_IDS['undone']}" in r.stderr
+    assert "DITTOHEAD_FILES=3" in r.stderr and f"DITTOHEAD_DELIVERY={delivery}" in r.stderr
+
+
+def test_an_undone_delivery_is_delivered_again_by_retry(env: Env) -> None:
+    delivery = deliver(env, "e", {"a": b"1", "d/b": b"2"})
+    assert env.run("undo", "s1", delivery).returncode == 0
+    assert tree(env.study.destination) == {}
+    r = env.run("retry", "s1", delivery)
+    assert r.returncode == 0, r.stderr
+    assert env.process().returncode == 0
+    assert tree(env.study.destination) == {"a": b"1", "d/b": b"2"}
+
+
+def test_undo_keeps_a_file_changed_since_delivery(env: Env) -> None:
+    delivery = deliver(env, "e", {"d/a": b"1", "d/b": b"2", "c": b"3"})
+    (env.study.destination / "d" / "a").write_bytes(b"edited by the study")
+    r = env.run("undo", "s1", delivery)
+    assert r.returncode == 0, r.stderr
+    assert tree(env.study.destination) == {"d/a": b"edited by the study"}
+    assert "kept d/a: changed since delivery: other content" in r.stdout
+    assert "kept d/: not empty" in r.stdout
+    undone = receipt(env.study.failed / f"{delivery}.json")["undone"]
+    assert undone["removed"] == 2 and undone["kept_count"] == 2
+    assert undone["kept"][0].startswith("d/a: changed since delivery")
+
+
+def test_undo_keeps_a_file_a_later_delivery_also_lists(env: Env) -> None:
+    first = deliver(env, "e1", {"shared": b"same", "only1": b"1"})
+    deliver(env, "e2", {"shared": b"same", "only2": b"2"})  # found "shared" already there
+    r = env.run("undo", "s1", first)
+    assert r.returncode == 0, r.stderr
+    assert tree(env.study.destination) == {"shared": b"same", "only2": b"2"}
+    assert "kept shared: delivered by" in r.stdout
+
+
+def test_undo_dry_run_changes_nothing(env: Env) -> None:
+    delivery = deliver(env, "e", {"d/a": b"1", "b": b"2"})
+    (env.study.destination / "b").write_bytes(b"changed")
+    before = tree(env.study.destination)
+    r = env.run("undo", "s1", delivery, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "would remove d/a" in r.stdout and "would remove the directory d/" in r.stdout
+    assert "would keep b: changed since delivery" in r.stdout
+    assert tree(env.study.destination) == before
+    assert receipt(env.study.done / f"{delivery}.json")["outcome"] == "delivered"
+    assert MESSAGE_IDS["undone"] not in r.stderr
+
+
+def test_undo_never_follows_a_symlinked_directory(env: Env, tmp_path: Path) -> None:
+    delivery = deliver(env, "e", {"d/a": b"1"})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "a").write_bytes(b"1")  # same name and content, outside the destination
+    dest = env.study.destination
+    (dest / "d" / "a").unlink()
+    (dest / "d").rmdir()
+    (dest / "d").symlink_to(elsewhere)
+    r = env.run("undo", "s1", delivery)
+    assert r.returncode == 0, r.stderr
+    assert (elsewhere / "a").read_bytes() == b"1"
+    assert (dest / "d").is_symlink()
+    assert "kept d/a: changed since delivery: a directory on its path is a symlink" in r.stdout
+
+
+@pytest.mark.parametrize("fault", ["unpublished:1", "undo-recorded", "undo-moved"])
+def test_undo_killed_midway_is_finished_by_a_rerun(env: Env, fault: str) -> None:
+    (env.study.destination / "keep").write_bytes(b"k")
+    delivery = deliver(env, "e", {"a": b"1", "b": b"2", "d/c": b"3", "keep": b"k"})
+    r = env.run("undo", "s1", delivery, env={"DITTOHEAD_TEST_FAULT": fault})
+    assert r.returncode == -9, r.stderr
+    r = env.run("undo", "s1", delivery)
+    assert r.returncode == 0, r.stderr
+    assert tree(env.study.destination) == {"keep": b"k"}
+    data = receipt(env.study.failed / f"{delivery}.json")
+    assert data["outcome"] == "undone"
+    assert data["undone"]["removed"] + data["undone"]["gone"] == 3
+    assert (env.study.failed / delivery).is_dir()
+    assert sorted(p.name for p in env.study.done.iterdir()) == []
+    again = env.run("undo", "s1", delivery)
+    assert again.returncode == 0 and "undone already" in again.stdout
+
+
+def test_undo_of_a_delivery_filed_before_the_published_record_uses_birth_times(
+        env: Env) -> None:
+    dest = env.study.destination
+    (dest / "old").mkdir()
+    (dest / "old" / "same").write_bytes(b"was here")
+    time.sleep(1.1)  # receipts keep whole seconds: born before the delivery's first second
+    delivery = deliver(env, "e", {"old/same": b"was here", "old/new": b"1", "n/f": b"2"})
+    (env.study.done / f"{delivery}.published").unlink()
+    (env.study.done / f"{delivery}.dirs").unlink()
+    r = env.run("undo", "s1", delivery)
+    assert r.returncode == 0, r.stderr
+    assert "were told by birth time" in r.stdout
+    assert tree(dest) == {"old/same": b"was here"}
+    assert not (dest / "n").exists()
+    assert receipt(env.study.failed / f"{delivery}.json")["undone"]["fallback"] is True
+
+
+def test_undo_refuses_what_is_not_a_delivery(env: Env) -> None:
+    (env.study.destination / "a").write_bytes(b"old")
+    env.drop("e", {"a": b"new"})  # a conflict: fails
+    env.process()
+    failed = receipt(env.failed_receipts()[0])["id"]
+    r = env.run("undo", "s1", str(failed))
+    assert r.returncode == 1 and "was not delivered (outcome failed)" in r.stderr
+    r = env.run("undo", "s1", "20990101T000000Z-nosuch-000000")
+    assert r.returncode == 1 and "no delivery" in r.stderr
+    r = env.run("undo", "s1", "../done/x")
+    assert r.returncode == 1 and "not a delivery id" in r.stderr
+    assert (env.study.destination / "a").read_bytes() == b"old"
+
+
+@pytest.mark.root
+def test_undo_by_someone_else_than_root_or_the_service_is_refused(env: Env) -> None:
+    delivery = deliver(env, "e", {"a": b"1"})
+    other = add_user("dh-test-other")
+    os.chmod(env.config_path, 0o644)
+    r = subprocess.run(service_argv(env, other, "undo", "s1", delivery, caps=None),
+                       capture_output=True, text=True, timeout=60, cwd="/")
+    assert r.returncode == 77, r.stderr
+    assert "only root or the service user" in r.stderr
+    assert (env.study.destination / "a").read_bytes() == b"1"
