@@ -92,8 +92,10 @@ def _service(cfg: Config) -> Service:
     except KeyError:
         raise DittoheadError(f"no service user {cfg.service_user!r}") from None
     if os.geteuid() not in (0, pw.pw_uid):
-        raise NotPermitted(f"undo removes files from a study's destination: only root or the "
-                           f"service user ({cfg.service_user}) may run it")
+        # The wording of access.py's check for the other commands.
+        raise NotPermitted(f"dittohead undo is for root or the service user "
+                           f"{cfg.service_user}; you are {user_name(os.geteuid())}: run it "
+                           "with sudo")
     return Service(pw.pw_uid, pw.pw_gid)
 
 
@@ -223,6 +225,11 @@ def _tell(study: StudyConfig, delivery: str, data: dict[str, Any], svc: Service)
     note = {**data, "advice": outcomes.ADVICE[str(Outcome.UNDONE)]}
     try:
         outcomes.tell(study, note, (svc.uid, svc.gid))
+        if os.geteuid() == 0 and int(data.get("uploader_uid", -1)) >= 0:
+            # As the service's own notes are: it replaces them later.
+            folder = outcomes.outcomes_dir(study, int(data["uploader_uid"]))
+            for name in (f"{delivery}.json", f"{delivery}.txt"):
+                os.chown(folder / name, svc.uid, svc.gid, follow_symlinks=False)
     except Exception as e:
         log.send(f"{study.name}: {delivery} is undone, but its uploader's note could not be "
                  f"written: {e!r}", priority=4, DITTOHEAD_STUDY=study.name)

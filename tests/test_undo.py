@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import subprocess
 import time
 from pathlib import Path
@@ -16,8 +17,9 @@ from typing import Any
 import pytest
 
 from dittohead.log import MESSAGE_IDS
+from dittohead.outcomes import outcomes_dir
 
-from .conftest import Env, add_user, service_argv, tree
+from .conftest import Env, ThrowawayUser, add_user, as_service, make_env, service_argv, tree
 
 
 def receipt(path: Path) -> dict[str, Any]:
@@ -180,5 +182,60 @@ def test_undo_by_someone_else_than_root_or_the_service_is_refused(env: Env) -> N
     r = subprocess.run(service_argv(env, other, "undo", "s1", delivery, caps=None),
                        capture_output=True, text=True, timeout=60, cwd="/")
     assert r.returncode == 77, r.stderr
-    assert "only root or the service user" in r.stderr
+    assert "dittohead undo is for root or the service user" in r.stderr
     assert (env.study.destination / "a").read_bytes() == b"1"
+
+
+@pytest.mark.root
+def test_undo_by_the_service_rewrites_the_uploaders_note_and_retry_gives_it_back(
+        service_env: Env, svc: ThrowawayUser, ra: ThrowawayUser) -> None:
+    env = service_env
+    env.drop("e", {"a": b"1", "d/b": b"2"}, uid=ra.uid)
+    assert as_service(env, svc, "process", "s1").returncode == 0
+    [delivery] = [p.stem for p in env.done_receipts()]
+    r = as_service(env, svc, "undo", "s1", delivery, caps=None)
+    assert r.returncode == 0, r.stderr
+    assert tree(env.study.destination) == {}
+    note = outcomes_dir(env.study, ra.uid) / f"{delivery}.json"
+    assert json.loads(note.read_text())["outcome"] == "undone"
+    text = note.with_suffix(".txt").read_text()
+    assert "e: UNDONE, removed from the study's storage again" in text
+    assert "DITTOHEAD_UPLOADER=dh-test-ra" in r.stderr
+    assert env.run("retry", "s1", delivery).returncode == 0
+    assert (env.study.inbox / "e").stat().st_uid == ra.uid  # given back to its uploader
+    assert as_service(env, svc, "process", "s1").returncode == 0
+    assert tree(env.study.destination) == {"a": b"1", "d/b": b"2"}
+
+
+@pytest.mark.root
+def test_undo_by_root_leaves_the_note_the_services(env: Env) -> None:
+    ra = add_user("dh-test-ra", groups=("dh-test-uploaders",))
+    env.drop("e", {"a": b"1"}, uid=ra.uid)
+    assert env.process().returncode == 0
+    [delivery] = [p.stem for p in env.done_receipts()]
+    assert env.run("undo", "s1", delivery).returncode == 0
+    note = outcomes_dir(env.study, ra.uid) / f"{delivery}.json"
+    assert json.loads(note.read_text())["outcome"] == "undone"
+    assert note.stat().st_uid == pwd.getpwnam(env.cfg.service_user).pw_uid
+
+
+@pytest.mark.root
+def test_undo_without_birth_times_refuses_and_removes_nothing(
+        shared_base: Path) -> None:
+    # ramfs keeps no birth time: an old delivery (no published record) cannot be
+    # told from what was there before.
+    # (ramfs says it has no space, so the delivery goes to ext4 and is moved there.)
+    env = make_env(shared_base)
+    delivery = deliver(env, "e", {"a": b"1", "d/b": b"2"})
+    dest = env.study.destination
+    subprocess.run(["cp", "-a", str(dest), str(shared_base / "copy")], check=True)
+    subprocess.run(["mount", "-t", "ramfs", "-o", "mode=755", "none", str(dest)],
+                   check=True)  # the fixture unmounts it
+    subprocess.run(["cp", "-a", f"{shared_base}/copy/.", str(dest)], check=True)
+    (env.study.done / f"{delivery}.published").unlink()
+    (env.study.done / f"{delivery}.dirs").unlink()
+    r = env.run("undo", "s1", delivery)
+    assert r.returncode == 1
+    assert "keeps no birth times" in r.stderr and "nothing was removed" in r.stderr
+    assert tree(env.study.destination) == {"a": b"1", "d/b": b"2"}
+    assert receipt(env.study.done / f"{delivery}.json")["outcome"] == "delivered"
