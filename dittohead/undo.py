@@ -129,10 +129,15 @@ def _unpublish(study: StudyConfig, delivery: str, data: dict[str, Any], svc: Ser
                dry_run: bool) -> tuple[Published, Result]:
     fd = open_destination(study)
     try:
-        pub = read_published(study.done, delivery) or by_birth_time(
-            study.done, delivery, fd, str(data.get("started")), str(data.get("finished")),
-            svc.uid)
-        others = listed_elsewhere(study.done, delivery, {p for p, _ in pub.files})
+        try:
+            pub = read_published(study.done, delivery) or by_birth_time(
+                study.done, delivery, fd, str(data.get("started")),
+                str(data.get("finished")), svc.uid)
+            others = listed_elsewhere(study.done, delivery, {p for p, _ in pub.files})
+        except (FileNotFoundError, ValueError) as e:
+            # A record filed by a delivery is missing or damaged: nothing to go by.
+            raise DittoheadError(f"{delivery}: its records in {study.done} cannot be read "
+                                 f"({e}); nothing was removed") from None
         return pub, unpublish(fd, pub, svc.uid, others, dry_run)
     finally:
         os.close(fd)
@@ -169,7 +174,8 @@ def _record(res: Result, pub: Published) -> dict[str, Any]:
 
 
 def _reason(res: Result) -> str:
-    kept = f"; {len(res.kept)} kept (changed since delivery)" if res.kept else ""
+    kept = (f"; {len(res.kept)} kept (changed since delivery, or delivered by another "
+            "upload too)" if res.kept else "")
     return (f"delivered, then undone by {user_name(os.geteuid())}: {len(res.removed)} files "
             f"removed from the destination{kept}")
 

@@ -209,7 +209,10 @@ def _remove_file(dest: DirCache, path: str, digest: bytes, service_uid: int,
     if isinstance(found, str):
         return found
     dfd, name, st = found
-    fd = os.open(name, FILE_FLAGS, dir_fd=dfd)
+    try:
+        fd = os.open(name, FILE_FLAGS, dir_fd=dfd)
+    except FileNotFoundError:
+        return GONE
     try:
         if os.fstat(fd).st_ino != st.st_ino:
             return "changed since delivery: replaced while undo looked"
@@ -221,9 +224,12 @@ def _remove_file(dest: DirCache, path: str, digest: bytes, service_uid: int,
         return REMOVED
     # The name must still be the inode just hashed (only root and the service
     # write here, but a rerun of a delivery might).
-    if os.stat(name, dir_fd=dfd, follow_symlinks=False).st_ino != st.st_ino:
-        return "changed since delivery: replaced while undo looked"
-    os.unlink(name, dir_fd=dfd)
+    try:
+        if os.stat(name, dir_fd=dfd, follow_symlinks=False).st_ino != st.st_ino:
+            return "changed since delivery: replaced while undo looked"
+        os.unlink(name, dir_fd=dfd)
+    except FileNotFoundError:
+        return GONE
     return REMOVED
 
 

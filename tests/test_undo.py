@@ -48,6 +48,10 @@ def test_undo_removes_exactly_the_files_the_delivery_created(env: Env) -> None:
     assert sorted(line.split("  ")[1] for line in published.splitlines()) == \
         ["fresh/deep/f", "old/new", "top"]
     assert (env.study.done / f"{delivery}.dirs").read_text() == "fresh\nfresh/deep\n"
+    check = subprocess.run(["sha256sum", "--strict", "-c",
+                            str(env.study.done / f"{delivery}.published")],
+                           cwd=dest, capture_output=True, text=True)
+    assert check.returncode == 0 and check.stdout.count(": OK") == 3, check.stdout
     r = env.run("undo", "s1", delivery)
     assert r.returncode == 0, r.stderr
     assert tree(dest) == {"old/same": b"was here", "old/other": b"not the entry's"}
@@ -239,3 +243,24 @@ def test_undo_without_birth_times_refuses_and_removes_nothing(
     assert "keeps no birth times" in r.stderr and "nothing was removed" in r.stderr
     assert tree(env.study.destination) == {"a": b"1", "d/b": b"2"}
     assert receipt(env.study.done / f"{delivery}.json")["outcome"] == "delivered"
+
+
+def test_undo_removes_files_and_directories_with_newlines_and_backslashes(env: Env) -> None:
+    files = {"d\nir\\x/f\\i\nle": b"1", "plain/a": b"2", "back\\slash": b"3"}
+    delivery = deliver(env, "e", files)
+    dirs = (env.study.done / f"{delivery}.dirs").read_bytes()
+    assert dirs == b"\\d\\nir\\\\x\nplain\n"  # escaped as in the manifest
+    r = env.run("undo", "s1", delivery)
+    assert r.returncode == 0, r.stderr
+    assert os.listdir(env.study.destination) == []
+    assert "removed 3 files and 2 directories" in r.stdout
+
+
+def test_undo_without_its_records_removes_nothing(env: Env) -> None:
+    delivery = deliver(env, "e", {"a": b"1"})
+    for suffix in (".published", ".dirs", ".sha256"):
+        (env.study.done / f"{delivery}{suffix}").unlink()
+    r = env.run("undo", "s1", delivery)
+    assert r.returncode == 1
+    assert "cannot be read" in r.stderr and "nothing was removed" in r.stderr
+    assert tree(env.study.destination) == {"a": b"1"}
