@@ -66,11 +66,18 @@ class Manifest:
         self.rel: str | None = None
         self.prefix = b""
 
-    def add(self, rel: str, name: str, digest: bytes) -> None:
+    def add(self, rel: str, name: str, digest: bytes) -> bytes:
+        """Write the file's line; return it (the published record takes it as it is)."""
         if rel != self.rel:
             self.rel = rel
             self.prefix = os.fsencode(rel) + b"/" if rel else b""
-        self.out.write(manifest_line(self.prefix + os.fsencode(name), digest))
+        line = manifest_line(self.prefix + os.fsencode(name), digest)
+        self.out.write(line)
+        return line
+
+    def write(self, line: bytes) -> None:
+        """Write a line another Manifest made."""
+        self.out.write(line)
 
     def close(self) -> None:
         self.out.close()

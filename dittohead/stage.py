@@ -162,8 +162,7 @@ def _copy_share(plan: Plan, state: State, staging_fd: int, owner: Ownership, lo:
             digest, inode = copier.copy(src.dir_fd(d.rel), r.src_name(plan), r,
                                         staged.dir_fd(d.staged), d.staged_name(r), owner, d.rel)
             state.set_copied(r.index, digest, inode)
-            manifest.add(d.rel, r.name, digest)
-            published.add(d.rel, r.name, digest)
+            published.write(manifest.add(d.rel, r.name, digest))
             copied += 1
             if faults.enabled():
                 point(f"staged:{copied}")

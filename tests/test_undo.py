@@ -264,3 +264,20 @@ def test_undo_without_its_records_removes_nothing(env: Env) -> None:
     assert r.returncode == 1
     assert "cannot be read" in r.stderr and "nothing was removed" in r.stderr
     assert tree(env.study.destination) == {"a": b"1"}
+
+
+def test_a_published_record_written_by_workers_lists_what_they_copied_in_plan_order(
+        env: Env) -> None:
+    # 720 files: copied by forked workers, each writing its share's part.
+    files = {f"s{d:02d}/run{i:03d}.txt": f"{d} {i}\n".encode() * (i % 7 + 1)
+             for d in range(12) for i in range(60)}
+    first = {k: v for k, v in files.items() if k[1:3] in ("00", "07")}
+    deliver(env, "first", first)
+    delivery = deliver(env, "all", files)
+    lines = (env.study.done / f"{delivery}.published").read_text().splitlines()
+    assert [line.split("  ", 1)[1] for line in lines] == sorted(set(files) - set(first))
+    dirs = (env.study.done / f"{delivery}.dirs").read_text().split()
+    assert dirs == sorted({k.split("/")[0] for k in files} - {"s00", "s07"})
+    r = env.run("undo", "s1", delivery)
+    assert r.returncode == 0, r.stderr
+    assert tree(env.study.destination) == first
