@@ -12,9 +12,11 @@ All under the study's lock, so no delivery runs meanwhile.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pwd
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +63,7 @@ def undo(cfg: Config, study: StudyConfig, delivery: str, dry_run: bool) -> list[
     if not DELIVERY_ID_RE.fullmatch(delivery):
         raise DittoheadError(f"{printable(delivery)}: not a delivery id (like "
                              "20261127T204655Z-s01-session1-9f3a0c; see `dittohead status`)")
+    _say_if_busy(study)
     with StudyLock(study):
         data = _receipt(study, delivery)
         if data is None:
@@ -83,6 +86,21 @@ def undo(cfg: Config, study: StudyConfig, delivery: str, dry_run: bool) -> list[
         write_atomic(study.done / f"{delivery}.json", _json(data))
         point("undo-recorded")
         return lines + _file(cfg, study, delivery, data, svc)
+
+
+def _say_if_busy(study: StudyConfig) -> None:
+    """Tell the admin why undo waits: a run holds the study's lock (it may linger)."""
+    try:
+        fd = os.open(study.processing, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return  # StudyLock says what is wrong
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"dittohead: a run of {study.name} is delivering; undo waits until it ends",
+              file=sys.stderr, flush=True)
+    finally:
+        os.close(fd)  # releases it, if taken
 
 
 def _service(cfg: Config) -> Service:

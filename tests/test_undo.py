@@ -6,10 +6,12 @@ real process; the permission test runs it as a throwaway user.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pwd
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -281,3 +283,33 @@ def test_a_published_record_written_by_workers_lists_what_they_copied_in_plan_or
     r = env.run("undo", "s1", delivery)
     assert r.returncode == 0, r.stderr
     assert tree(env.study.destination) == first
+
+
+def test_undo_refuses_a_delivery_into_another_destination(env: Env) -> None:
+    delivery = deliver(env, "e", {"a": b"1"})
+    moved = env.base / "moved"
+    moved.mkdir()
+    (moved / "a").write_bytes(b"1")
+    env.reload(destination=str(moved))
+    r = env.run("undo", "s1", delivery)
+    assert r.returncode == 1 and "was delivered into" in r.stderr
+    assert "nothing was removed" in r.stderr
+    assert (moved / "a").exists() and (env.base / "dest" / "a").exists()
+
+
+@pytest.mark.slow
+def test_undo_waits_for_a_running_delivery_and_says_so(env: Env) -> None:
+    delivery = deliver(env, "e", {"a": b"1"})
+    lock = os.open(env.study.processing, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # as a run holds it
+    proc = subprocess.Popen([sys.executable, "-m", "dittohead", "--config",
+                             str(env.config_path), "undo", "s1", delivery],
+                            env={**os.environ, "DITTOHEAD_LOG": "stderr"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    assert proc.poll() is None and (env.study.destination / "a").exists()
+    os.close(lock)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "undo waits until it ends" in err
+    assert not (env.study.destination / "a").exists()
