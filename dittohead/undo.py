@@ -185,16 +185,23 @@ def _summary(study: StudyConfig, delivery: str, pub: Published, res: Result,
 
 def _record(res: Result, pub: Published) -> dict[str, Any]:
     """The receipt's `undone` object."""
-    return {"at": now_iso(), "by": user_name(os.geteuid()), "removed": len(res.removed),
+    return {"at": now_iso(), "by": _who(), "removed": len(res.removed),
             "gone": len(res.gone), "directories_removed": len(res.dirs_removed),
             "kept": [f"{printable(p)}: {why}" for p, why in res.kept[:LISTED]],
             "kept_count": len(res.kept), "fallback": pub.fallback}
 
 
+def _who() -> str:
+    """Who runs undo, for the record: root run through sudo names the admin too."""
+    me = user_name(os.geteuid())
+    sudo = os.environ.get("SUDO_USER")
+    return f"{me} (sudo by {printable(sudo)})" if sudo and os.geteuid() == 0 else me
+
+
 def _reason(res: Result) -> str:
     kept = (f"; {len(res.kept)} kept (changed since delivery, or delivered by another "
             "upload too)" if res.kept else "")
-    return (f"delivered, then undone by {user_name(os.geteuid())}: {len(res.removed)} files "
+    return (f"delivered, then undone by {_who()}: {len(res.removed)} files "
             f"removed from the destination{kept}")
 
 

@@ -313,3 +313,15 @@ def test_undo_waits_for_a_running_delivery_and_says_so(env: Env) -> None:
     assert proc.returncode == 0, err
     assert "undo waits until it ends" in err
     assert not (env.study.destination / "a").exists()
+
+
+def test_undo_of_a_purged_delivery_says_the_upload_is_gone(env: Env) -> None:
+    delivery = deliver(env, "e", {"a": b"1"})
+    subprocess.run(["rm", "-r", str(env.study.done / delivery)], check=True)  # as purge does
+    r = env.run("undo", "s1", delivery, env={"SUDO_USER": "alice"})
+    assert r.returncode == 0, r.stderr
+    assert "no longer in" in r.stdout and "(purged)" in r.stdout
+    assert tree(env.study.destination) == {}
+    undone = receipt(env.study.failed / f"{delivery}.json")["undone"]
+    if os.geteuid() == 0:
+        assert undone["by"] == "root (sudo by alice)"
