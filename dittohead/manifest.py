@@ -1,4 +1,5 @@
-"""The manifest, `<id>.sha256`: every file of an entry with its digest, in `sha256sum` format.
+"""The manifest, `<id>.sha256`: every file of an entry with its digest, in `sha256sum` format,
+and the published record (`<id>.published`, `<id>.dirs`): what the delivery created.
 
 Paths are relative to the destination, so `cd <destination> && sha256sum -c
 done/<id>.sha256` verifies a delivery. Copying workers write their shares'
@@ -87,6 +88,17 @@ class Manifest:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def published_paths(plan_path: Path) -> tuple[Path, Path]:
+    """Where an attempt spools its published record, beside its plan: the files it
+    copies (`.published`, the manifest's format) and the directories it makes (`.dirs`)."""
+    return plan_path.with_suffix(".published"), plan_path.with_suffix(".dirs")
+
+
+def published_part(plan_path: Path, worker: int) -> Path:
+    """The published-record lines of one copying worker's share (stage.py joins them)."""
+    return plan_path.with_suffix(f".{worker}.published")
 
 
 def install(spooled: Path, path: Path) -> None:

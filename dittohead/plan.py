@@ -44,20 +44,13 @@ def spool_files(processing: Path, claim_id: str) -> tuple[Path, Path, Path]:
     return plan, plan.with_suffix(".state"), plan.with_suffix(".sha256")
 
 
-def published_files(processing: Path, claim_id: str) -> tuple[Path, Path]:
-    """The spooled published record of one claim: the files it created (sha256sum format)
-    and the directories it created (`.dirs`); record.py files them with the manifest."""
-    plan = processing / f".{claim_id}.plan"
-    return plan.with_suffix(".published"), plan.with_suffix(".dirs")
-
-
 def remove_spool(processing: Path, claim_id: str) -> None:
     """Remove the claim's spool files, and the part files workers write (`.<id>.<k>.*`)."""
     for p in spool_files(processing, claim_id):
         p.unlink(missing_ok=True)
-    for p in published_files(processing, claim_id):
-        p.unlink(missing_ok=True)
-    part = re.compile(re.escape(f".{claim_id}.") + r"[0-9]+\.(plan|sha256|published)")
+    # (and the published record, manifest.published_paths(), spooled whole or in parts)
+    part = re.compile(re.escape(f".{claim_id}.")
+                      + r"([0-9]+\.(plan|sha256|published)|published|dirs)")
     with os.scandir(processing) as it:
         parts = [e.name for e in it if part.fullmatch(e.name)]
     for name in parts:
@@ -179,10 +172,6 @@ class Plan:
         """The part file a walking worker writes (examine.py puts the parts together)."""
         return self.path.with_suffix(f".{worker}.plan")
 
-    def published_part(self, worker: int) -> Path:
-        """The published-record lines of one copying worker's share (files it created)."""
-        return self.path.with_suffix(f".{worker}.published")
-
     def manifest_part(self, worker: int) -> Path:
         """The manifest lines of one copying worker's share (stage.py puts them together)."""
         return self.path.with_suffix(f".{worker}.sha256")
@@ -242,17 +231,6 @@ class Plan:
     def manifest_path(self) -> Path:
         """Where stage() puts the manifest together; record.py files it in done/."""
         return self.path.with_suffix(".sha256")
-
-    @property
-    def published_path(self) -> Path:
-        """Where stage() puts the published record together (the files this delivery
-        created: a subset of the manifest); record.py files it with the manifest."""
-        return self.path.with_suffix(".published")
-
-    @property
-    def dirs_path(self) -> Path:
-        """Where stage() lists the directories this delivery creates, parents first."""
-        return self.path.with_suffix(".dirs")
 
     def file_paths(self) -> Iterator[str]:
         """Every planned file's path relative to the entry's top, in plan order."""

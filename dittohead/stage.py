@@ -20,7 +20,7 @@ from .copier import Copier
 from .errors import ConfigError
 from .faults import point
 from .fsops import DIR_FLAGS, DirCache
-from .manifest import Manifest, dir_line
+from .manifest import Manifest, dir_line, published_part, published_paths
 from .ownership import Ownership
 from .plan import PRESENT, DirPlan, FilePlan, Plan, State
 
@@ -83,18 +83,19 @@ def stage(plan: Plan, staging: Staging, owner: Ownership) -> None:
     Also writes the manifest to plan.manifest_path: a line for every file,
     those already delivered included, in plan order (the copying workers
     write their shares' lines as they go); and the published record: the
-    lines of the files copied now (plan.published_path) and the directories
-    made now (plan.dirs_path), which is what `undo` may remove.
+    lines of the files copied now and the directories made now
+    (manifest.published_paths()), which is what `undo` may remove.
     """
     fd = staging.fd
     with plan.state() as state:
         n = parallel.workers_for(plan)
-        with open(plan.dirs_path, "wb") as dirs:
+        published, dirs_path = published_paths(plan.path)
+        with open(dirs_path, "wb") as dirs:
             bounds = _make_dirs(plan, state, fd, owner, n, dirs)
         parallel.run(n, lambda k: _copy_share(plan, state, fd, owner, bounds[k],
                                               bounds[k + 1], k))
     _join_parts(n, plan.manifest_part, plan.manifest_path)
-    _join_parts(n, plan.published_part, plan.published_path)
+    _join_parts(n, lambda k: published_part(plan.path, k), published)
 
 
 def _make_dirs(plan: Plan, state: State, staging_fd: int, owner: Ownership,
@@ -145,7 +146,7 @@ def _copy_share(plan: Plan, state: State, staging_fd: int, owner: Ownership, lo:
     copied = 0
     with plan.source() as src, DirCache(staging_fd) as staged, \
             Copier(staging_fd) as copier, Manifest(plan.manifest_part(share)) as manifest, \
-            Manifest(plan.published_part(share)) as published:
+            Manifest(published_part(plan.path, share)) as published:
         d: DirPlan | None = None
         for r in plan.placed(state):
             if isinstance(r, DirPlan):
