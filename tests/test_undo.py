@@ -21,6 +21,7 @@ import pytest
 from dittohead.log import MESSAGE_IDS
 from dittohead.outcomes import outcomes_dir
 
+from .boxes import ROOT, boot_installed
 from .conftest import Env, ThrowawayUser, add_user, as_service, make_env, service_argv, tree
 
 
@@ -325,3 +326,46 @@ def test_undo_of_a_purged_delivery_says_the_upload_is_gone(env: Env) -> None:
     undone = receipt(env.study.failed / f"{delivery}.json")["undone"]
     if os.geteuid() == 0:
         assert undone["by"] == "root (sudo by alice)"
+
+
+@pytest.mark.parametrize("fault", ["published:1", "verified", "receipt", "filed"])
+def test_a_delivery_resumed_after_a_kill_files_the_published_record_of_what_it_created(
+        env: Env, fault: str) -> None:
+    (env.study.destination / "there").write_bytes(b"t")
+    env.drop("e", {"there": b"t", "a": b"1", "d/b": b"2"})
+    assert env.process(env={"DITTOHEAD_TEST_FAULT": fault}).returncode == -9
+    assert env.process().returncode == 0
+    [rc] = env.done_receipts()
+    lines = rc.with_suffix(".published").read_text().splitlines()
+    assert sorted(line.split("  ", 1)[1] for line in lines) == ["a", "d/b"]
+    assert env.run("undo", "s1", rc.stem).returncode == 0
+    assert tree(env.study.destination) == {"there": b"t"}
+
+
+@pytest.mark.systemd
+@pytest.mark.slow
+def test_undo_on_the_booted_system_takes_back_a_delivery_of_the_units(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    # Delivered by dittohead@s1.service in its sandbox (which files the published
+    # record), undone by root; the journal has the event, the catalog explains it.
+    box = boot_installed(tmp_path_factory.mktemp("undo-box", numbered=True))
+    try:
+        box.sh(f"echo before > {ROOT}/study/s1/kept.txt && "
+               f"chown dittohead {ROOT}/study/s1/kept.txt")
+        box.upload("s1", [("visit", {"visit/a.txt": 100, "visit/deep/b.txt": 10})])
+        assert box.wait_delivered("s1", ["visit"]).get("visit") == 1, box.debug("s1")
+        [e] = box.journal("DITTOHEAD_STUDY=s1", f"MESSAGE_ID={MESSAGE_IDS['delivered']}")
+        delivery = e["DITTOHEAD_DELIVERY"]
+        r = box.sh(f"dittohead undo s1 {delivery}")
+        assert "removed 2 files and 2 directories" in r.stdout, r.stdout + r.stderr
+        assert box.sh(f"cd {ROOT}/study/s1 && find . -mindepth 1").stdout.split() == \
+            ["./kept.txt"]
+        [u] = box.journal("DITTOHEAD_STUDY=s1", f"MESSAGE_ID={MESSAGE_IDS['undone']}")
+        assert u["DITTOHEAD_FILES"] == "2" and u["DITTOHEAD_DELIVERY"] == delivery
+        assert u["PRIORITY"] == "5"
+        explained = box.sh("journalctl -x --no-pager "
+                           f"MESSAGE_ID={MESSAGE_IDS['undone']}")
+        assert f"dittohead retry s1 {delivery}" in explained.stdout
+        box.sh(f"test -f {ROOT}/dropbox/s1/failed/{delivery}.json")
+    finally:
+        box.box.poweroff()
