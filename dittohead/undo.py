@@ -70,8 +70,11 @@ def undo(cfg: Config, study: StudyConfig, delivery: str, dry_run: bool) -> list[
             return [f"{delivery} is undone already (at {_at(study, delivery)}); its upload "
                     f"is in {study.failed}"]
         if data.get("outcome") == str(Outcome.UNDONE):
+            if dry_run:
+                return [f"an undo of {delivery} was interrupted: running undo again files "
+                        "it in failed/; nothing more would be removed"]
             lines = ["finishing an undo that was interrupted: nothing more is removed"]
-            return lines + _file(cfg, study, delivery, data, svc)
+            return lines + _file(study, delivery, data, svc)
         if str(data.get("destination")) != str(study.destination):
             raise DittoheadError(
                 f"{delivery} was delivered into {data.get('destination')}, but the study's "
@@ -85,7 +88,7 @@ def undo(cfg: Config, study: StudyConfig, delivery: str, dry_run: bool) -> list[
                     reason=_reason(res))
         write_atomic(study.done / f"{delivery}.json", _json(data))
         point("undo-recorded")
-        return lines + _file(cfg, study, delivery, data, svc)
+        return lines + _file(study, delivery, data, svc)
 
 
 def _say_if_busy(study: StudyConfig) -> None:
@@ -209,7 +212,7 @@ def _json(data: dict[str, Any]) -> bytes:
     return json.dumps(data, indent=2, ensure_ascii=False).encode() + b"\n"
 
 
-def _file(cfg: Config, study: StudyConfig, delivery: str, data: dict[str, Any],
+def _file(study: StudyConfig, delivery: str, data: dict[str, Any],
           svc: Service) -> list[str]:
     """Steps 3 to 5: move everything to failed/, tell, move the receipt last."""
     entry_there = _move(study, delivery)

@@ -138,6 +138,11 @@ def test_undo_killed_midway_is_finished_by_a_rerun(env: Env, fault: str) -> None
     delivery = deliver(env, "e", {"a": b"1", "b": b"2", "d/c": b"3", "keep": b"k"})
     r = env.run("undo", "s1", delivery, env={"DITTOHEAD_TEST_FAULT": fault})
     assert r.returncode == -9, r.stderr
+    dry = env.run("undo", "s1", delivery, "--dry-run")  # changes nothing, even now
+    assert dry.returncode == 0, dry.stderr
+    assert (env.study.done / f"{delivery}.json").exists()
+    if fault != "unpublished:1":
+        assert "was interrupted" in dry.stdout
     r = env.run("undo", "s1", delivery)
     assert r.returncode == 0, r.stderr
     assert tree(env.study.destination) == {"keep": b"k"}
