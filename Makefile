@@ -107,3 +107,4 @@ clean:
 
 -include packaging/install.mk
 -include packaging/deb.mk
+-include packaging/rpm.mk

@@ -28,9 +28,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from .config import StudyConfig
-from .errors import ConfigError, DittoheadError, StorageError, TemporaryError
+from .errors import ConfigError, DittoheadError, NoSpace, StorageError, TemporaryError
 from .faults import point
 from .fsops import is_enospc, write_atomic
 from .lockdown import Lockdown
@@ -65,6 +66,7 @@ class Claim:
     # Where it was dropped, relative to the study's root: the shared inbox, or
     # an uploader's own (users/<user>/inbox); where `retry` puts it back.
     inbox: str = "inbox"
+    space_told: str = ""  # when its wait for space was told, once (ISO 8601 UTC; "": not)
 
 
 class StudyLock:
@@ -308,7 +310,8 @@ def pending_claims(study: StudyConfig) -> Iterator[Claim]:
                       busy_since=str(data.get("busy_since", "")),
                       busy_files=tuple(str(f) for f in data.get("busy_files", ())),
                       top=tuple(int(x) for x in data.get("top", ())),
-                      inbox=_inbox(data.get("inbox", "inbox")))
+                      inbox=_inbox(data.get("inbox", "inbox")),
+                      space_told=str(data.get("space_told", "")))
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not a claim record of ours; `check` reports strays
         yield c
@@ -343,7 +346,12 @@ def release(study: StudyConfig, c: Claim) -> None:
 def note_busy(study: StudyConfig, c: Claim, files: list[str], keep: int) -> Claim:
     """Record in the claim that an attempt found `files` busy; keep at most `keep` names."""
     names = tuple(dict.fromkeys([*c.busy_files, *files]))[:keep]
-    c = replace(c, busy_since=c.busy_since or now_iso(), busy_files=names)
+    return note(study, c, busy_since=c.busy_since or now_iso(), busy_files=names)
+
+
+def note(study: StudyConfig, c: Claim, **changes: Any) -> Claim:
+    """The claim with `changes` (Claim's fields), written to its record."""
+    c = replace(c, **changes)
     _write_record(study.processing / f"{c.id}.json", c)
     return c
 
@@ -365,7 +373,7 @@ def _claim_error(study: StudyConfig, folder: str, entry: str, e: OSError,
     """What a failed claim means for the run, with the true reason (the entry stays put)."""
     what = f"cannot claim {printable(entry)} in {study.root / folder}: {e.strerror}"
     if is_enospc(e):
-        return TemporaryError(f"{what}: free space or inodes on the dropbox's filesystem "
+        return NoSpace(f"{what}: free space or inodes on the dropbox's filesystem "
                               "(the entry waits in the inbox)")
     if e.errno in (errno.EROFS, errno.EIO, errno.EUCLEAN):
         return StorageError(f"{what}: the dropbox's storage failed or went read-only; "
@@ -390,10 +398,9 @@ def _write_record(path: Path, c: Claim) -> None:
             "entry": os.fsencode(c.entry).decode("utf-8", "backslashreplace"),
             "entry_hex": os.fsencode(c.entry).hex(), "started": c.started,
             "uploader_uid": c.uploader_uid}
-    if c.top:
-        data["top"] = list(c.top)
-    if c.inbox != "inbox":
-        data["inbox"] = c.inbox
+    optional = {"top": list(c.top), "inbox": "" if c.inbox == "inbox" else c.inbox,
+                "busy_since": c.busy_since, "space_told": c.space_told}
+    data |= {k: v for k, v in optional.items() if v}
     if c.busy_since:
-        data |= {"busy_since": c.busy_since, "busy_files": list(c.busy_files)}
+        data["busy_files"] = list(c.busy_files)
     write_atomic(path, json.dumps(data).encode() + b"\n")

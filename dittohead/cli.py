@@ -22,6 +22,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from .rsyncver import RsyncProbe
     from .upload import Before
 
 
@@ -72,7 +73,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     _build_undo(sub)
     _user_commands(sub)
+    _build_purge(sub)
     return p
+
+
+# --- purge (dittohead/retention.py) ---------------------------------------------------------
+def _build_purge(sub: argparse._SubParsersAction[_Parser]) -> None:
+    s = sub.add_parser("purge", help="remove done/ copies older than keep_done_days (and "
+                                     "abandoned .name uploads); what the daily timer runs")
+    s.add_argument("study", nargs="?", help="only this study (default: every study)")
+    s.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
+    s.add_argument("--abandoned", action="store_true",
+                   help="also remove .name uploads unchanged for more than abandoned_days")
+
+
+def _purge(args: argparse.Namespace, cfg: config.Config) -> int:
+    """Purge each study (all of them, or one); exit 1 when something was kept by error."""
+    from .retention import purge_study, start
+    run = start(cfg, args.dry_run, args.abandoned)
+    names = [args.study] if args.study else sorted(cfg.studies)
+    ok = True
+    for n in names:
+        lines, study_ok = purge_study(run, cfg.study(n))
+        for line in lines:
+            _say(line)
+        ok = ok and study_ok
+    return 0 if ok else EXIT_UNEXPECTED
+# --- end purge ------------------------------------------------------------------------------
 
 
 def _build_undo(sub: argparse._SubParsersAction[_Parser]) -> None:
@@ -94,6 +121,9 @@ def _user_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     s.add_argument("names", nargs="*", metavar="NAME",
                    help="also say which of these names already wait in the inbox")
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--then-ready", action="store_true",
+                   help="print the JSON on one line, then rename each .NAME named on stdin "
+                        "(what upload --host runs on the server: one start-up for both)")
 
     s = sub.add_parser("upload", help="copy files or directories into a study's inbox")
     s.add_argument("study")
@@ -147,6 +177,11 @@ def _say(text: str, stream: TextIO | None = None) -> None:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "upload":
         return _upload(args)
+    # `where` tells the server's rsync version: asked while the config loads.
+    probe = None
+    if args.command == "where":
+        from .rsyncver import RsyncProbe
+        probe = RsyncProbe()
     cfg = config.load(config.config_path(args.config))
     if args.command == "process":
         from .process import process
@@ -175,6 +210,8 @@ def _run(args: argparse.Namespace) -> int:
             raise DittoheadError(f"not told to go: .{log.printable(args.name)} not renamed")
         ready(study, args.name, check=args.check)
         return 0
+    if args.command == "purge":
+        return _purge(args, cfg)
     if args.command == "retry":
         from .health import retry
         _say(retry(cfg, cfg.study(args.study), args.id))
@@ -185,14 +222,9 @@ def _run(args: argparse.Namespace) -> int:
             _say(line)
         return 0
     if args.command == "where" or (args.command == "status" and args.mine):
-        return _uploaders_view(args, cfg)
+        return _uploaders_view(args, cfg, probe)
     if args.command == "status":
-        from .health import status, status_text
-        names = [args.study] if args.study else sorted(cfg.studies)
-        data = [status(cfg, cfg.study(n)) for n in names]
-        # JSON escapes every control and non-ASCII character itself.
-        _say(json.dumps(data, indent=2) if args.json else status_text(data))
-        return 0
+        return _status(args, cfg)
     if args.command == "check":
         from .health import check
         names = [args.study] if args.study else sorted(cfg.studies)
@@ -203,6 +235,21 @@ def _run(args: argparse.Namespace) -> int:
     raise UsageError(f"unknown command {args.command}")  # pragma: no cover
 
 
+def _status(args: argparse.Namespace, cfg: config.Config) -> int:
+    """`status [STUDY] [--json]`: one table of the studies (glance.py); details for one."""
+    from .glance import status_text, use_colour
+    from .health import status
+    names = [args.study] if args.study else sorted(cfg.studies)
+    data = [status(cfg, cfg.study(n)) for n in names]
+    if args.json:  # JSON escapes every control and non-ASCII character itself
+        _say(json.dumps(data, indent=2))
+    elif use_colour():  # status_text escapes every piece itself; _say would its colours
+        print(status_text(data, colour=True, details=bool(args.study)), flush=True)
+    else:
+        _say(status_text(data, details=bool(args.study)))
+    return 0
+
+
 def _uid(name: str) -> int:
     import pwd
     try:
@@ -211,16 +258,21 @@ def _uid(name: str) -> int:
         raise UsageError(f"--user: no such user {log.printable(name)}") from None
 
 
-def _uploaders_view(args: argparse.Namespace, cfg: config.Config) -> int:
+def _uploaders_view(args: argparse.Namespace, cfg: config.Config,
+                    probe: RsyncProbe | None) -> int:
     """`where` and `status --mine`: what any user may ask about their own uploads."""
     from .outcomes import mine, mine_text, where
     if args.command == "where":
-        from .upload import rsync_version, waiting
+        from .upload import serve_ready, waiting
         study = cfg.study(args.study)
         data = where(cfg, study)
         # What `upload --host` also needs before sending: one start-up on the server.
         data["waiting"] = waiting(study, args.names)
-        data["rsync"] = rsync_version()
+        data["rsync"] = probe.version() if probe else None
+        if args.then_ready:
+            print(json.dumps(data), flush=True)  # one line: the client reads a line
+            serve_ready(study, sys.stdin, sys.stdout)
+            return 0
         _say(json.dumps(data, indent=2) if args.json else "\n".join(
             f"{k}: {', '.join(v) if isinstance(v, list) else v}" for k, v in data.items()))
         return 0

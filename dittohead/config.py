@@ -17,6 +17,11 @@ from typing import Any
 from .errors import ConfigError
 from .log import printable
 from .settings import (
+    DEFAULT_ABANDONED_DAYS,
+    DEFAULT_DROPBOX_WARN_PERCENT,
+    DEFAULT_FAILED_WARN_DAYS,
+    DEFAULT_FORECAST_WARN_DAYS,
+    DEFAULT_KEEP_DONE_DAYS,
     DEFAULT_QUIET_PERIOD,
     NOTIFY_EVENTS,
     Config,
@@ -66,10 +71,13 @@ def parse(data: Any, path: Path = DEFAULT_CONFIG) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("the top level must be a mapping", printable(str(path)))
-    v.known_keys("", data, {"dropbox_root", "service_user", "defaults", "notify", "studies"})
+    v.known_keys("", data, {"dropbox_root", "service_user", "defaults", "notify", "studies",
+                            "dropbox_warn_percent"})
     root = v.abspath("dropbox_root", data.get("dropbox_root", "/data-dropbox"))
     user = v.unix_name("service_user", data.get("service_user", "dittohead"))
     notify = _notify(v, data.get("notify"))
+    dropbox_warn = _percentages(v, "dropbox_warn_percent", data.get(
+        "dropbox_warn_percent", list(DEFAULT_DROPBOX_WARN_PERCENT)))
 
     defaults = data.get("defaults") or {}
     if not isinstance(defaults, dict):
@@ -103,11 +111,12 @@ def parse(data: Any, path: Path = DEFAULT_CONFIG) -> Config:
         raise ConfigError(v.problems, printable(str(path)))
     assert root is not None and user is not None
     return Config(path=path, dropbox_root=root, service_user=user, notify=notify,
-                  studies=studies)
+                  studies=studies, dropbox_warn_percent=dropbox_warn)
 
 
 _STUDY_KEYS = {"destination", "group", "uploaders", "file_mode", "dir_mode", "ignore",
-               "disk_warn_percent", "notify", "quiet_period"}
+               "disk_warn_percent", "notify", "quiet_period", "forecast_warn_days",
+               "keep_done_days", "abandoned_days", "failed_warn_days", "purge_abandoned"}
 
 
 class _Validator:
@@ -250,22 +259,69 @@ def _study(v: _Validator, key: str, name: str, raw: dict[str, Any],
         v.error(f"{key}.dir_mode", "must give the owner rwx (the service adds to directories)")
     ignore = v.str_list(f"{key}.ignore", raw.get("ignore", list(DEFAULT_IGNORE)),
                         lambda p: "must be a name pattern, without '/'" if "/" in p else None)
-    warn = raw.get("disk_warn_percent", [90, 95])
-    if (not isinstance(warn, list)
-            or not all(isinstance(x, int) and not isinstance(x, bool) and 0 < x <= 100
-                       for x in warn)):
-        v.error(f"{key}.disk_warn_percent", "must be a list of whole percentages (1-100)")
-        warn = []
+    warn = _percentages(v, f"{key}.disk_warn_percent", raw.get("disk_warn_percent", [90, 95]))
     notify = _study_notify(v, f"{key}.notify", raw.get("notify"))
     quiet = _quiet_period(v, f"{key}.quiet_period", raw.get("quiet_period",
                                                           DEFAULT_QUIET_PERIOD))
+    retention = _retention(v, key, raw)
+    horizon = _forecast_days(v, f"{key}.forecast_warn_days",
+                             raw.get("forecast_warn_days", DEFAULT_FORECAST_WARN_DAYS))
     if len(v.problems) != before or root is None:
         return None
     assert dest is not None and file_mode is not None and dir_mode is not None
     return StudyConfig(name=name, root=root / name, destination=dest, group=group,
                        uploaders=uploaders, file_mode=file_mode, dir_mode=dir_mode,
-                       ignore=ignore or (), disk_warn_percent=tuple(sorted(set(warn))),
-                       notify=notify, quiet_period=quiet)
+                       ignore=ignore or (), disk_warn_percent=warn,
+                       notify=notify, quiet_period=quiet, forecast_warn_days=horizon,
+                       **retention)
+
+
+MAX_DAYS = 36500.0  # a century: beyond it, a typo
+
+
+def _retention(v: _Validator, key: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """keep_done_days (null: for ever), abandoned_days, failed_warn_days, purge_abandoned."""
+    def days(name: str, default: float, nullable: bool = False) -> float | None:
+        value = raw.get(name, default)
+        if value is None and nullable:
+            return None
+        if (isinstance(value, bool) or not isinstance(value, int | float)
+                or not 0 <= value <= MAX_DAYS):  # (NaN fails this too)
+            v.error(f"{key}.{name}", f"must be a number of days from 0 to {MAX_DAYS:.0f}"
+                    + (", or null (for ever)" if nullable else ""))
+            return default
+        return float(value)
+    purge = raw.get("purge_abandoned", False)
+    if not isinstance(purge, bool):
+        v.error(f"{key}.purge_abandoned", "must be true or false")
+        purge = False
+    return {"keep_done_days": days("keep_done_days", DEFAULT_KEEP_DONE_DAYS, nullable=True),
+            "abandoned_days": days("abandoned_days", DEFAULT_ABANDONED_DAYS),
+            "failed_warn_days": days("failed_warn_days", DEFAULT_FAILED_WARN_DAYS),
+            "purge_abandoned": purge}
+
+
+def _percentages(v: _Validator, key: str, value: Any) -> tuple[int, ...]:
+    if (not isinstance(value, list)
+            or not all(isinstance(x, int) and not isinstance(x, bool) and 0 < x <= 100
+                       for x in value)):
+        v.error(key, "must be a list of whole percentages (1-100)")
+        return ()
+    return tuple(sorted(set(value)))
+
+
+MAX_FORECAST_WARN_DAYS = 3650
+
+
+def _forecast_days(v: _Validator, key: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) \
+            or not 1 <= value <= MAX_FORECAST_WARN_DAYS:
+        v.error(key, f"must be a whole number of days from 1 to {MAX_FORECAST_WARN_DAYS}, "
+                "or null (no forecast warning)")
+        return None
+    return value
 
 
 def _quiet_period(v: _Validator, key: str, value: Any) -> float:

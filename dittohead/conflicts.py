@@ -13,7 +13,7 @@ import stat
 
 from .config import StudyConfig
 from .copier import hash_source
-from .errors import ConfigError, EntryFailed, TemporaryError
+from .errors import ConfigError, EntryFailed, NoSpace, TemporaryError
 from .examine import kind_of
 from .findings import Findings
 from .fsops import DIR_FLAGS, DirCache, Source, hash_at, join
@@ -182,8 +182,8 @@ def _check_space(study: StudyConfig, dest_fd: int, wanted: int, inodes: int) -> 
                           "Nothing of this entry was delivered.")
     free = st.f_bavail * st.f_frsize
     if wanted > free:
-        raise TemporaryError(f"not enough space in {study.destination}: the entry needs "
+        raise NoSpace(f"not enough space in {study.destination}: the entry needs "
                              f"{wanted} bytes, {free} are free")
     if st.f_files and inodes > st.f_favail:
-        raise TemporaryError(f"not enough free inodes in {study.destination}: the entry "
+        raise NoSpace(f"not enough free inodes in {study.destination}: the entry "
                              f"needs {inodes}, {st.f_favail} are free")

@@ -75,6 +75,11 @@ class TemporaryError(DittoheadError):
     exit_code = EXIT_TEMPFAIL
 
 
+class NoSpace(TemporaryError):
+    """No room (space or inodes) for an entry: in its destination, or in the dropbox to
+    claim it. Kept for later like any temporary problem, and told of (capacity.py)."""
+
+
 class StorageError(DittoheadError):
     """The storage under the dropbox or a destination failed: an admin must look."""
 

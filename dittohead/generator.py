@@ -22,6 +22,11 @@ NORMAL_DIR (/run/systemd/generator), for every study:
                                              the SMTP password file), network
                                              to notify.smtp.host only
 
+and, once for all studies:
+
+    dittohead-purge.service.d/50-paths.conf  the config and every study's
+                                             dropbox directory (no destination)
+
 so the templates in units/ need no hand edits. A config that does not
 validate, or cannot be read, must not break boot: the generator then logs
 every problem (to the kernel log, which the journal reads, when run by
@@ -143,6 +148,34 @@ def _mail_access(config: Config) -> list[str]:
     return lines
 
 
+# --- dittohead-purge.service: every study's dropbox directory -------------------------------
+PURGE_DROPIN = f"dittohead-purge.service.d/{DROPIN_NAME}"
+
+
+def purge_dropin(config: Config) -> str:
+    """dittohead-purge.service's drop-in: the config and every study's dropbox directory.
+
+    Written for any valid config, even one with no study: the unit refuses to
+    start only when the config does not validate. No destination: a purge
+    never touches one.
+    """
+    roots = []
+    for name in sorted(config.studies):
+        try:
+            study_dropins(config, config.studies[name])  # left out where it is left out
+        except UnsafePath:
+            continue
+        roots.append(_path(config.studies[name].root, "dropbox_root"))
+    lines = [HEADER.format(config=config.path) + "[Unit]"]
+    if roots:
+        lines.append(f"RequiresMountsFor={' '.join(roots)}")
+    lines += ["", "[Service]", *_config_access(config)]
+    if roots:
+        lines.append("BindPaths=" + " ".join(f"-{r}" for r in roots))
+    return "\n".join(lines) + "\n"
+# --- end dittohead-purge.service -------------------------------------------------------------
+
+
 def expected_dropins(config: Config) -> dict[str, str]:
     """Every drop-in the generator writes for this config: relative path -> content.
 
@@ -158,6 +191,7 @@ def expected_dropins(config: Config) -> dict[str, str]:
             out.update(study_dropins(config, config.studies[name]))
         except UnsafePath:
             continue
+    out[PURGE_DROPIN] = purge_dropin(config)
     return out
 
 
@@ -176,7 +210,8 @@ def installed_dropins(directory: Path = GENERATOR_DIR) -> dict[str, str]:
     """The dittohead drop-ins found in a generator output directory."""
     out: dict[str, str] = {}
     for unit_dir in sorted([*directory.glob("dittohead@*.d"),
-                            *directory.glob("dittohead-mail@*.d")]):
+                            *directory.glob("dittohead-mail@*.d"),
+                            *directory.glob("dittohead-purge.service.d")]):
         for name in (DROPIN_NAME, MAIL_DROPIN_NAME):
             try:
                 out[f"{unit_dir.name}/{name}"] = (unit_dir / name).read_text(encoding="utf-8")

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import layout
+from . import layout, purge
 from .config import Config, StudyConfig
 from .conflicts import symlinked_destination
 from .errors import DittoheadError, TemporaryError
@@ -74,7 +74,7 @@ def status(cfg: Config, study: StudyConfig) -> dict[str, Any]:
         except (OSError, ReceiptError):
             last = None
     ready, waiting = _ready_and_waiting(study, inbox)
-    return {
+    data = {
         "study": study.name,
         "pending": ready,
         "waiting": waiting,
@@ -87,7 +87,10 @@ def status(cfg: Config, study: StudyConfig) -> dict[str, Any]:
         "destination": str(study.destination),
         "disk": disk_use(study.destination),
         "units": unit_states(study.name),
+        "uploading_entries": purge.uploading_entries(study),
     }
+    from .glance import more  # the table's keys (oldest pending, forecast, ...)
+    return data | more(cfg, study, data)
 
 
 def _ready_and_waiting(study: StudyConfig, inbox: list[str]) -> tuple[int, int]:
@@ -97,26 +100,6 @@ def _ready_and_waiting(study: StudyConfig, inbox: list[str]) -> tuple[int, int]:
     except (TemporaryError, OSError):  # an inbox we cannot read: count names only
         return len([n for n in inbox if not n.startswith(".")]), 0
     return len(seen.ready), len(seen.waiting)
-
-
-def status_text(data: list[dict[str, Any]]) -> str:
-    lines = []
-    for s in data:
-        lines.append(f"{s['study']}: {s['pending']} pending, {s['waiting']} waiting to be "
-                     f"quiet, {s['uploading']} uploading, "
-                     f"{s['processing']} processing, {s['failed']} failed, "
-                     f"{s['delivered']} delivered")
-        last = s["last_delivery"]
-        if last:  # its entry is printable() already (Receipt.to_dict)
-            lines.append(f"  last delivery: {printable(str(last.get('id')))} "
-                         f"({last.get('entry')}, {last.get('files')} files, "
-                         f"{last.get('finished')})")
-        disk = s["disk"]
-        lines.append(f"  destination: {s['destination']} "
-                     + (f"{disk['percent']}% used" if disk else "NOT AVAILABLE"))
-        for unit, state in s["units"].items():
-            lines.append(f"  {unit}: {state}")
-    return "\n".join(lines)
 
 
 STALE_MAIL = 24 * 3600  # seconds a queued mail may wait before `check` says so
@@ -186,7 +169,10 @@ def check(cfg: Config, studies: list[StudyConfig]) -> list[str]:
         disk = disk_use(study.destination)
         if disk and study.disk_warn_percent and disk["percent"] >= study.disk_warn_percent[0]:
             found.append(p + f"destination is {disk['percent']}% full")
+        from .capacity import findings  # the dropbox's fill and the forecast
+        found += [p + x for x in findings(cfg, study)]
         found += [p + x for x in leftovers(study)]
+        found += [p + x for x in purge.retention_problems(study)]
         found += [p + x for x in shared_filesystem(study)]
         if _systemd_booted():
             for unit in (f"dittohead@{study.name}.path", f"dittohead@{study.name}.timer"):
@@ -202,6 +188,7 @@ def check(cfg: Config, studies: list[StudyConfig]) -> list[str]:
     if _systemd_booted():
         from . import generator
         found += generator.problems(cfg) + generator.drift(cfg) + stray_units(cfg)
+        found += purge.timer_problems(cfg)
     return found
 
 

@@ -16,6 +16,7 @@ nor split one log line into two.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import syslog
 from collections.abc import Mapping
@@ -33,6 +34,10 @@ MESSAGE_IDS: Mapping[str, str] = {
     "config-error": "741b67835ddc4eb580bfc74611985daa",
     # Sent by units/dittohead-notify-failure (OnFailure= of the units).
     "unit-failed": "d49d0a088dd54a0286ba26b8f857ba0b",
+    # dittohead purge (dittohead/purge.py).
+    "purged": "a461bf2b74104b38bf8513a13f40b7cb",
+    "abandoned-removed": "3b7d9720d1654fb081164abf96a9916a",
+    "out-of-space": "9f00b37b35594764850e82a4d624610a",
     # `dittohead undo`: a delivery's files removed from the destination again.
     "undone": "d60c4116527043ee928011d3021a3b8d",
 }
@@ -45,6 +50,9 @@ _PRIORITY = {
     "disk-warning": syslog.LOG_WARNING,
     "config-error": syslog.LOG_ERR,
     "unit-failed": syslog.LOG_ERR,
+    "purged": syslog.LOG_INFO,
+    "abandoned-removed": syslog.LOG_NOTICE,
+    "out-of-space": syslog.LOG_WARNING,
     "undone": syslog.LOG_NOTICE,
 }
 
@@ -139,13 +147,18 @@ def _emit(message: str, priority: int, fields: dict[str, str], tell_person: bool
     fields = {k: clean(v) for k, v in fields.items()}
     wanted = os.environ.get("DITTOHEAD_LOG")
     if wanted != "stderr" and os.path.exists(JOURNAL_SOCKET):
+        entry = {"MESSAGE": message, "PRIORITY": str(priority),
+                 "SYSLOG_IDENTIFIER": SYSLOG_IDENTIFIER, **fields}
         try:
             from systemd import journal
-        except ImportError:  # pragma: no cover - a broken install still logs
-            pass
+        except ImportError:
+            # No systemd-python (EL 9 has none for python3.11): the same
+            # fields through the journal's socket; stderr if that fails.
+            sent = _send_native(entry)
         else:
-            journal.send(message, PRIORITY=str(priority),
-                         SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER, **fields)
+            journal.send(**entry)
+            sent = True
+        if sent:
             if tell_person and not _stderr_is_journal():
                 print(f"dittohead: {message}", file=sys.stderr, flush=True)
             return
@@ -154,6 +167,23 @@ def _emit(message: str, priority: int, fields: dict[str, str], tell_person: bool
         print(f"dittohead: {message}", file=sys.stderr, flush=True)
     else:
         print(f"dittohead: {message} [{extra}]", file=sys.stderr, flush=True)
+
+
+def _send_native(entry: Mapping[str, str]) -> bool:
+    """Send one entry in the journal's native protocol, as sd_journal_send() does."""
+    data = bytearray()
+    for key, value in entry.items():
+        raw = value.encode("utf-8", "surrogateescape")
+        if b"\n" in raw:  # KEY, newline, 64-bit little-endian length, value
+            data += key.encode() + b"\n" + len(raw).to_bytes(8, "little") + raw + b"\n"
+        else:
+            data += key.encode() + b"=" + raw + b"\n"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto(bytes(data), JOURNAL_SOCKET)
+    except OSError:  # no journald listening, or too big for one datagram
+        return False
+    return True
 
 
 def _stderr_is_journal() -> bool:

@@ -32,12 +32,17 @@ from .config import Config, StudyConfig
 from .fsops import write_atomic
 
 SMTP_TIMEOUT = 20  # seconds; a hung MTA must not hold up the inbox for long
-UPLOADER_EVENTS = ("delivered", "failed", "rejected")
+UPLOADER_EVENTS = ("delivered", "failed", "rejected", "out-of-space")
+# Mail kinds that are told to the contacts under another notify.on event.
+ON_EVENT = {"out-of-space": "disk"}
 
 
-def recipients(cfg: Config, study: StudyConfig, kind: str, uploader: str | None) -> list[str]:
-    """The addresses that hear of this event (may be empty)."""
-    to = list(study.notify.to) if kind in study.notify.on else []
+def recipients(cfg: Config, study: StudyConfig, kind: str, uploader: str | None,
+               contacts: bool = False) -> list[str]:
+    """The addresses that hear of this event (may be empty); contacts: the study's
+    contacts hear of it whatever notify.on says."""
+    to = list(study.notify.to) if contacts or ON_EVENT.get(kind, kind) in study.notify.on \
+        else []
     template = cfg.notify.uploader_address
     # A numeric uploader has no user name, so no address can be made for it.
     if template and uploader and not uploader.isdigit() and kind in UPLOADER_EVENTS:
@@ -52,14 +57,14 @@ def queue_dir(study: StudyConfig) -> Path:
 
 
 def send(cfg: Config, study: StudyConfig, kind: str, subject: str, body: str,
-         uploader: str | None = None) -> None:
+         uploader: str | None = None, contacts: bool = False) -> None:
     """Queue one event's mail for whoever should hear of it (nothing if nobody).
 
     Never raises: the event it tells of has happened already, so a mail that
     cannot be made or queued is a warning naming why, and nothing else.
     """
     try:
-        to = recipients(cfg, study, kind, uploader)
+        to = recipients(cfg, study, kind, uploader, contacts)
         data = message(cfg, study, to, subject, body) if to else None
     except ValueError as e:  # a header the email policy refuses
         _warn(study, f"could not make the mail about {kind}: {e}")

@@ -52,6 +52,7 @@ from .errors import (
     ConfigError,
     EntryBusy,
     EntryFailed,
+    NoSpace,
     Outcome,
     TemporaryError,
 )
@@ -110,6 +111,7 @@ class Attempt:
     plan: Plan | None  # None when the entry was not examined
     reason: str | None = None
     busy: tuple[str, ...] = ()  # files still written to (RETRY_LATER only)
+    space_needed: int = -1  # kept for want of room: the entry's bytes (RETRY_LATER only)
 
 
 def process(config: Config, study_name: str, linger: float = 0.0) -> RunResult:
@@ -132,6 +134,7 @@ def process(config: Config, study_name: str, linger: float = 0.0) -> RunResult:
             else:
                 _report_filed(config, study, c)
         refused = _drain(config, study, owner, linger, counts, lock)
+        report.dropbox_fill(config, study)
     if os.environ.get("DITTOHEAD_MAIL") != "queue":
         notify.send_queued(config, study)
     if refused:
@@ -216,6 +219,8 @@ def _claim_and_handle(config: Config, study: StudyConfig, owner: Ownership, name
         if name not in later:  # said once per run, not every CLAIM_RETRY
             log.send(str(e), priority=4, DITTOHEAD_STUDY=study.name,
                      DITTOHEAD_ENTRY=log.printable(name))
+            if isinstance(e, NoSpace):
+                report.dropbox_full(config, study, str(e))
         later[name] = time.monotonic() + CLAIM_RETRY
         return
     later.pop(name, None)
@@ -252,7 +257,7 @@ def handle(config: Config, study: StudyConfig, c: Claim, owner: Ownership) -> Ou
         if attempt.busy:
             c, attempt = _still_busy(study, c, attempt)
         if attempt.outcome is Outcome.RETRY_LATER:
-            report.kept(study, c, uploader, attempt.reason or "")
+            report.kept(config, study, c, uploader, attempt.reason or "", attempt.space_needed)
             return attempt.outcome
         receipt = file_entry(study, c, attempt.plan, attempt.outcome, uploader, attempt.reason)
     except ConfigError:
@@ -304,6 +309,8 @@ def deliver(study: StudyConfig, c: Claim, owner: Ownership) -> Attempt:
             point("verified")
     except EntryBusy as e:
         return Attempt(Outcome.RETRY_LATER, plan, str(e), tuple(e.files))
+    except NoSpace as e:
+        return Attempt(Outcome.RETRY_LATER, plan, str(e), space_needed=plan.nbytes if plan else 0)
     except TemporaryError as e:
         return Attempt(Outcome.RETRY_LATER, plan, str(e))
     except EntryFailed as e:
@@ -312,7 +319,8 @@ def deliver(study: StudyConfig, c: Claim, owner: Ownership) -> Attempt:
         if not is_enospc(e):
             raise
         return Attempt(Outcome.RETRY_LATER, plan,
-                       f"the destination is full ({e.strerror}); rolled back, will retry")
+                       f"the destination is full ({e.strerror}); rolled back, will retry",
+                       space_needed=plan.nbytes if plan else 0)
     return Attempt(Outcome.DELIVERED, plan)
 
 

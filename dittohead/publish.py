@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from .errors import DittoheadError, EntryFailed, TemporaryError
+from .errors import DittoheadError, EntryFailed, NoSpace, TemporaryError
 from .faults import point
 from .findings import LIST_MAX
 from .fsops import DirCache, is_enospc, join, rename_noreplace, syncfs
@@ -271,7 +271,7 @@ def _raise_classified(e: OSError, doing: str) -> NoReturn:
 
 def _classify(e: OSError, doing: str) -> DittoheadError | None:
     if is_enospc(e):
-        return TemporaryError(f"the destination filled up while {doing}; rolled back, "
+        return NoSpace(f"the destination filled up while {doing}; rolled back, "
                               "will retry")
     if e.errno in (errno.ENOENT, errno.ESTALE, errno.EIO, errno.ENOTCONN, errno.ENODEV):
         return TemporaryError(f"the destination went away while {doing} ({e.strerror}); "

@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,13 +23,13 @@ from typing import Any
 from .entrycheck import entry_name, refuse_special
 from .errors import DittoheadError, UsageError
 from .log import printable
-from .sftpsend import DiskFull, Upload, Waiting, quote, run_batch, walk
-from .sshrun import Connection, RemoteError, Ssh, ssh_failure
+from .remotesession import Session
+from .rsyncver import RsyncProbe, is_rsync3
+from .sshrun import Connection, DiskFull, RemoteError, Ssh, Waiting, ssh_failure
 
 EXIT_CONFIG = 78
 # What `dittohead.json` in an SFTP account's start directory may hold (docs/contract.md).
 LAYOUT_FORMAT = 1
-_RSYNC3 = re.compile(r"(\d+)\.\d")  # in "3.2.7", or in rsync --version's first line
 
 
 class UnknownStudy(DittoheadError):
@@ -52,33 +49,18 @@ class Server:
     waiting: tuple[str, ...]  # of the names to upload, those already in the inbox there
 
 
-def local_rsync3() -> bool:
-    """Whether this machine has rsync 3 (--protect-args passes any name verbatim)."""
-    if shutil.which("rsync") is None:
-        return False
-    r = subprocess.run(["rsync", "--version"], capture_output=True, text=True, timeout=30)
-    return r.returncode == 0 and _rsync3(r.stdout.split("\n", 1)[0])
-
-
-def _rsync3(version: str | None) -> bool:
-    m = _RSYNC3.search(version or "")
-    return m is not None and int(m.group(1)) >= 3
-
-
-def ask(ssh: Ssh, study: str, names: list[str]) -> subprocess.CompletedProcess[bytes]:
-    """`dittohead where` on the server: where the study's inbox and the caller's outcomes
-    are, which of names already wait there, whether it has rsync. It also logs in."""
-    return ssh.run(["dittohead", "where", "--json", study, *names], timeout=600, first=True)
-
-
-def discover(ssh: Ssh, study: str, names: list[str],
-             asked: Future[subprocess.CompletedProcess[bytes]],
-             rsync_here: Future[bool]) -> Server:
-    """What the server told (ask()), or what an SFTP-only account's dittohead.json says."""
-    r = asked.result()
+def discover(ssh: Ssh, study: str, names: list[str], session: Session,
+             rsync_here: RsyncProbe) -> Server:
+    """What the server's `where` told (the session's first answer; an older dittohead's
+    `where` without --then-ready or NAME...), or what an SFTP-only account's
+    dittohead.json says."""
+    r = session.first(timeout=600)  # the login: a password may be typed meanwhile
     said = printable(r.stderr.decode(errors="replace").strip())
-    if r.returncode == 2 and "unrecognized arguments" in said:  # a server before NAME...
-        r = ssh.run(["dittohead", "where", "--json", study], timeout=60)
+    for older in (["dittohead", "where", "--json", study, *names],
+                  ["dittohead", "where", "--json", study]):
+        if not (r.returncode == 2 and "unrecognized arguments" in said):
+            break
+        r = ssh.run(older, timeout=60)
         said = printable(r.stderr.decode(errors="replace").strip())
     if r.returncode == EXIT_CONFIG:
         raise UnknownStudy(f"{ssh.dest}: {said}" if said else
@@ -94,11 +76,11 @@ def discover(ssh: Ssh, study: str, names: list[str],
                 v = ssh.run(["rsync", "--version"])
                 info["rsync"] = v.stdout.decode(errors="replace") if v.returncode == 0 else None
                 info["waiting"] = [n for n in names if _waits(ssh, study, n)]
-            rsync = rsync_here.result() and _rsync3(info.get("rsync"))
+            rsync = is_rsync3(rsync_here.version()) and is_rsync3(info.get("rsync"))
             return Server(True, inbox, outcomes, rsync, tuple(info.get("waiting") or ()))
     # No JSON: an SFTP-only account (sshd's ForceCommand internal-sftp refuses
-    # the command: "This service allows sftp connections only.", or waits for
-    # SFTP and ends at the EOF of our empty stdin), or no dittohead there.
+    # the command: "This service allows sftp connections only.", or takes our
+    # first line for an SFTP packet too long and ends), or no dittohead there.
     return _discover_sftp(ssh, study, no_command=r.returncode == 127, said=said)
 
 
@@ -111,6 +93,7 @@ def _waits(ssh: Ssh, study: str, name: str) -> bool:
 
 
 def _discover_sftp(ssh: Ssh, study: str, no_command: bool, said: str) -> Server:
+    from .sftpsend import quote, run_batch
     with tempfile.TemporaryDirectory(prefix="dh-layout-") as tmp:
         local = os.path.join(tmp, "dittohead.json")
         rc, _ = run_batch(ssh, [b"get dittohead.json " + quote(os.fsencode(local))])
@@ -209,25 +192,32 @@ class ReadyLater:
         self.p.communicate(b"", timeout=120)
 
 
-def send(ssh: Ssh, server: Server, study: str, path: Path,
-         name: str) -> Callable[[], None]:
+def send(ssh: Ssh, server: Server, study: str, path: Path, name: str,
+         session: Session) -> Callable[[], None]:
     """Upload one PATH as `.<name>` in the inbox, resuming; return the rename to `<name>`."""
     key = "\0".join([ssh.dest, ssh.config or "", study, server.inbox, os.path.abspath(path)])
     if server.rsync:
-        later = ReadyLater(ssh, study, name)
+        if session.live:
+            _rsync(ssh, server, path, name)
+            return lambda: session.ready(name)
+        later = ReadyLater(ssh, study, name)  # an older dittohead there
         try:
             _rsync(ssh, server, path, name)
         except BaseException:
             later.cancel()
             raise
         return later.go
+    from .sftpsend import Upload, walk
     up = Upload(ssh, os.fsencode(server.inbox), os.fsencode(name), walk(path), key)
     up.transfer(up.probe())
     if not server.shell:
         return up.rename
 
     def ready() -> None:
-        _ready(ssh, study, name, check=False)
+        if session.live:
+            session.ready(name)
+        else:
+            _ready(ssh, study, name, check=False)
         up.state.forget()
     return ready
 
@@ -236,22 +226,40 @@ def upload_remote(dest: str, study: str, paths: list[Path], ssh_config: str | No
                   wait: bool, timeout: float) -> int:
     """The whole `upload --host` command; returns its exit code."""
     names = check_paths(paths)
-    with Connection(dest, ssh_config) as ssh, ThreadPoolExecutor(2) as pool:
-        asked = pool.submit(ask, ssh, study, names)
-        rsync_here = pool.submit(local_rsync3)  # while it logs in and asks
-        from .remotewait import Watcher, report
-        server = discover(ssh, study, names, asked, rsync_here)
-        if server.waiting:
-            raise Waiting(f"{ssh.dest}: {printable(', '.join(server.waiting))} already waits "
-                          "in the inbox; try again when it has been delivered (nothing sent)")
-        watcher = Watcher(ssh, server.shell, study, server.outcomes)
-        # The outcomes there before: read while the first transfer runs, before its rename.
-        before = pool.submit(watcher.snapshot if wait else lambda: None)
+    with Connection(dest, ssh_config) as ssh:
+        session = Session(ssh, study, names)
+        try:
+            return _upload(ssh, session, study, paths, names, wait, timeout)
+        finally:
+            session.end()
+
+
+def _upload(ssh: Ssh, session: Session, study: str, paths: list[Path], names: list[str],
+            wait: bool, timeout: float) -> int:
+    rsync_here = RsyncProbe()  # while it logs in and asks
+    server = discover(ssh, study, names, session, rsync_here)
+    if server.waiting:
+        raise Waiting(f"{ssh.dest}: {printable(', '.join(server.waiting))} already waits "
+                      "in the inbox; try again when it has been delivered (nothing sent)")
+    if not wait:
         for p, n in zip(paths, names, strict=True):
-            rename = send(ssh, server, study, p, n)
-            before.result()
-            rename()
-            print(printable(f"{p} -> {dest}:{server.inbox}/{n}"), flush=True)
-        if not wait:
-            return 0
-        return report(names, watcher.wait(names, timeout), timeout)
+            _one(ssh, server, study, p, n, session, lambda: None)
+        return 0
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .remotewait import Watcher, report
+    watcher = Watcher(ssh, server.shell, study, server.outcomes)
+    with ThreadPoolExecutor(1) as pool:
+        # The outcomes there before: read while the first transfer runs, before its rename.
+        before = pool.submit(watcher.snapshot)
+        for p, n in zip(paths, names, strict=True):
+            _one(ssh, server, study, p, n, session, before.result)
+    return report(names, watcher.wait(names, timeout), timeout)
+
+
+def _one(ssh: Ssh, server: Server, study: str, path: Path, name: str, session: Session,
+         before_rename: Callable[[], object]) -> None:
+    rename = send(ssh, server, study, path, name, session)
+    before_rename()
+    rename()
+    print(printable(f"{path} -> {ssh.dest}:{server.inbox}/{name}"), flush=True)

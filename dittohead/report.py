@@ -7,18 +7,16 @@ be measured) is logged as a warning and nothing else.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import syslog
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from . import log, notify, outcomes
+from . import capacity, log, notify, outcomes
 from .claim import Claim
 from .config import Config, StudyConfig
 from .errors import Outcome
-from .fsops import used_percent, write_atomic
 from .record import Receipt, receipt_dir
 
 SKIPPED_LISTED = 20  # ignored names a mail lists before "and N more"
@@ -30,8 +28,12 @@ def fields(study: StudyConfig, c: Claim, uploader: str) -> dict[str, str]:
             "destination": str(study.destination), "uploader": uploader}
 
 
-def kept(study: StudyConfig, c: Claim, uploader: str, why: str) -> None:
-    """The entry stays claimed in processing/ for a later run (retry-later)."""
+def kept(config: Config, study: StudyConfig, c: Claim, uploader: str, why: str,
+         space_needed: int = -1) -> None:
+    """The entry stays claimed in processing/ for a later run (retry-later); with
+    space_needed (its bytes, >= 0), for want of room in its destination: told once."""
+    if space_needed >= 0:
+        c, why = out_of_space(config, study, c, uploader, space_needed, why)
     log.event(Outcome.RETRY_LATER, f"{study.name}: {log.printable(c.entry)} kept for a later "
               f"run: {why}", reason=why, **fields(study, c, uploader))
     r = Receipt(study=study.name, id=c.id, entry=c.entry, uploader=uploader,
@@ -84,8 +86,11 @@ def filed(config: Config, study: StudyConfig, r: Receipt, c: Claim) -> None:
     with _warned(study, f"{filed} its uploader's note could not be written"):
         outcomes.tell(study, outcomes.filed_note(r), _service())
     with _warned(study, f"{filed} its mail could not be made"):
-        subject, body = mail_text(study, r)
-        notify.send(config, study, r.outcome, subject, body, r.uploader)
+        subject, body = mail_text(study, r, c.space_told)
+        # Contacts told it waited for space hear it is resolved, whatever `on` says.
+        notify.send(config, study, r.outcome, subject, body, r.uploader,
+                    contacts=bool(c.space_told) and r.outcome is Outcome.DELIVERED
+                    and "disk" in study.notify.on)
     if r.outcome is Outcome.DELIVERED:
         with _warned(study, f"{filed} the destination's fill could not be measured"):
             try:
@@ -111,8 +116,9 @@ def _warn(study: StudyConfig, text: str) -> None:
         print(f"dittohead: {log.clean(study.name + ': ' + text)}", file=sys.stderr)
 
 
-def mail_text(study: StudyConfig, r: Receipt) -> tuple[str, str]:
-    """The subject and body of the mail about a filed entry (every name escaped)."""
+def mail_text(study: StudyConfig, r: Receipt, space_told: str = "") -> tuple[str, str]:
+    """The subject and body of the mail about a filed entry (every name escaped);
+    space_told: when it was told the entry waits for space in the destination."""
     name = log.printable(r.entry)
     where = receipt_dir(study, r.outcome)
     lines = [f"Study:       {study.name}", f"Entry:       {name}",
@@ -120,6 +126,10 @@ def mail_text(study: StudyConfig, r: Receipt) -> tuple[str, str]:
              f"Outcome:     {r.outcome}"]
     if r.outcome is Outcome.DELIVERED:
         subject = f"delivered {name} ({r.files} files)"
+        if space_told:
+            subject += " after waiting for space"
+            lines.append(f"Waited:      for space in {study.destination}, from {space_told} "
+                         f"(told then) to {r.finished}")
         lines += [f"Files:       {r.files} ({r.nbytes} bytes)",
                   f"Into:        {study.destination}",
                   f"Manifest:    {where / (r.id + '.sha256')}"]
@@ -138,23 +148,27 @@ def mail_text(study: StudyConfig, r: Receipt) -> tuple[str, str]:
 
 
 def check_disk(config: Config, study: StudyConfig) -> None:
-    """Warn once each time the destination's usage crosses a threshold upward."""
-    if not study.disk_warn_percent:
-        return
-    percent = used_percent(os.statvfs(study.destination))
-    state = study.processing / ".disk-usage.json"
-    try:
-        before = float(json.loads(state.read_text())["percent"])
-    except (OSError, ValueError, KeyError, TypeError):
-        before = 0.0
-    crossed = [t for t in study.disk_warn_percent if before < t <= percent]
-    if crossed:
-        text = (f"{study.destination} is {percent:.0f}% full (crossed {crossed[-1]}%)")
-        log.event("disk-warning", f"{study.name}: {text}", study=study.name,
-                  destination=str(study.destination), reason=f"{percent:.1f}% used")
-        notify.send(config, study, "disk", text,
-                    f"The storage of study {study.name}, {study.destination}, is "
-                    f"{percent:.1f}% full.\nDeliveries stop (and wait) when it is full; "
-                    "please make room or grow it.\n")
-    if abs(percent - before) >= 0.05 or crossed:
-        write_atomic(state, json.dumps({"percent": round(percent, 2)}).encode())
+    """Warn once each time the destination's fill crosses a threshold upward, or its
+    forecast drops below forecast_warn_days (capacity.py)."""
+    capacity.check_destination(config, study)
+
+
+def dropbox_fill(config: Config, study: StudyConfig) -> None:
+    """At the end of a run: the dropbox's own fill against dropbox_warn_percent. Never raises."""
+    with _warned(study, f"the fill of the dropbox {study.root} could not be checked"):
+        capacity.check_dropbox(config, study)
+
+
+def dropbox_full(config: Config, study: StudyConfig, why: str) -> None:
+    """An entry could not be claimed for want of room in the dropbox. Never raises."""
+    with _warned(study, "the admins could not be told that the dropbox is full"):
+        capacity.dropbox_full(config, study, why)
+
+
+def out_of_space(config: Config, study: StudyConfig, c: Claim, uploader: str, nbytes: int,
+                 why: str) -> tuple[Claim, str]:
+    """An entry kept for want of room in its destination: told once (capacity.py)."""
+    with _warned(study, f"{log.printable(c.entry)} waits for space, but that could not "
+                 "be told"):
+        return capacity.out_of_space(config, study, c, uploader, nbytes, why)
+    return c, why

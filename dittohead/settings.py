@@ -19,6 +19,15 @@ NOTIFY_EVENTS = ("delivered", "failed", "rejected", "disk")
 # longer than a Windows SMB client's 60 s session timeout on a stalled
 # connection. config.yaml and docs/contract.md say why.
 DEFAULT_QUIET_PERIOD = 120.0
+# done/ is a second copy, kept while the study checks what arrived: a month
+# covers a monthly data review (docs/contract.md, "Retention").
+DEFAULT_KEEP_DONE_DAYS = 30.0
+DEFAULT_ABANDONED_DAYS = 7.0
+DEFAULT_FAILED_WARN_DAYS = 14.0
+# Days: a month's warning leaves time to order and mount more storage.
+DEFAULT_FORECAST_WARN_DAYS = 30
+# The dropbox's own filesystem: percentages at which each study's run warns.
+DEFAULT_DROPBOX_WARN_PERCENT = (90, 95)
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,15 @@ class StudyConfig:
     disk_warn_percent: tuple[int, ...]
     notify: StudyNotify
     quiet_period: float = DEFAULT_QUIET_PERIOD
+    # Retention (dittohead/purge.py): days done/<id>/ is kept after its receipt's
+    # `finished` (None: for ever); days a .name upload may go unchanged before it
+    # is abandoned; days a failed entry may wait before `check` names it.
+    keep_done_days: float | None = DEFAULT_KEEP_DONE_DAYS
+    abandoned_days: float = DEFAULT_ABANDONED_DAYS
+    failed_warn_days: float = DEFAULT_FAILED_WARN_DAYS
+    purge_abandoned: bool = False
+    # Warn when the destination is forecast to fill within this many days (None: never).
+    forecast_warn_days: int | None = DEFAULT_FORECAST_WARN_DAYS
 
     @property
     def inbox(self) -> Path:
@@ -85,6 +103,7 @@ class Config:
     service_user: str
     notify: NotifyConfig
     studies: Mapping[str, StudyConfig]
+    dropbox_warn_percent: tuple[int, ...] = DEFAULT_DROPBOX_WARN_PERCENT
 
     def study(self, name: str) -> StudyConfig:
         """The named study, or a ConfigError listing the known ones."""

@@ -29,23 +29,13 @@ from typing import Any
 
 from .errors import DittoheadError, UsageError
 from .log import printable
-from .sshrun import RemoteError, Ssh
+from .sshrun import DiskFull, RemoteError, Ssh, Waiting
 
 # An sftp batch line cannot hold a newline; a backslash before a glob
 # character means something else to sftp's own parser and glob.
 _UNSAYABLE = re.compile(rb"[\x00-\x1f\x7f\\]")
 STATE_SAVE_EVERY = 2.0  # seconds
 BIG_FILE = 1 << 20  # bytes: the state is saved as such a file starts
-
-
-class Waiting(DittoheadError):
-    """NAME already waits in the inbox: the server keeps it, nothing was replaced."""
-
-
-class DiskFull(DittoheadError):
-    """The server's filesystem has no room; rerunning later continues the upload."""
-
-    exit_code = 75
 
 
 def quote(path: bytes) -> bytes:

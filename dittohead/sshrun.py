@@ -36,6 +36,16 @@ class RemoteError(DittoheadError):
     exit_code = EXIT_UNAVAILABLE
 
 
+class Waiting(DittoheadError):
+    """NAME already waits in the inbox: the server keeps it, nothing was replaced."""
+
+
+class DiskFull(DittoheadError):
+    """The server's filesystem has no room; rerunning later continues the upload."""
+
+    exit_code = 75
+
+
 def ssh_failure(dest: str, stderr: str) -> RemoteError:
     """A clear error for an ssh that ended with 255, keeping ssh's own last words."""
     said = " ".join(line.strip() for line in stderr.strip().splitlines()[-2:])
@@ -70,10 +80,20 @@ class Ssh:
         return ["ssh", *self.options(), *([] if stdin else ["-n"]), "--", self.dest,
                 " ".join(shlex.quote(w) for w in remote)]
 
-    def start(self, remote: Sequence[str]) -> subprocess.Popen[bytes]:
-        """Start a remote command that reads what we write to its stdin (a pipe)."""
-        return subprocess.Popen(self.ssh_argv(remote, stdin=True), stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    def start(self, remote: Sequence[str], first: bool = False) -> subprocess.Popen[bytes]:
+        """Start a remote command that reads what we write to its stdin (a pipe);
+        first: it logs in and becomes the master, as in run()."""
+        argv = self.ssh_argv(remote, stdin=True)
+        if first:
+            argv[1:1] = self.master_options()
+        return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+
+    @staticmethod
+    def master_options() -> list[str]:
+        """What makes an ssh the master: see run()."""
+        return ["-o", "ControlMaster=yes", "-o", "ControlPersist=60",
+                "-o", "ConnectTimeout=30"]
 
     def rsh(self) -> str:
         """The `rsync -e` string: this ssh, quoted the way rsync splits it."""
@@ -89,8 +109,7 @@ class Ssh:
         so the login and the first command cost one connection's set-up."""
         argv = self.ssh_argv(remote)
         if first:
-            argv[1:1] = ["-o", "ControlMaster=yes", "-o", "ControlPersist=60",
-                         "-o", "ConnectTimeout=30"]
+            argv[1:1] = self.master_options()
         try:
             r = subprocess.run(argv, capture_output=True, timeout=timeout)
         except subprocess.TimeoutExpired as e:

@@ -7,7 +7,8 @@ gone counts as gone); (2) rewrite the receipt in done/ with outcome
 nothing more); (3) move the entry, manifest and published record to
 failed/; (4) the journal event and the uploader's note; (5) move the
 receipt to failed/, last: while it is in done/, the undo is not finished.
-All under the study's lock, so no delivery runs meanwhile.
+All under the study's lock, so no delivery runs meanwhile, and done/'s flock,
+which `purge` holds while it rewrites receipts and removes copies there.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import json
 import os
 import pwd
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,7 +67,7 @@ def undo(cfg: Config, study: StudyConfig, delivery: str, dry_run: bool) -> list[
         raise DittoheadError(f"{printable(delivery)}: not a delivery id (like "
                              "20261127T204655Z-s01-session1-9f3a0c; see `dittohead status`)")
     _say_if_busy(study)
-    with StudyLock(study):
+    with StudyLock(study), _records_locked(study):
         data = _receipt(study, delivery)
         if data is None:
             return [f"{delivery} is undone already (at {_at(study, delivery)}); its upload "
@@ -89,6 +92,17 @@ def undo(cfg: Config, study: StudyConfig, delivery: str, dry_run: bool) -> list[
         write_atomic(study.done / f"{delivery}.json", _json(data))
         point("undo-recorded")
         return lines + _file(study, delivery, data, svc)
+
+
+@contextmanager
+def _records_locked(study: StudyConfig) -> Iterator[None]:
+    """Hold done/'s flock, which `purge` takes too: it rewrites receipts as well."""
+    fd = os.open(study.done, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _say_if_busy(study: StudyConfig) -> None:

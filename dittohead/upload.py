@@ -9,14 +9,14 @@ service would fail the entry for them anyway.
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import shutil
 import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from .config import StudyConfig
 from .entrycheck import entry_name, refuse_special
@@ -154,16 +154,26 @@ def waiting(study: StudyConfig, names: list[str]) -> list[str]:
     return [n for n in names if os.path.lexists(study.inbox / n)]
 
 
-def rsync_version() -> str | None:
-    """The version of the rsync on PATH, None without one: `upload --host` sends with
-    rsync when both ends have rsync 3."""
-    import subprocess
-    try:
-        r = subprocess.run(["rsync", "--version"], capture_output=True, text=True, timeout=30)
-    except OSError:
-        return None
-    m = re.search(r"version (\S+)", r.stdout.split("\n", 1)[0])
-    return m.group(1) if r.returncode == 0 and m else None
+def serve_ready(study: StudyConfig, requests: TextIO, answers: TextIO) -> None:
+    """`where --then-ready`: for each line `go HEX` (an entry name's bytes), rename `.NAME`
+    to `NAME` as `ready` does and answer one JSON line, until the end of input."""
+    for line in requests:
+        word, _, arg = line.strip().partition(" ")
+        if word == "hello":  # what the client sends first (see remotesession.py)
+            continue
+        try:
+            if word != "go":
+                raise DittoheadError(f"not a request: {printable(line.strip())}")
+            ready(study, os.fsdecode(bytes.fromhex(arg)))
+            answer: dict[str, object] = {"ok": True}
+        except ValueError:
+            answer = {"ok": False, "waits": False, "error": "not a hex name"}
+        except DittoheadError as e:
+            answer = {"ok": False, "waits": "already waits" in str(e), "error": str(e)}
+        except OSError as e:
+            answer = {"ok": False, "waits": False, "error": printable(str(e))}
+        answers.write(json.dumps(answer) + "\n")
+        answers.flush()
 
 
 def ready(study: StudyConfig, name: str, check: bool = False) -> None:

@@ -37,7 +37,7 @@ MANDIR ?= $(PREFIX)/share/man
 SYSCONFDIR ?= /etc
 
 DITTOHEAD_UNITS := dittohead@.path dittohead@.service dittohead@.timer dittohead-notify@.service \
-	dittohead-mail@.service
+	dittohead-mail@.service dittohead-purge.service dittohead-purge.timer
 DITTOHEAD_DEBS := python3-yaml python3-systemd
 
 # A Python launcher: runs the package installed in LIBDIR with the system

@@ -14,19 +14,26 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from . import sysbox
+from .packages import (
+    DEB,
+    REPO,
+    VERSION,
+    assert_removed_and_stopped,
+    build,
+    installed_box,
+    run,
+    set_up_study,
+    study_config,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-VERSION: str = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-DEB = REPO / "dist" / f"dittohead_{VERSION}_all.deb"  # where packaging/deb.mk puts it
 UNITS = ("dittohead@.path", "dittohead@.service", "dittohead@.timer",
-         "dittohead-notify@.service")
+         "dittohead-notify@.service", "dittohead-purge.service", "dittohead-purge.timer")
 FILES = (
     "./usr/bin/dittohead",
     "./usr/lib/dittohead/dittohead/cli.py",
@@ -45,16 +52,8 @@ FILES = (
 )
 DEPENDS = ("python3 (>= 3.11)", "python3-yaml", "python3-systemd", "systemd")
 UPLOADER = "sbxdebup"
-NOTIFY_ID = "d49d0a088dd54a0286ba26b8f857ba0b"  # units/dittohead-notify-failure
 DEST = "/srv/dittohead-deb/s1"
-CONFIG = f"""\
-# dropbox_root: the default, /data-dropbox, which the package's tmpfiles.d makes.
-# quiet_period 0: the upload renames into place, ready at once.
-defaults: {{quiet_period: 0}}
-studies:
-  s1:
-    destination: {DEST}
-"""
+CONFIG = study_config(DEST)
 
 # `make deb` (which installs its build tools when missing) and lintian take seconds; the
 # installed tests boot a box. tests/conftest.py skips them, saying why, where they cannot run.
@@ -62,28 +61,10 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 booted = [pytest.mark.systemd]
 
 
-def run(*argv: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=False,
-                       timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} exited {r.returncode}:\n"
-                             f"{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
-    return r
-
-
 @pytest.fixture(scope="module")
 def deb() -> Path:
     """`make deb`, once per module."""
-    deps = run("make", "-s", "deb-deps", check=False)
-    if deps.returncode != 0:
-        pytest.skip("SKIPPED LOUDLY: cannot install dpkg-buildpackage/debhelper/dh-python "
-                    f"(make deb-deps): {(deps.stdout + deps.stderr).strip()[-1000:]}")
-    DEB.unlink(missing_ok=True)
-    start = time.monotonic()
-    run("make", "deb")
-    print(f"\nmake deb: {time.monotonic() - start:.1f} s")
-    assert DEB.is_file()
-    return DEB
+    return build("deb", DEB, "dpkg-buildpackage/debhelper/dh-python")
 
 
 def info(deb: Path, *member: str) -> str:
@@ -143,21 +124,15 @@ def test_lintian(deb: Path) -> None:
 
 @pytest.fixture(scope="module")
 def box(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[sysbox.Sysbox]:
-    """One box for the module, with the package installed by `dpkg -i`."""
-    b = sysbox.Sysbox.boot(tmp_path_factory.mktemp("deb-box", numbered=True), binds=[REPO])
-    try:
-        # A host built from a container image may have Docker's policy-rc.d (exit 101: no
-        # maintainer script starts or stops a service; the prerm honours it). The box
-        # stands for a real host, which has none; the host's own file is untouched.
-        b.run("rm", "-f", "/usr/sbin/policy-rc.d")
-        start = time.monotonic()
-        r = b.run("dpkg", "-i", str(deb), check=False, timeout=300)
-        assert r.returncode == 0, f"dpkg -i failed:\n{r.stdout}\n{r.stderr}"
-        print(f"\ndpkg -i in the box: {time.monotonic() - start:.1f} s")
-        yield b
-    finally:
-        b.poweroff()
+    """One box for the module, with the package installed by `dpkg -i`.
 
+    A host built from a container image may have Docker's policy-rc.d (exit 101: no
+    maintainer script starts or stops a service; the prerm honours it). The box stands
+    for a real host, which has none; the host's own file is untouched.
+    """
+    with installed_box(tmp_path_factory, "deb", [("rm", "-f", "/usr/sbin/policy-rc.d")],
+                       ("dpkg", "-i", str(deb))) as b:
+        yield b
 
 def sh(box: sysbox.Sysbox, script: str, *args: str,
        check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -199,14 +174,7 @@ class TestInstalled:
                   check=False).stdout == ""
 
     def test_a_study_delivers(self, box: sysbox.Sysbox) -> None:
-        box.write_file("/etc/dittohead/config.yaml", CONFIG)
-        sh(box, f"""set -e
-useradd --no-create-home --shell /bin/sh {UPLOADER}
-mkdir -p {DEST}
-dittohead setup s1
-systemctl daemon-reload
-systemctl enable --now dittohead@s1.path
-""")
+        set_up_study(box, UPLOADER, DEST)
         assert box.run("systemctl", "is-active", "dittohead@s1.path").stdout.strip() == "active"
         box.run("/bin/sh", "-c", 'cd /data-dropbox/s1/inbox && mkdir .visit1 && '
                 'echo "hello from the deb" > .visit1/s01.txt && mv .visit1 visit1',
@@ -225,19 +193,8 @@ systemctl enable --now dittohead@s1.path
     def test_remove_then_purge(self, box: sysbox.Sysbox) -> None:
         r = box.run("dpkg", "-r", "dittohead", check=False, timeout=300)
         assert r.returncode == 0, f"dpkg -r failed:\n{r.stdout}\n{r.stderr}"
-        left = sh(box, "ls -d /usr/lib/systemd/system/dittohead* /lib/systemd/system/dittohead* "
-                  "/usr/lib/systemd/system-generators/dittohead* /usr/lib/sysusers.d/dittohead* "
-                  "/usr/lib/tmpfiles.d/dittohead* /usr/lib/systemd/catalog/dittohead* "
-                  "/usr/lib/dittohead /usr/bin/dittohead /run/systemd/generator/dittohead*",
-                  check=False).stdout
-        assert left == "", left
         # prerm stopped the study (letting its run finish: no failure, no notifier).
-        running = box.run("systemctl", "list-units", "--no-legend", "--plain",
-                          "--state=active,activating,deactivating,reloading,failed",
-                          "dittohead*").stdout
-        assert running.strip() == "", running
-        assert box.run("journalctl", "--no-pager", f"MESSAGE_ID={NOTIFY_ID}").stdout.strip() \
-            in ("", "-- No entries --")
+        assert_removed_and_stopped(box)
         # remove keeps the admin's config (a conffile) and the studies' enablement.
         assert box.run("cat", "/etc/dittohead/config.yaml").stdout == CONFIG
         assert sh(box, "ls /etc/systemd/system/*.wants/ | grep -c dittohead@s1.path",

@@ -56,6 +56,7 @@ def test_valid_config_writes_both_dropins_per_study(tmp_path: Path) -> None:
     assert (r.returncode, r.stderr) == (0, "")
     got = files(out)
     assert sorted(got) == [
+        "dittohead-purge.service.d/50-paths.conf",
         "dittohead@nccam3.path.d/50-paths.conf",
         "dittohead@nccam3.service.d/50-paths.conf",
         "dittohead@pilot_2.path.d/50-paths.conf",
@@ -159,6 +160,8 @@ def test_drift_names_what_differs(tmp_path: Path) -> None:
     }
     found = generator.drift(parse(changed, cfg_path), out)
     assert found == [
+        "dittohead-purge.service: generated settings differ from the config "
+        "(systemctl daemon-reload)",
         "dittohead@nccam3.service: generated settings differ from the config "
         "(systemctl daemon-reload)",
         "dittohead@newstudy.path: no generated settings for it yet (systemctl daemon-reload)",
@@ -171,6 +174,8 @@ def test_drift_names_what_differs(tmp_path: Path) -> None:
     ]
     # The header (which file was read) is not drift: check may read it by another path.
     assert generator.drift(parse(GOOD, DEFAULT_CONFIG), out) == [
+        "dittohead-purge.service: generated settings differ from the config "
+        "(systemctl daemon-reload)",
         "dittohead@nccam3.service: generated settings differ from the config "
         "(systemctl daemon-reload)",
         "dittohead@pilot_2.service: generated settings differ from the config "
@@ -182,9 +187,25 @@ def test_a_hundred_studies_in_one_run(tmp_path: Path) -> None:
     many = {"studies": {f"s{i}": {"destination": f"/study/s{i}"} for i in range(100)}}
     start = time.monotonic()
     r, out = run(tmp_path, many)
-    assert r.returncode == 0 and len(files(out)) == 200
+    assert r.returncode == 0 and len(files(out)) == 201  # (and the purge's)
     # Reported, not asserted: timing belongs in bench/, never in a test.
     print(f"\ngenerator: 100 studies in {time.monotonic() - start:.2f}s")
+
+
+def test_purge_dropin_binds_every_dropbox_directory_and_no_destination(tmp_path: Path) -> None:
+    r, out = run(tmp_path, GOOD)
+    assert r.returncode == 0
+    purge = (out / "dittohead-purge.service.d" / "50-paths.conf").read_text()
+    assert "RequiresMountsFor=/data-dropbox/nccam3 /data-dropbox/pilot_2\n" in purge
+    assert "BindPaths=-/data-dropbox/nccam3 -/data-dropbox/pilot_2\n" in purge
+    assert f"BindReadOnlyPaths={tmp_path}/config.yaml\n" in purge
+    assert "/study/" not in purge and "/home/" not in purge
+    # No study yet: the config alone, so the daily purge still starts (and does nothing).
+    (tmp_path / "none").mkdir()
+    r, out = run(tmp_path / "none", {"studies": {}})
+    assert r.returncode == 0
+    empty = (out / "dittohead-purge.service.d" / "50-paths.conf").read_text()
+    assert "BindPaths" not in empty and "BindReadOnlyPaths=" in empty
 
 
 def test_only_the_mailer_of_a_study_that_mails_gets_network(tmp_path: Path) -> None:

@@ -176,3 +176,22 @@ def test_ready_on_go_renames_only_when_told(env: Env) -> None:
     r = ready(b"go\n")
     assert r.returncode == 0, r.stderr
     assert (env.study.inbox / "x").read_bytes() == b"data"
+
+
+def test_where_then_ready_answers_on_one_line_then_renames_each_name_asked(env: Env) -> None:
+    """`upload --host`'s one process on the server: where's JSON on one line, then a
+    rename per `go HEX` line, never replacing; the client's first line is ignored."""
+    (env.study.inbox / ".x y").write_bytes(b"data")
+    env.drop("taken", {"a": b"1"})
+    (env.study.inbox / ".taken").write_bytes(b"new")
+    asks = b"hello\ngo " + b"x y".hex().encode() + b"\ngo " + b"taken".hex().encode() + b"\n"
+    r = subprocess.run([sys.executable, "-m", "dittohead", "--config", str(env.config_path),
+                        "where", "--json", "--then-ready", "s1", "x y"],
+                       input=asks, capture_output=True, cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    first, *answers = r.stdout.decode().splitlines()
+    assert json.loads(first)["waiting"] == []
+    assert [json.loads(a)["ok"] for a in answers] == [True, False]
+    assert json.loads(answers[1])["waits"] is True
+    assert (env.study.inbox / "x y").read_bytes() == b"data"
+    assert (env.study.inbox / ".taken").read_bytes() == b"new"

@@ -374,3 +374,19 @@ def test_undo_on_the_booted_system_takes_back_a_delivery_of_the_units(
         box.sh(f"test -f {ROOT}/dropbox/s1/failed/{delivery}.json")
     finally:
         box.box.poweroff()
+
+
+def test_undo_after_purge_removes_the_files_and_keeps_the_receipts_purged_key(env: Env) -> None:
+    delivery = deliver(env, "e", {"a": b"1", "d/b": b"2"})
+    env.reload(keep_done_days=0)
+    r = env.run("purge", "s1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not (env.study.done / delivery).exists()
+    r = env.run("undo", "s1", delivery)
+    assert r.returncode == 0, r.stderr
+    assert "(purged)" in r.stdout
+    assert tree(env.study.destination) == {}
+    data = receipt(env.study.failed / f"{delivery}.json")
+    assert data["outcome"] == "undone" and "purged" in data
+    assert env.run("purge", "s1").returncode == 0  # finds nothing of it in done/ now
+    assert not (env.study.done / f"{delivery}.json").exists()

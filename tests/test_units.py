@@ -37,7 +37,8 @@ from .conftest import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 UNITS = ("dittohead@.path", "dittohead@.service", "dittohead@.timer",
-         "dittohead-notify@.service", "dittohead-mail@.service")
+         "dittohead-notify@.service", "dittohead-mail@.service", "dittohead-purge.service",
+         "dittohead-purge.timer")
 NOTIFY_ID = "d49d0a088dd54a0286ba26b8f857ba0b"  # units/dittohead-notify-failure
 DELIVERED = MESSAGE_IDS["delivered"]
 EXPOSURE_MAX = 1.1  # what the units had before their root became an allowlist
@@ -98,7 +99,7 @@ def test_verify_offline(unit_dir: Path) -> None:
               "apt-get install man-db)")
     r = analyze(unit_dir, "verify", *man, "dittohead@s1.path", "dittohead@s1.service",
                 "dittohead@s1.timer", "dittohead-notify@dittohead@s1.service.service",
-                "dittohead-mail@s1.service")
+                "dittohead-mail@s1.service", "dittohead-purge.service", "dittohead-purge.timer")
     assert (r.returncode, r.stdout + r.stderr) == (0, "")
 
 
@@ -120,10 +121,15 @@ def test_security_offline(unit_dir: Path) -> None:
                 "dittohead-notify@dittohead@s1.service.service")
     m = EXPOSURE_RE.search(r.stdout)
     assert m and float(m.group(1)) <= 1.0, r.stdout
+    r = analyze(unit_dir, "security", "--offline=yes", "--no-pager", "dittohead-purge.service")
+    m = EXPOSURE_RE.search(r.stdout)
+    assert m and float(m.group(1)) <= EXPOSURE_MAX, r.stdout
+    print(f"systemd-analyze security --offline dittohead-purge.service: {m.group(1)}")
 
 
-def test_service_capabilities_are_exactly_two() -> None:
-    text = (REPO / "units" / "dittohead@.service").read_text()
+@pytest.mark.parametrize("unit", ["dittohead@.service", "dittohead-purge.service"])
+def test_service_capabilities_are_exactly_two(unit: str) -> None:
+    text = (REPO / "units" / unit).read_text()
     for key in ("AmbientCapabilities", "CapabilityBoundingSet"):
         values = re.findall(rf"^{key}=(.*)$", text, re.M)
         assert values == ["CAP_DAC_READ_SEARCH CAP_CHOWN"], (key, values)
@@ -132,7 +138,8 @@ def test_service_capabilities_are_exactly_two() -> None:
 def test_every_unit_builds_its_root_from_an_allowlist() -> None:
     # ProtectSystem=strict would silently void TemporaryFileSystem=/ on 252, and
     # ReadWritePaths= would not reach through it (docs/field-notes.md).
-    for name in ("dittohead@.service", "dittohead-mail@.service", "dittohead-notify@.service"):
+    for name in ("dittohead@.service", "dittohead-mail@.service", "dittohead-notify@.service",
+                 "dittohead-purge.service"):
         text = (REPO / "units" / name).read_text()
         settings = re.findall(r"^(\w+)=(.*)$", text, re.M)
         assert ("TemporaryFileSystem", "/:ro") in settings, name
