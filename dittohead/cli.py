@@ -34,6 +34,9 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message, prog=f"{self.prog}: error")
 
 
+STUDY_HELP = "the study's id, as in the config (e.g. nccam3)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="dittohead", description="A data dropbox for research studies.")
     p.add_argument("--version", action="version", version=f"dittohead {__version__}")
@@ -43,24 +46,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("process", help="drain a study's inbox once (what the service runs)")
-    s.add_argument("study")
+    s.add_argument("study", help=STUDY_HELP)
     s.add_argument("--linger", type=float, default=0.0, metavar="SECONDS",
                    help="keep watching until no entry has been ready for this long, and "
                         "wait for entries still being written (default 0)")
 
     s = sub.add_parser("mail", help="send a study's queued mail (what dittohead-mail@ runs)")
-    s.add_argument("study")
+    s.add_argument("study", help=STUDY_HELP)
 
     s = sub.add_parser("check", help="check config, layout, units and free space")
-    s.add_argument("study", nargs="?")
+    s.add_argument("study", nargs="?", help="the study to check (default: every study)")
 
     s = sub.add_parser("setup", help="create or repair a study's layout (root)")
-    s.add_argument("study")
+    s.add_argument("study", help=STUDY_HELP)
     s.add_argument("--user", action="append", default=[], metavar="NAME",
                    help="only make this user's own folder (inbox and outcomes); repeatable")
 
     s = sub.add_parser("status", help="pending, processing and failed entries; disk use")
-    s.add_argument("study", nargs="?")
+    s.add_argument("study", nargs="?", help="one study (default: every study)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--mine", action="store_true",
                    help="your own recent uploads and their outcomes (any user)")
@@ -68,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --mine: how many uploads per study (default 10; 0: all)")
 
     s = sub.add_parser("retry", help="put a failed delivery back in the inbox")
-    s.add_argument("study")
-    s.add_argument("id")
+    s.add_argument("study", help=STUDY_HELP)
+    s.add_argument("id", help="the delivery id, as in failed/<ID>.json "
+                              "(e.g. 20261127T204655Z-s01-session1-9f3a0c)")
 
     _build_undo(sub)
     _user_commands(sub)
@@ -117,7 +121,7 @@ def _user_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     """The commands any user runs: where, upload and (on the server, for upload --host)
     ready."""
     s = sub.add_parser("where", help="where a study's inbox and your outcomes are (any user)")
-    s.add_argument("study")
+    s.add_argument("study", help=STUDY_HELP)
     s.add_argument("names", nargs="*", metavar="NAME",
                    help="also say which of these names already wait in the inbox")
     s.add_argument("--json", action="store_true", help="machine-readable output")
@@ -126,8 +130,9 @@ def _user_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
                         "(what upload --host runs on the server: one start-up for both)")
 
     s = sub.add_parser("upload", help="copy files or directories into a study's inbox")
-    s.add_argument("study")
-    s.add_argument("paths", nargs="+", metavar="PATH", type=Path)
+    s.add_argument("study", help=STUDY_HELP)
+    s.add_argument("paths", nargs="+", metavar="PATH", type=Path,
+                   help="a file or directory to upload; its name becomes the entry's")
     s.add_argument("--wait", action="store_true",
                    help="wait for each upload's outcome and exit by it")
     s.add_argument("--timeout", type=float, default=3600, metavar="SECONDS",
@@ -139,8 +144,8 @@ def _user_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
 
     s = sub.add_parser("ready", help="rename your .NAME in a study's inbox to NAME, never "
                                      "replacing (what upload --host runs on the server)")
-    s.add_argument("study")
-    s.add_argument("name")
+    s.add_argument("study", help=STUDY_HELP)
+    s.add_argument("name", help="the entry's name, without the leading dot")
     s.add_argument("--check", action="store_true",
                    help="only say whether NAME is free (exit 1 when it waits already)")
     s.add_argument("--on-go", action="store_true",
@@ -183,6 +188,9 @@ def _run(args: argparse.Namespace) -> int:
         from .rsyncver import RsyncProbe
         probe = RsyncProbe()
     cfg = config.load(config.config_path(args.config))
+    if not getattr(args, "mine", False):  # status --mine is for anyone
+        from .access import require
+        require(args.command, cfg.service_user)
     if args.command == "process":
         from .process import process
         if args.linger < 0:
@@ -194,8 +202,6 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_TEMPFAIL if send_queued(cfg, cfg.study(args.study)) else 0
     if args.command == "setup":
         from .layout import setup, user_folders
-        if os.geteuid() != 0:
-            raise UsageError("setup must run as root (it sets owners)")
         study = cfg.study(args.study)
         done = (user_folders(cfg, study, {_uid(n) for n in args.user}) if args.user
                 else setup(cfg, study))

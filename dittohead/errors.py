@@ -15,7 +15,9 @@ EXIT_UNEXPECTED = 1
 EXIT_USAGE = 2
 # `upload --wait`: how the uploads ended, when not all were delivered.
 EXIT_DATAERR = 65  # EX_DATAERR: an upload failed (a conflict, a symlink...)
-EXIT_NOPERM = 77  # EX_NOPERM: an upload was rejected (not an uploader of the study)
+# EX_NOPERM: an upload was rejected (not an uploader of the study); a command run by
+# someone who may not run it (access.py).
+EXIT_NOPERM = 77
 EXIT_IOERR = 74  # EX_IOERR: the storage failed (EIO, read-only): an admin must look
 EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: entries were left for a later run
 EXIT_CONFIG = 78  # EX_CONFIG
@@ -50,6 +52,12 @@ class UsageError(DittoheadError):
     def __init__(self, message: str, prog: str = "dittohead") -> None:
         super().__init__(message)
         self.prog = prog  # what the message is printed after
+
+
+class NotPermitted(DittoheadError):
+    """The caller may not run this command (access.py says who may)."""
+
+    exit_code = EXIT_NOPERM
 
 
 class ConfigError(DittoheadError):

@@ -50,7 +50,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from . import log
+from . import bound, log
 from .config import DEFAULT_CONFIG, SAFE_PATH_RE, Config, StudyConfig, config_path, load
 from .errors import ConfigError
 from .readiness import drop_folders
@@ -101,6 +101,9 @@ def study_dropins(config: Config, study: StudyConfig) -> dict[str, str]:
         "[Service]",
         *_config_access(config),
         f"BindPaths=-{root} -{dest}",
+        # What the run compares with the config it reads (bound.py): a config
+        # changed without daemon-reload is named, not felt as a stale sandbox.
+        f"Environment={bound.ROOT_ENV}={root} {bound.DESTINATION_ENV}={dest}",
     ]
     dropins = {
         f"dittohead@{study.name}.path.d/{DROPIN_NAME}": path_unit,

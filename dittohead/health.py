@@ -16,10 +16,11 @@ from typing import Any
 from . import layout, purge
 from .config import Config, StudyConfig
 from .conflicts import symlinked_destination
-from .errors import DittoheadError, TemporaryError
+from .errors import DittoheadError, NotPermitted, TemporaryError
 from .examine import MAX_DEPTH
 from .fsops import rename_noreplace, used_percent
 from .log import printable
+from .notify import failed_send
 from .outcomes import outcomes_dir
 from .readiness import Watch, drop_folders
 from .record import ReceiptError, read_receipt
@@ -120,7 +121,10 @@ def leftovers(study: StudyConfig) -> list[str]:
     queued = list((study.processing / ".mail").glob("*.eml"))
     now = time.time()
     stale = [p for p in queued if now - _mtime(p) > STALE_MAIL]
-    if stale:
+    failed = failed_send(study, len(queued)) if queued else None
+    if failed:
+        found.append(failed)
+    elif stale:
         found.append(f"{len(stale)} of {len(queued)} queued mails are more than a day old: "
                      "is the SMTP server reachable? (journalctl -u "
                      f"dittohead-mail@{study.name}.service; dittohead mail {study.name})")
@@ -355,8 +359,8 @@ def retry(cfg: Config, study: StudyConfig, delivery: str) -> str:
             give_back(study.failed / delivery, r.uploader_uid,
                       pwd.getpwnam(cfg.service_user).pw_uid)
         except PermissionError:
-            raise DittoheadError("retry gives the upload back to its uploader, which needs "
-                                 "root; nothing was changed") from None
+            raise NotPermitted("retry gives the upload back to its uploader, which needs "
+                               "root: run it with sudo; nothing was changed") from None
     try:
         rename_noreplace(study.failed / delivery, inbox / name)
     except FileExistsError:

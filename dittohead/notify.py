@@ -168,5 +168,43 @@ def send_queued(cfg: Config, study: StudyConfig) -> int:
         log.send(f"{study.name}: could not send {left} queued mails via {smtp.host}:"
                  f"{smtp.port}, kept for the next run: {e}", priority=syslog.LOG_WARNING,
                  DITTOHEAD_STUDY=study.name, DITTOHEAD_REASON=str(e))
+        _record_failure(study, f"{smtp.host}:{smtp.port}", str(e), left)
         return left
+    try:
+        (queue_dir(study) / LAST_ERROR).unlink(missing_ok=True)
+    except OSError:
+        pass  # check would name a failure that is over; the next send tries again
     return 0
+
+
+# In the queue directory: the last failed attempt to send, so that `dittohead check`
+# says so at once (the queue alone only looks stale after a day). Removed once the
+# queue is sent.
+LAST_ERROR = ".last-error.json"
+
+
+def _record_failure(study: StudyConfig, server: str, error: str, left: int) -> None:
+    import json
+    from datetime import UTC, datetime
+    at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    data = {"at": at, "server": server, "error": error, "queued": left}
+    try:
+        write_atomic(queue_dir(study) / LAST_ERROR, json.dumps(data).encode() + b"\n", 0o640)
+    except OSError as e:  # the journal has the failure already
+        _warn(study, f"could not record the mail failure: {e}")
+
+
+def failed_send(study: StudyConfig, queued: int) -> str | None:
+    """What `check` says of the last failed send recorded in the queue, or None (none, or
+    not readable by the caller)."""
+    import json
+    try:
+        data = json.loads((queue_dir(study) / LAST_ERROR).read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    at, server, error = (log.printable(str(data.get(k))) for k in ("at", "server", "error"))
+    return (f"mail could not be sent at {at} via {server}: {error}; {queued} mails wait in "
+            f"the queue (journalctl -u dittohead-mail@{study.name}.service; once the server "
+            f"is back: systemctl start dittohead-mail@{study.name})")

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from . import log, notify, report
+from . import bound, log, notify, report
 from .claim import (
     Claim,
     ClaimRefused,
@@ -117,6 +117,7 @@ class Attempt:
 def process(config: Config, study_name: str, linger: float = 0.0) -> RunResult:
     """Resume pending claims, then claim and deliver every ready entry."""
     study = config.study(study_name)
+    bound.check(study)  # a config edited without daemon-reload: say so, touch nothing
     owner = _ownership(config, study)
     # The copy holds a read lease on each file it reads (copier.py); should a
     # writer (root: nobody else may) open one meanwhile, the kernel signals

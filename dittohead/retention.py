@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from . import log
 from .config import Config, StudyConfig
-from .errors import EXIT_NOPERM, DittoheadError
+from .errors import DittoheadError
 from .fsops import DIR_FLAGS
 from .purge import (
     DAY,
@@ -36,12 +36,6 @@ from .purge import (
 )
 
 
-class NotAllowed(DittoheadError):
-    """Run by someone who may not (exit 77, EX_NOPERM)."""
-
-    exit_code = EXIT_NOPERM
-
-
 @dataclass(frozen=True)
 class Run:
     """One purge: whose files it takes over, and what it only reports."""
@@ -53,15 +47,12 @@ class Run:
 
 
 def start(cfg: Config, dry_run: bool, abandoned: bool) -> Run:
-    """The service user's ids; refuse anyone but root and the service user (exit 77)."""
+    """The service user's ids (who may run it at all: access.py)."""
     try:
         pw = pwd.getpwnam(cfg.service_user)
     except KeyError:
         raise DittoheadError(f"service_user {cfg.service_user!r} does not exist "
                              "(run systemd-sysusers)") from None
-    if os.geteuid() not in (0, pw.pw_uid):
-        raise NotAllowed(f"purge removes files of the dropbox: only root or "
-                         f"{cfg.service_user} may run it (sudo dittohead purge)")
     return Run(pw.pw_uid, pw.pw_gid, dry_run, abandoned)
 
 

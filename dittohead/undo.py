@@ -28,7 +28,7 @@ from . import log, outcomes
 from .claim import StudyLock, now_iso
 from .config import Config, StudyConfig
 from .conflicts import open_destination
-from .errors import EXIT_NOPERM, DittoheadError, Outcome
+from .errors import DittoheadError, Outcome
 from .faults import point
 from .fsops import rename_noreplace, user_name, write_atomic
 from .health import DELIVERY_ID_RE
@@ -46,12 +46,6 @@ from .unpublish import (
 
 # What a delivery files besides its receipt, moved with it (the entry itself: "").
 FILED = ("", ".sha256", ".published", ".dirs")
-
-
-class NotPermitted(DittoheadError):
-    """The caller may not run this command (EX_NOPERM)."""
-
-    exit_code = EXIT_NOPERM
 
 
 @dataclass(frozen=True)
@@ -121,16 +115,11 @@ def _say_if_busy(study: StudyConfig) -> None:
 
 
 def _service(cfg: Config) -> Service:
-    """Root or the service user may undo; anyone else gets a sentence, exit 77."""
+    """The service user (who may run undo is checked before: access.py)."""
     try:
         pw = pwd.getpwnam(cfg.service_user)
     except KeyError:
         raise DittoheadError(f"no service user {cfg.service_user!r}") from None
-    if os.geteuid() not in (0, pw.pw_uid):
-        # The wording of access.py's check for the other commands.
-        raise NotPermitted(f"dittohead undo is for root or the service user "
-                           f"{cfg.service_user}; you are {user_name(os.geteuid())}: run it "
-                           "with sudo")
     return Service(pw.pw_uid, pw.pw_gid)
 
 

@@ -21,7 +21,8 @@
 #                       (dittohead@.path, @.service, @.timer,
 #                       dittohead-notify@.service), admins enable studies one
 #                       by one; nothing is enabled or started
-#   dh_installdeb       /etc/dittohead/config.yaml becomes a conffile
+#   dh_installdeb       /etc/dittohead/config.yaml (packaging/config.yaml, no
+#                       study) becomes a conffile
 # and debian/postinst, prerm, postrm add the rest by hand: the journal
 # catalog, `systemctl daemon-reload` when systemd runs (it also reruns the
 # generator), stopping the studies' units on removal, dropping their
@@ -42,9 +43,11 @@
 # Where things go: the staged source tree and dpkg-buildpackage's
 # .buildinfo/.changes in build/deb/, the .deb in dist/ (both .gitignore'd).
 # The source tree is made fresh from the checkout each time (the working
-# tree, committed or not): the package's code, units, config.yaml,
-# pyproject.toml, README.md, docs/contract.md and docs/design.md (shipped in
-# /usr/share/doc/dittohead/), packaging/install.mk, the manual page
+# tree, committed or not): the package's code, units, config.yaml (the
+# example), pyproject.toml, README.md and docs/*.md (which `make install`
+# puts in /usr/share/doc/dittohead/, with the example and the sample Samba and
+# sshd configs; dh_compress then gzips the larger ones), packaging/install.mk,
+# packaging/config.yaml (the installed config), the manual page
 # (packaging/dittohead.8), and packaging/debian as
 # debian/, plus a debian/changelog written from pyproject.toml's version
 # (a native package: no separate Debian revision), the Maintainer of
@@ -67,9 +70,10 @@ deb: deb-deps
 	cp -p dittohead/*.py $(DEB_SRCDIR)/dittohead/
 	cp -p units/* $(DEB_SRCDIR)/units/
 	cp -p config.yaml pyproject.toml README.md $(DEB_SRCDIR)/
-	mkdir -p $(DEB_SRCDIR)/docs && cp -p docs/contract.md docs/design.md docs/upload.md \
-	    $(DEB_SRCDIR)/docs/
-	cp -p packaging/install.mk packaging/dittohead.8 $(DEB_SRCDIR)/packaging/
+	mkdir -p $(DEB_SRCDIR)/docs && cp -p docs/admin.md docs/contract.md docs/design.md \
+	    docs/upload.md $(DEB_SRCDIR)/docs/
+	cp -p packaging/install.mk packaging/dittohead.8 packaging/config.yaml \
+	    $(DEB_SRCDIR)/packaging/
 	cp -pR packaging/samba packaging/ssh $(DEB_SRCDIR)/packaging/
 	cp -pR packaging/debian $(DEB_SRCDIR)/debian
 	@maint=$$(sed -n 's/^Maintainer: *//p' packaging/debian/control); \

@@ -8,8 +8,14 @@
 # runtime dependencies are the Debian packages python3-yaml and
 # python3-systemd: installed with apt-get when missing and DESTDIR is empty),
 # the `dittohead` command and its manual page, the systemd units, the
-# generator, the sysusers.d and tmpfiles.d files, the journal catalog, and
-# /etc/dittohead/config.yaml when there is none yet. Then, when DESTDIR is empty: systemd-sysusers (the
+# generator, the sysusers.d and tmpfiles.d files, the journal catalog, the
+# documentation in /usr/share/doc/dittohead (what dittohead(8)'s SEE ALSO
+# names: the admin guide, the contract, the user guide, the design, the
+# README, the documented example config.yaml.example and the sample Samba and
+# sshd configs in examples/), and /etc/dittohead/config.yaml when there is
+# none yet: packaging/config.yaml, which holds no study (the example's study
+# would point at a destination and mail addresses that do not exist). An
+# existing config is never touched. Then, when DESTDIR is empty: systemd-sysusers (the
 # dittohead user and group), systemd-tmpfiles --create dittohead.conf,
 # journalctl --update-catalog, and, when systemd is the running init,
 # systemctl daemon-reload (which runs the generator).
@@ -35,6 +41,9 @@ TMPFILESDIR ?= $(PREFIX)/lib/tmpfiles.d
 CATALOGDIR ?= /usr/lib/systemd/catalog
 MANDIR ?= $(PREFIX)/share/man
 SYSCONFDIR ?= /etc
+# Where dittohead(8) says the documentation is, whatever PREFIX.
+DOCDIR ?= /usr/share/doc/dittohead
+DITTOHEAD_DOCS := README.md docs/admin.md docs/contract.md docs/design.md docs/upload.md
 
 DITTOHEAD_UNITS := dittohead@.path dittohead@.service dittohead@.timer dittohead-notify@.service \
 	dittohead-mail@.service dittohead-purge.service dittohead-purge.timer
@@ -106,11 +115,17 @@ install-files:
 	install -m 0644 units/dittohead.tmpfiles $(DESTDIR)$(TMPFILESDIR)/dittohead.conf
 	install -m 0644 units/dittohead.catalog $(DESTDIR)$(CATALOGDIR)/dittohead.catalog
 	install -D -m 0644 packaging/dittohead.8 $(DESTDIR)$(MANDIR)/man8/dittohead.8
-	@if [ -e $(DESTDIR)$(SYSCONFDIR)/dittohead/config.yaml ]; then \
+	install -d $(DESTDIR)$(DOCDIR)/examples
+	install -m 0644 $(DITTOHEAD_DOCS) $(DESTDIR)$(DOCDIR)/
+	install -m 0644 config.yaml $(DESTDIR)$(DOCDIR)/config.yaml.example
+	install -m 0644 packaging/samba/dittohead-smb.conf packaging/ssh/dittohead-sshd.conf \
+	    $(DESTDIR)$(DOCDIR)/examples/
+	@if [ -e $(DESTDIR)$(SYSCONFDIR)/dittohead/config.yaml ] || \
+	    [ -L $(DESTDIR)$(SYSCONFDIR)/dittohead/config.yaml ]; then \
 	    echo "keeping $(DESTDIR)$(SYSCONFDIR)/dittohead/config.yaml"; \
 	else \
-	    echo "install -D -m 0644 config.yaml $(DESTDIR)$(SYSCONFDIR)/dittohead/config.yaml"; \
-	    install -D -m 0644 config.yaml $(DESTDIR)$(SYSCONFDIR)/dittohead/config.yaml; \
+	    echo "install -D -m 0644 packaging/config.yaml $(DESTDIR)$(SYSCONFDIR)/dittohead/config.yaml"; \
+	    install -D -m 0644 packaging/config.yaml $(DESTDIR)$(SYSCONFDIR)/dittohead/config.yaml; \
 	fi
 
 # Leaves /etc/dittohead (the admin's config), the dittohead user, the
@@ -123,6 +138,7 @@ uninstall:
 	for u in $(DITTOHEAD_UNITS); do rm -f $(DESTDIR)$(UNITDIR)/$$u; done
 	rm -f $(DESTDIR)$(SYSUSERSDIR)/dittohead.conf $(DESTDIR)$(TMPFILESDIR)/dittohead.conf \
 	    $(DESTDIR)$(CATALOGDIR)/dittohead.catalog $(DESTDIR)$(MANDIR)/man8/dittohead.8
+	rm -rf $(DESTDIR)$(DOCDIR)
 	@if [ -z "$(DESTDIR)" ]; then \
 	    journalctl --update-catalog; \
 	    if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi; \

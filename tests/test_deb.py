@@ -46,6 +46,8 @@ FILES = (
     "./usr/lib/systemd/catalog/dittohead.catalog",
     "./usr/share/man/man8/dittohead.8.gz",
     "./usr/share/doc/dittohead/upload.md.gz",
+    "./usr/share/doc/dittohead/admin.md.gz",
+    "./usr/share/doc/dittohead/contract.md.gz",
     "./usr/share/doc/dittohead/examples/dittohead-smb.conf",
     "./usr/share/doc/dittohead/examples/dittohead-sshd.conf",
     "./etc/dittohead/config.yaml",
@@ -95,7 +97,10 @@ def test_contents(deb: Path) -> None:
                           check=True).stdout
     config = subprocess.run(["tar", "-xO", "./etc/dittohead/config.yaml"], input=tree,
                             capture_output=True, check=True).stdout
-    assert config == (REPO / "config.yaml").read_bytes()
+    # The installed config has no study; the documented example is in the docs.
+    assert config == (REPO / "packaging" / "config.yaml").read_bytes()
+    assert any(p.startswith("./usr/share/doc/dittohead/config.yaml.example") for p in
+               run("dpkg-deb", "-c", str(deb)).stdout.split())
     service = subprocess.run(["tar", "-xO", "./usr/lib/systemd/system/dittohead@.service"],
                              input=tree, capture_output=True, check=True).stdout.decode()
     assert "ExecStart=/usr/bin/dittohead process %i --linger 3" in service
@@ -163,9 +168,11 @@ class TestInstalled:
         assert "38a8638a6c0e47ae85e1afdd33a44e53" in box.run("journalctl", "--list-catalog",
                                                              "38a8638a6c0e47ae85e1afdd33a44e53"
                                                              ).stdout
-        # The postinst reloaded systemd: the generator ran for the shipped example study.
-        assert box.run("test", "-e", "/run/systemd/generator/dittohead@nccam3.path.d/"
-                                     "50-paths.conf", check=False).returncode == 0
+        # A fresh host: the shipped config has no study, and check finds nothing wrong.
+        r = box.run("dittohead", "check", check=False)
+        assert (r.returncode, r.stdout) == (0, "no problems found\n"), r.stdout + r.stderr
+        assert box.run("sh", "-c", "ls /run/systemd/generator | grep dittohead",
+                       check=False).stdout == ""
         # Nothing enabled, nothing started.
         listed = box.run("systemctl", "list-units", "--all", "--no-legend", "--plain",
                          "dittohead*").stdout

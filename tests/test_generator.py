@@ -86,9 +86,16 @@ def test_output_equals_expected_dropins(tmp_path: Path) -> None:
     assert generator.drift(cfg, out) == []
 
 
-def test_default_config_sets_no_environment() -> None:
+def test_default_config_sets_no_config_environment() -> None:
     dropins = generator.expected_dropins(parse(GOOD, DEFAULT_CONFIG))
-    assert not any("Environment=" in text for text in dropins.values())
+    assert not any("DITTOHEAD_CONFIG" in text for text in dropins.values())
+
+
+def test_service_dropin_names_the_paths_it_binds() -> None:
+    dropins = generator.expected_dropins(parse(GOOD, DEFAULT_CONFIG))
+    service = dropins["dittohead@nccam3.service.d/50-paths.conf"]
+    assert ("Environment=DITTOHEAD_BOUND_ROOT=/data-dropbox/nccam3 "
+            "DITTOHEAD_BOUND_DESTINATION=/study/nccam3/raw-data\n") in service
 
 
 @pytest.mark.parametrize("text", [

@@ -180,7 +180,7 @@ def test_install_files_runs_from_its_prefix(tmp_path: Path) -> None:
     prefix = tmp_path / "usr"
     r = subprocess.run(["make", "-s", "-f", "packaging/install.mk", "install-files",
                         f"PREFIX={prefix}", f"SYSCONFDIR={tmp_path}/etc",
-                        f"CATALOGDIR={tmp_path}/catalog"],
+                        f"CATALOGDIR={tmp_path}/catalog", f"DOCDIR={tmp_path}/doc"],
                        cwd=REPO, capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
     if not Path("/usr/bin/python3").exists():
@@ -204,7 +204,8 @@ def test_install_files_runs_from_its_prefix(tmp_path: Path) -> None:
     (tmp_path / "etc/dittohead/config.yaml").write_text("# mine\n")
     subprocess.run(["make", "-s", "-f", "packaging/install.mk", "install-files",
                     f"PREFIX={prefix}", f"SYSCONFDIR={tmp_path}/etc",
-                    f"CATALOGDIR={tmp_path}/catalog"], cwd=REPO, check=True,
+                    f"CATALOGDIR={tmp_path}/catalog", f"DOCDIR={tmp_path}/doc"], cwd=REPO,
+                   check=True,
                    capture_output=True)
     assert (tmp_path / "etc/dittohead/config.yaml").read_text() == "# mine\n"
 
