@@ -189,7 +189,7 @@ def test_undo_refuses_what_is_not_a_delivery(env: Env) -> None:
 @pytest.mark.root
 def test_undo_by_someone_else_than_root_or_the_service_is_refused(env: Env) -> None:
     delivery = deliver(env, "e", {"a": b"1"})
-    other = add_user("dh-test-other")
+    other = add_user("dh-test-undoer")
     os.chmod(env.config_path, 0o644)
     r = subprocess.run(service_argv(env, other, "undo", "s1", delivery, caps=None),
                        capture_output=True, text=True, timeout=60, cwd="/")
