@@ -30,6 +30,7 @@ WHO: dict[str, Who] = {
     "retry": Who.SERVICE,
     "purge": Who.SERVICE,
     "metrics": Who.SERVICE,
+    "undo": Who.SERVICE,
     "setup": Who.ROOT,
     "check": Who.ADMIN,
     "status": Who.ADMIN,

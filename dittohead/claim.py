@@ -323,12 +323,12 @@ _KILLED = re.compile(r"\.killed-[0-9]+$")
 def sweep_stale(study: StudyConfig) -> None:
     """Remove temporary files a killed run left in processing/ (call with the lock held):
     `.<id>.json.tmp` (its entry is still in the inbox), plans of claims that are gone,
-    and workers' part files (`.<id>.<k>.plan`, `.sha256`: no claim is named `<id>.<k>`)."""
+    and workers' part files (`.<id>.<k>.plan`, `.sha256`, `.published`: no claim is `<id>.<k>`)."""
     for p in study.processing.glob(".*"):
         name = p.name
         if name.endswith(".tmp"):
             p.unlink(missing_ok=True)
-        elif name.endswith((".plan", ".state", ".sha256")):
+        elif name.endswith((".plan", ".state", ".sha256", ".published", ".dirs")):
             # A killed attempt's kept plan (`.<id>.killed-<k>.plan`) lives as
             # long as its claim: it says what to undo should the entry fail.
             claim_id = _KILLED.sub("", name[1:].rsplit(".", 1)[0])

@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("id", help="the delivery id, as in failed/<ID>.json "
                               "(e.g. 20261127T204655Z-s01-session1-9f3a0c)")
 
+    _build_undo(sub)
     _user_commands(sub)
     _build_purge(sub)
     _build_metrics(sub)
@@ -135,6 +136,17 @@ def _metrics(args: argparse.Namespace, cfg: config.Config) -> int:
         _say(line)
     return 0
 # --- end metrics ---
+
+
+def _build_undo(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """`undo`: remove a delivery's files from the destination again (root or the service)."""
+    s = sub.add_parser("undo", help="remove exactly the files a delivery created from the "
+                                    "destination, and file it in failed/ (root or the "
+                                    "service user)")
+    s.add_argument("study", help="the study, as named in the config")
+    s.add_argument("id", help="the delivery id, as in done/<ID>.json (see `dittohead status`)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="only list what would be removed and kept; change nothing")
 
 
 def _user_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
@@ -241,6 +253,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "retry":
         from .health import retry
         _say(retry(cfg, cfg.study(args.study), args.id))
+        return 0
+    if args.command == "undo":
+        from .undo import undo
+        for line in undo(cfg, cfg.study(args.study), args.id, args.dry_run):
+            _say(line)
         return 0
     if args.command == "where" or (args.command == "status" and args.mine):
         return _uploaders_view(args, cfg, probe)

@@ -33,6 +33,9 @@ class Outcome(StrEnum):
     # The storage failed (EIO, a filesystem gone read-only): kept, the run exits 74.
     IO_ERROR = "io-error"
     ERROR = "error"  # unexpected (a bug): kept in processing/, the run exits 1
+    # Delivered, then removed from the destination again by `dittohead undo`;
+    # filed in failed/ (only receipts say it, never an attempt).
+    UNDONE = "undone"
 
 
 class DittoheadError(Exception):

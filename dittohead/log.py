@@ -38,6 +38,8 @@ MESSAGE_IDS: Mapping[str, str] = {
     "purged": "a461bf2b74104b38bf8513a13f40b7cb",
     "abandoned-removed": "3b7d9720d1654fb081164abf96a9916a",
     "out-of-space": "9f00b37b35594764850e82a4d624610a",
+    # `dittohead undo`: a delivery's files removed from the destination again.
+    "undone": "d60c4116527043ee928011d3021a3b8d",
 }
 
 _PRIORITY = {
@@ -51,6 +53,7 @@ _PRIORITY = {
     "purged": syslog.LOG_INFO,
     "abandoned-removed": syslog.LOG_NOTICE,
     "out-of-space": syslog.LOG_WARNING,
+    "undone": syslog.LOG_NOTICE,
 }
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"

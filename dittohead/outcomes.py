@@ -70,6 +70,10 @@ ADVICE = {
     "rejected": ("Nothing of this upload was delivered: you may not deliver to this study. "
                  "Ask the study's data manager to give you access; the server keeps the "
                  "upload as it was."),
+    "undone": ("This upload was delivered, then an admin removed its files from the study's "
+               "storage again (a partial or misplaced upload). Ask the study's data manager "
+               "whether to upload it again, complete, or to the right study; the server keeps "
+               "this upload unless it was purged already."),
     PENDING: ("Nothing to do: the upload is safe on the server and is delivered by itself "
               "once the reason has passed."),
 }
@@ -243,7 +247,9 @@ def note_text(note: dict[str, Any]) -> str:
     """The note as a person reads it (every name in it is shown escaped already)."""
     outcome = str(note.get("outcome"))
     head = {"delivered": "DELIVERED", "failed": "FAILED, not delivered",
-            "rejected": "REJECTED, not delivered", PENDING: "NOT DELIVERED YET"}
+            "rejected": "REJECTED, not delivered",
+            "undone": "UNDONE, removed from the study's storage again",
+            PENDING: "NOT DELIVERED YET"}
     lines = [f"{note.get('entry')}: {head.get(outcome, outcome)}", "",
              f"Study:     {note.get('study')}",
              f"Upload:    {note.get('entry')}",

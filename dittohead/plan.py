@@ -48,7 +48,9 @@ def remove_spool(processing: Path, claim_id: str) -> None:
     """Remove the claim's spool files, and the part files workers write (`.<id>.<k>.*`)."""
     for p in spool_files(processing, claim_id):
         p.unlink(missing_ok=True)
-    part = re.compile(re.escape(f".{claim_id}.") + r"[0-9]+\.(plan|sha256)")
+    # (and the published record, manifest.published_paths(), spooled whole or in parts)
+    part = re.compile(re.escape(f".{claim_id}.")
+                      + r"([0-9]+\.(plan|sha256|published)|published|dirs)")
     with os.scandir(processing) as it:
         parts = [e.name for e in it if part.fullmatch(e.name)]
     for name in parts:

@@ -22,7 +22,7 @@ from .errors import Outcome
 from .faults import point
 from .fsops import write_atomic
 from .log import printable
-from .manifest import install
+from .manifest import install, published_paths
 from .plan import Plan
 from .readiness import is_inbox
 
@@ -139,6 +139,10 @@ def file_entry(study: StudyConfig, claim: Claim, plan: Plan | None, outcome: Out
     if outcome is Outcome.DELIVERED:
         assert plan is not None
         install(plan.manifest_path, target / f"{claim.id}.sha256")
+        # What `undo` may remove: the files and directories this delivery made.
+        files, dirs = published_paths(plan.path)
+        install(files, target / f"{claim.id}.published")
+        install(dirs, target / f"{claim.id}.dirs")
     write_atomic(target / f"{claim.id}.json", r.to_json())
     point("receipt")
     try:

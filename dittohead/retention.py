@@ -10,6 +10,7 @@ them are read.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pwd
 import syslog
@@ -72,6 +73,8 @@ def _purge_done(run: Run, study: StudyConfig, lines: list[str]) -> bool:
     except OSError as e:
         lines.append(f"{study.name}: cannot open {study.done}: {e.strerror}")
         return False
+    # `undo` rewrites receipts and moves them out of done/ holding this lock too.
+    fcntl.flock(done, fcntl.LOCK_EX)
     ok = True
     try:
         names = set(os.listdir(done))

@@ -11,14 +11,16 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from . import faults, parallel
 from .copier import Copier
 from .errors import ConfigError
 from .faults import point
 from .fsops import DIR_FLAGS, DirCache
-from .manifest import Manifest
+from .manifest import Manifest, dir_line, published_part, published_paths
 from .ownership import Ownership
 from .plan import PRESENT, DirPlan, FilePlan, Plan, State
 
@@ -80,19 +82,24 @@ def stage(plan: Plan, staging: Staging, owner: Ownership) -> None:
 
     Also writes the manifest to plan.manifest_path: a line for every file,
     those already delivered included, in plan order (the copying workers
-    write their shares' lines as they go).
+    write their shares' lines as they go); and the published record: the
+    lines of the files copied now and the directories made now
+    (manifest.published_paths()), which is what `undo` may remove.
     """
     fd = staging.fd
     with plan.state() as state:
         n = parallel.workers_for(plan)
-        bounds = _make_dirs(plan, state, fd, owner, n)
+        published, dirs_path = published_paths(plan.path)
+        with open(dirs_path, "wb") as dirs:
+            bounds = _make_dirs(plan, state, fd, owner, n, dirs)
         parallel.run(n, lambda k: _copy_share(plan, state, fd, owner, bounds[k],
-                                              bounds[k + 1], plan.manifest_part(k)))
-    _join_manifest(plan, n)
+                                              bounds[k + 1], k))
+    _join_parts(n, plan.manifest_part, plan.manifest_path)
+    _join_parts(n, lambda k: published_part(plan.path, k), published)
 
 
 def _make_dirs(plan: Plan, state: State, staging_fd: int, owner: Ownership,
-               shares: int) -> list[int]:
+               shares: int, dirs: BinaryIO) -> list[int]:
     """Make the staged new directories and a bucket for each existing one with files to copy.
 
     Returns where the shares of the copy start and end: shares + 1 record
@@ -111,6 +118,7 @@ def _make_dirs(plan: Plan, state: State, staging_fd: int, owner: Ownership,
         if isinstance(r, DirPlan):
             d = r
             if d.new:
+                dirs.write(dir_line(os.fsencode(d.rel)))
                 inode = _make_dir(staging_fd, d.staged, owner)
                 if d.root:
                     state.set_inode(d.index, inode)
@@ -128,15 +136,17 @@ def _make_dirs(plan: Plan, state: State, staging_fd: int, owner: Ownership,
 
 
 def _copy_share(plan: Plan, state: State, staging_fd: int, owner: Ownership, lo: int, hi: int,
-                manifest_part: Path) -> None:
+                share: int) -> None:
     """Copy the files whose record numbers are in [lo, hi); write their manifest lines.
 
     The lines of files already delivered are written too, so the parts of
-    all shares, joined in order, are the whole manifest in plan order.
+    all shares, joined in order, are the whole manifest in plan order; the
+    published part gets the lines of the files copied now only.
     """
     copied = 0
     with plan.source() as src, DirCache(staging_fd) as staged, \
-            Copier(staging_fd) as copier, Manifest(manifest_part) as manifest:
+            Copier(staging_fd) as copier, Manifest(plan.manifest_part(share)) as manifest, \
+            Manifest(published_part(plan.path, share)) as published:
         d: DirPlan | None = None
         for r in plan.placed(state):
             if isinstance(r, DirPlan):
@@ -153,20 +163,20 @@ def _copy_share(plan: Plan, state: State, staging_fd: int, owner: Ownership, lo:
             digest, inode = copier.copy(src.dir_fd(d.rel), r.src_name(plan), r,
                                         staged.dir_fd(d.staged), d.staged_name(r), owner, d.rel)
             state.set_copied(r.index, digest, inode)
-            manifest.add(d.rel, r.name, digest)
+            published.write(manifest.add(d.rel, r.name, digest))
             copied += 1
             if faults.enabled():
                 point(f"staged:{copied}")
 
 
-def _join_manifest(plan: Plan, parts: int) -> None:
-    """Put the shares' manifest parts together, in order, as plan.manifest_path."""
+def _join_parts(parts: int, part_path: Callable[[int], Path], path: Path) -> None:
+    """Put the shares' parts (of the manifest or published record) together, in order."""
     if parts == 1:
-        plan.manifest_part(0).rename(plan.manifest_path)
+        part_path(0).rename(path)
         return
-    with open(plan.manifest_path, "wb") as out:
+    with open(path, "wb") as out:
         for k in range(parts):
-            part = plan.manifest_part(k)
+            part = part_path(k)
             with open(part, "rb") as f:
                 shutil.copyfileobj(f, out)
             part.unlink()

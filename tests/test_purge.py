@@ -101,7 +101,8 @@ def test_a_killed_purge_is_finished_by_the_next(env: Env) -> None:
     os.rename(env.study.done / d, env.study.done / f".purge-{d}")
     r = env.run("purge")
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in env.study.done.iterdir()) == [f"{d}.json", f"{d}.sha256"]
+    assert sorted(p.name for p in env.study.done.iterdir()) == \
+        [f"{d}.dirs", f"{d}.json", f"{d}.published", f"{d}.sha256"]  # the records stay
     assert "purged" in json.loads((env.study.done / f"{d}.json").read_text())
 
 

@@ -83,7 +83,8 @@ def test_purge_removes_copies_and_abandoned_uploads_of_every_study(box: Box) -> 
     result, msgs = start(box)
     assert result == "success", msgs + box.debug("s1")
     assert box.sh(f"ls -A {ROOT}/dropbox/s1/done {done2}").stdout.split() == [
-        f"{ROOT}/dropbox/s1/done:", f"{delivery}.json", f"{delivery}.sha256",
+        f"{ROOT}/dropbox/s1/done:", f"{delivery}.dirs", f"{delivery}.json",
+        f"{delivery}.published", f"{delivery}.sha256",
         f"{done2}:", f"{OLD}.json"]
     assert all("purged" in r for r in box.receipts("s1")["done"] + box.receipts("s2")["done"])
     assert box.sh(f"cat {ROOT}/study/s1/x/f.txt | wc -c").stdout.strip() == "10"
