@@ -19,19 +19,17 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
-import fcntl
 import json
 import os
 import re
 import stat
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from .config import StudyConfig
-from .errors import ConfigError, DittoheadError, NoSpace, StorageError, TemporaryError
+from .errors import ConfigError, DittoheadError, NoSpace, StorageError
 from .faults import point
 from .fsops import is_enospc, write_atomic
 from .lockdown import Lockdown
@@ -67,36 +65,6 @@ class Claim:
     # an uploader's own (users/<user>/inbox); where `retry` puts it back.
     inbox: str = "inbox"
     space_told: str = ""  # when its wait for space was told, once (ISO 8601 UTC; "": not)
-
-
-class StudyLock:
-    """Exclusive per-study lock held for a whole run (flock on processing/)."""
-
-    def __init__(self, study: StudyConfig) -> None:
-        self.study = study
-        self.fd = -1
-
-    def __enter__(self) -> StudyLock:
-        try:
-            self.fd = os.open(self.study.processing, os.O_RDONLY | os.O_DIRECTORY)
-        except FileNotFoundError:
-            raise TemporaryError(
-                f"{self.study.processing} does not exist: run `dittohead setup "
-                f"{self.study.name}` (or is {self.study.root} not mounted?)") from None
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        os.close(self.fd)  # releases the flock
-
-    @contextmanager
-    def released(self) -> Iterator[None]:
-        """Let another run (an admin's) take the lock meanwhile, e.g. while waiting."""
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        try:
-            yield
-        finally:
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
 
 
 def now_iso() -> str:

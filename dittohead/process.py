@@ -31,7 +31,6 @@ from . import bound, log, notify, report
 from .claim import (
     Claim,
     ClaimRefused,
-    StudyLock,
     adopt_claimed,
     busy_seconds,
     claim,
@@ -66,6 +65,7 @@ from .publish import publish, undo_killed
 from .readiness import Watch
 from .record import file_entry, filed_receipt
 from .stage import Staging, remove_staging, stage
+from .studylock import StudyLock
 
 POLL = 0.2  # seconds between looks at the inbox while lingering
 WAIT_POLL = 1.0  # ... while waiting for entries to become quiet

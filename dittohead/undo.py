@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import log, outcomes
-from .claim import StudyLock, now_iso
+from .claim import now_iso
 from .config import Config, StudyConfig
 from .conflicts import open_destination
 from .errors import DittoheadError, Outcome
@@ -34,6 +34,7 @@ from .fsops import rename_noreplace, user_name, write_atomic
 from .health import DELIVERY_ID_RE
 from .log import printable
 from .record import ReceiptError, read_receipt
+from .studylock import StudyLock
 from .unpublish import (
     LISTED,
     Published,
