@@ -198,4 +198,7 @@ def status_text(data: list[dict[str, Any]], colour: bool = False, details: bool 
     if details:
         for s in data:
             lines += [""] + [clean(x) for x in study_details(s)]
+    if not all(s.get("inbox_readable", True) for s in data):
+        lines.append("(pending counts leave out the shared inbox, which only root and the "
+                     "service user can list: run status with sudo for them)")
     return "\n".join(lines)

@@ -89,6 +89,9 @@ def status(cfg: Config, study: StudyConfig) -> dict[str, Any]:
         "disk": disk_use(study.destination),
         "units": unit_states(study.name),
         "uploading_entries": purge.uploading_entries(study),
+        # Only root and the service user can list the shared inbox (1733): for the
+        # group's admins the counts above leave its entries out.
+        "inbox_readable": os.access(study.inbox, os.R_OK | os.X_OK),
     }
     from .glance import more  # the table's keys (oldest pending, forecast, ...)
     return data | more(cfg, study, data)

@@ -107,7 +107,11 @@ def test_an_admin_in_the_service_group_checks_but_may_not_retry(
     no_errno(r)
     r = as_user(service_env, admin, "status", "--json")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)[0]["study"] == "s1"
+    [s1] = json.loads(r.stdout)
+    assert s1["study"] == "s1" and s1["inbox_readable"] is False
+    # The table says its pending counts leave the shared inbox out, not "0" alone.
+    r = as_user(service_env, admin, "status")
+    assert r.returncode == 0 and "only root and the service user can list" in r.stdout
     r = as_user(service_env, admin, "retry", "s1", "20261127T204655Z-x-9f3a0c")
     assert r.returncode == 77
     assert f"dittohead retry is for root or the service user {svc.name}; you are " \

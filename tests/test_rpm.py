@@ -244,10 +244,16 @@ def box(rpm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[sysbox.
     `rpm -i --nodeps`: the box's rpm database is empty (Debian's), though what the
     package requires is there as Debian packages (python3.11, its PyYAML, systemd). Like
     EL 9, the box has no systemd-python for python3.11: its copy is removed (in the box's
-    overlay only).
+    overlay only). And like EL, whose systemd ships `disable *` as its last preset
+    (99-default-disable.preset; Debian enables by default), units are presets-disabled
+    unless a preset says otherwise: %systemd_post applies presets to the package's
+    timers for all studies (purge, metrics), which an admin enables when wanted.
     """
     with installed_box(tmp_path_factory, "rpm",
-                       [("rm", "-rf", "/usr/lib/python3/dist-packages/systemd")],
+                       [("rm", "-rf", "/usr/lib/python3/dist-packages/systemd"),
+                        ("sh", "-c", "mkdir -p /usr/lib/systemd/system-preset && echo "
+                         "'disable *' > /usr/lib/systemd/system-preset/99-default-disable"
+                         ".preset")],
                        ("rpm", "-i", "--nodeps", str(rpm))) as b:
         yield b
 
