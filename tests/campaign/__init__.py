@@ -45,7 +45,8 @@ class Expect:
     reason: str = ""
 
     def describe(self) -> str:
-        return f"{self.outcome} ({self.reason})" if self.reason else self.outcome
+        return f"{self.outcome}, reason matching `{self.reason}`" if self.reason \
+            else self.outcome
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class Tally:
     seconds: list[float] = field(default_factory=list)
     bytes: int = 0
     files: int = 0
+    note: str = ""  # a figure of the case's own (the kills: how many hit a run)
 
     def add(self, seen: Observed) -> None:
         self.counts[seen.outcome] = self.counts.get(seen.outcome, 0) + 1

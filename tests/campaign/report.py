@@ -7,6 +7,7 @@ pytest runs (one root run at a time on a shared machine) still makes one report.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -38,9 +39,25 @@ INTRO = {
 }
 
 
+PART = os.environ.get("DITTOHEAD_CAMPAIGN_PART", "")  # "k/n": this run does part k of n
+
+
+def part(index: int) -> bool:
+    """Whether trial `index` belongs to this run's part (every trial without a part).
+
+    The parts of one campaign must share DITTOHEAD_CAMPAIGN_SEED: it draws the schedule."""
+    if not PART:
+        return True
+    if "DITTOHEAD_CAMPAIGN_SEED" not in os.environ:
+        raise RuntimeError("DITTOHEAD_CAMPAIGN_PART needs DITTOHEAD_CAMPAIGN_SEED")
+    k, n = (int(x) for x in PART.split("/"))
+    return index % n == k
+
+
 def save(tally: Tally) -> None:
-    """Keep one case's tally for the report."""
-    path = STORE / tally.table / f"{tally.case}.json"
+    """Keep one case's tally (of this part) for the report."""
+    suffix = "." + PART.replace("/", "of") if PART else ""
+    path = STORE / tally.table / f"{tally.case}{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(asdict(tally)))
 
@@ -60,11 +77,31 @@ def reset() -> None:
 
 
 def load_all() -> dict[str, list[Tally]]:
-    tables: dict[str, list[Tally]] = {}
+    """Every kept tally by table, the parts of one case added up."""
+    merged: dict[tuple[str, str], Tally] = {}
     for path in sorted(STORE.glob("*/*.json")):
         t = Tally(**json.loads(path.read_text()))
+        have = merged.setdefault((t.table, t.case), Tally(
+            t.table, t.case, t.does, t.expect, t.seed))
+        for outcome, count in t.counts.items():
+            have.counts[outcome] = have.counts.get(outcome, 0) + count
+        have.reasons += [r for r in t.reasons if r not in have.reasons][:3 - len(have.reasons)]
+        have.seconds += t.seconds
+        have.bytes += t.bytes
+        have.files += t.files
+        if t.note:
+            have.note = _add_notes(have.note, t.note) if have.note else t.note
+    tables: dict[str, list[Tally]] = {}
+    for t in merged.values():
         tables.setdefault(t.table, []).append(t)
     return tables
+
+
+def _add_notes(a: str, b: str) -> str:
+    """'... in X of Y' + '... in U of V' -> '... in X+U of Y+V' (the kills' hit counts)."""
+    head, _, nums = a.rpartition(" in ")
+    (x, y), (u, v) = (map(int, n.split(" of ")) for n in (nums, b.rpartition(" in ")[2]))
+    return f"{head} in {x + u} of {y + v}"
 
 
 def _sh(*argv: str) -> str:
@@ -81,6 +118,7 @@ def _row(t: Tally) -> str:
     secs = (f"median {statistics.median(t.seconds):.2f} s, max {max(t.seconds):.2f} s"
             if t.seconds else "")
     size = f", {t.files} files, {t.bytes / 1e6:.1f} MB in all" if t.files else ""
+    size += f"; {t.note}" if t.note else ""
     cells = [f"`{t.case}`", t.does, t.expect, str(n), str(t.counts.get("delivered once", 0)),
              str(t.counts.get("kept for retry", 0)), failed,
              str(t.counts.get("rejected", 0)), str(other), secs + size]
