@@ -72,6 +72,7 @@ def test_sigkill_of_the_service_at_any_stage_then_the_next_run_delivers_once(
     tallies = {p: Tally("kills", f"kill at {p}", KILL_DOES[p.partition(":")[0]],
                         f"{DELIVERED}, byte-identical, nothing left", SEED) for p in POINTS}
     hits = dict.fromkeys(POINTS, 0)
+    report.plan("kills", n)
     box = boot_installed(tmp_path_factory.mktemp("campaign-box", numbered=True))
     try:
         prepare(box)

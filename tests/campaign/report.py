@@ -70,9 +70,15 @@ def add_time(table: str, seconds: float) -> None:
     path.write_text(f"{before + seconds:.3f}")
 
 
+def plan(table: str, trials: int) -> None:
+    """Say how many trials the table's campaign has in all (its parts may run apart)."""
+    STORE.mkdir(parents=True, exist_ok=True)
+    (STORE / f"{table}.planned").write_text(str(trials))
+
+
 def reset() -> None:
     """Forget the kept tallies of this mode (a new campaign starts)."""
-    for path in [*STORE.glob("*/*.json"), *STORE.glob("*.seconds")]:
+    for path in [*STORE.glob("*/*.json"), *STORE.glob("*.seconds"), *STORE.glob("*.planned")]:
         path.unlink()
 
 
@@ -152,9 +158,14 @@ def write() -> Path:
     for name, tallies in sorted(tables.items()):
         seeds = sorted({t.seed for t in tallies})
         took = seconds_by_table.get(name)
+        done = sum(sum(t.counts.values()) for t in tallies)
+        planned_path = STORE / f"{name}.planned"
+        planned = int(planned_path.read_text()) if planned_path.exists() else done
         lines += [f"## {name}", "", INTRO.get(name, ""), "",
-                  f"{len(tallies)} cases, {sum(sum(t.counts.values()) for t in tallies)} "
-                  f"trials, seed(s) {', '.join(map(str, seeds))}"
+                  f"{len(tallies)} cases, {done} trials"
+                  + (f" (INCOMPLETE: {planned} planned; the parts not run are missing)"
+                     if done < planned else "")
+                  + f", seed(s) {', '.join(map(str, seeds))}"
                   + (f", {took:.0f} s in all." if took else "."), "",
                   "| case | what it does | expected | trials | delivered once | kept for "
                   "retry | failed (reason) | rejected | other | figures |",
