@@ -126,3 +126,11 @@ clean:
 -include packaging/install.mk
 -include packaging/deb.mk
 -include packaging/rpm.mk
+
+# As root: the proof campaign with its full counts (tests/campaign/), which rewrites
+# docs/reliability.md; `make test` runs it with reduced counts. Replay a run with
+# DITTOHEAD_CAMPAIGN_SEED=<seed> (printed at its start).
+.PHONY: campaign
+campaign: venv
+	rm -rf .cache/campaign/full
+	DITTOHEAD_CAMPAIGN=full $(VENV)/bin/pytest -v -s -m campaign tests/test_campaign.py

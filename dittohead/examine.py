@@ -130,8 +130,18 @@ def kind_of(mode: int) -> str:
 
 
 _NOT_THEIRS = "files owned by another user than the uploader"
+# Linux turns a chown of another user's setuid or setgid file into a chmod too (it
+# drops the bits), which needs CAP_FOWNER, which the service lacks: EPERM. Such a
+# file could never be taken over. docs/field-notes.md, "Set-id files".
+_SET_ID = ("files with a setuid or setgid bit (they cannot be taken over from their "
+           "uploader; upload them without it: chmod u-s,g-s)")
 _LINKED = ("files with other names (hard links, as cp -al or rsync --link-dest make: "
            "they could change through a name outside the entry; upload a copy)")
+
+
+def _set_id(st: os.stat_result) -> bool:
+    """A mode whose chown by another user the kernel turns into a chmod (a kill of set-id)."""
+    return bool(st.st_mode & (stat.S_ISUID | stat.S_ISGID))
 
 
 class _Walker:
@@ -232,7 +242,8 @@ class _Walker:
         if not skip and readiness.is_temp(rel.rpartition("/")[2]):
             self.bad.add(readiness.TEMP_KIND, rel)  # held back until stale: partial
         problem = (_NOT_THEIRS if not self.lockdown.owned(st)
-                   else _LINKED if st.st_nlink > 1 else None)
+                   else _LINKED if st.st_nlink > 1
+                   else _SET_ID if _set_id(st) and st.st_uid != self.lockdown.uid else None)
         if problem is not None:
             # Ignored or not: never taken, and never filed unnoticed in done/.
             self.bad.add(problem, rel)

@@ -11,6 +11,8 @@ Markers (every test carries the ones that apply; the hook below acts on them):
            `pytest --durations=0` reports them when run as root (the median of a few runs
            for a test whose time varies). Every test that boots a box is slow. Nothing
            faster is marked, so `-m "not slow"` runs all the rest.
+  campaign the proof campaign (tests/test_campaign.py): reduced counts unless
+           DITTOHEAD_CAMPAIGN=full, which also rewrites docs/reliability.md.
 
 Skips for a missing tool (lintian, man, systemd-analyze) stay with their tests.
 """

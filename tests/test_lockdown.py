@@ -179,3 +179,18 @@ def test_another_users_file_in_an_ignored_directory_fails_the_entry(
     reason = json.loads(env.failed_receipts()[0].read_text())["reason"]
     assert "._meta/secret" in reason
     assert tree(env.study.destination) == {}
+
+
+@pytest.mark.parametrize("mode", [0o4755, 0o2750, 0o2644])
+def test_a_set_id_file_fails_the_entry_naming_it_instead_of_a_config_error(
+        service_env: Env, svc: ThrowawayUser, ra: ThrowawayUser, mode: int) -> None:
+    # Linux refuses the service's chown of another user's set-id file (it would also
+    # drop the bits: CAP_FOWNER): this was exit 78 blaming CAP_CHOWN, the entry stuck.
+    env = service_env
+    entry = env.drop("e", {"tool": b"#!/bin/sh\n", "ok.txt": b"ok"}, uid=ra.uid)
+    os.chmod(entry / "tool", mode)
+    r = as_service(env, svc, "process", "s1")
+    assert r.returncode == 0, r.stderr
+    reason = json.loads(env.failed_receipts()[0].read_text())["reason"]
+    assert "setuid or setgid" in reason and "tool" in reason
+    assert tree(env.study.destination) == {}

@@ -1,0 +1,176 @@
+"""Keep each case's tally, and write docs/reliability.md from every tally of this mode.
+
+Tallies are kept as JSON under .cache/campaign/<mode>/ so a campaign split over several
+pytest runs (one root run at a time on a shared machine) still makes one report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from . import FULL, MODE, Tally
+
+REPO = Path(__file__).resolve().parents[2]
+STORE = REPO / ".cache" / "campaign" / MODE
+REPORT = REPO / "docs" / "reliability.md"
+COLUMNS = ("delivered once", "kept for retry", "failed", "rejected")
+
+INTRO = {
+    "hostile": "Entries an uploader can make, each run through `dittohead process` as the "
+               "service user with exactly the unit's capabilities (setpriv), on real files "
+               "owned by a throwaway uploader. Checked after each trial: the expected "
+               "outcome, the destination holds exactly what was delivered and nothing else "
+               "changed, a failed entry's reason names the file, nothing left in the inbox "
+               "or processing.",
+    "kills": "SIGKILL of `dittohead@s1.service` (`systemctl kill -s KILL`) on a booted "
+             "systemd with the checkout installed, held at a fault point "
+             "(`DITTOHEAD_TEST_FAULT=<point>=wait:<file>`) or after a random delay. Then "
+             "the next run (`systemctl start`) finishes. Checked after each: the entry "
+             "delivered exactly once with one receipt, byte-identical to what the uploader "
+             "wrote, the manifest verifies (`sha256sum -c` in the destination), no "
+             "`.incoming-*` left, nothing in the inbox or processing.",
+}
+
+
+PART = os.environ.get("DITTOHEAD_CAMPAIGN_PART", "")  # "k/n": this run does part k of n
+
+
+def part(index: int) -> bool:
+    """Whether trial `index` belongs to this run's part (every trial without a part).
+
+    The parts of one campaign must share DITTOHEAD_CAMPAIGN_SEED: it draws the schedule."""
+    if not PART:
+        return True
+    if "DITTOHEAD_CAMPAIGN_SEED" not in os.environ:
+        raise RuntimeError("DITTOHEAD_CAMPAIGN_PART needs DITTOHEAD_CAMPAIGN_SEED")
+    k, n = (int(x) for x in PART.split("/"))
+    return index % n == k
+
+
+def save(tally: Tally) -> None:
+    """Keep one case's tally (of this part) for the report."""
+    suffix = "." + PART.replace("/", "of") if PART else ""
+    path = STORE / tally.table / f"{tally.case}{suffix}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(tally)))
+
+
+def add_time(table: str, seconds: float) -> None:
+    """Add to a table's wall-clock time (kept with the tallies)."""
+    path = STORE / f"{table}.seconds"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    before = float(path.read_text()) if path.exists() else 0.0
+    path.write_text(f"{before + seconds:.3f}")
+
+
+def plan(table: str, trials: int) -> None:
+    """Say how many trials the table's campaign has in all (its parts may run apart)."""
+    STORE.mkdir(parents=True, exist_ok=True)
+    (STORE / f"{table}.planned").write_text(str(trials))
+
+
+def reset() -> None:
+    """Forget the kept tallies of this mode (a new campaign starts)."""
+    for path in [*STORE.glob("*/*.json"), *STORE.glob("*.seconds"), *STORE.glob("*.planned")]:
+        path.unlink()
+
+
+def load_all() -> dict[str, list[Tally]]:
+    """Every kept tally by table, the parts of one case added up."""
+    merged: dict[tuple[str, str], Tally] = {}
+    for path in sorted(STORE.glob("*/*.json")):
+        t = Tally(**json.loads(path.read_text()))
+        have = merged.setdefault((t.table, t.case), Tally(
+            t.table, t.case, t.does, t.expect, t.seed))
+        for outcome, count in t.counts.items():
+            have.counts[outcome] = have.counts.get(outcome, 0) + count
+        have.reasons += [r for r in t.reasons if r not in have.reasons][:3 - len(have.reasons)]
+        have.seconds += t.seconds
+        have.bytes += t.bytes
+        have.files += t.files
+        if t.note:
+            have.note = _add_notes(have.note, t.note) if have.note else t.note
+    tables: dict[str, list[Tally]] = {}
+    for t in merged.values():
+        tables.setdefault(t.table, []).append(t)
+    return tables
+
+
+def _add_notes(a: str, b: str) -> str:
+    """'... in X of Y' + '... in U of V' -> '... in X+U of Y+V' (the kills' hit counts)."""
+    head, _, nums = a.rpartition(" in ")
+    (x, y), (u, v) = (map(int, n.split(" of ")) for n in (nums, b.rpartition(" in ")[2]))
+    return f"{head} in {x + u} of {y + v}"
+
+
+def _sh(*argv: str) -> str:
+    r = subprocess.run(argv, capture_output=True, text=True, check=False)
+    return r.stdout.strip().splitlines()[0] if r.stdout.strip() else "?"
+
+
+def _row(t: Tally) -> str:
+    n = sum(t.counts.values())
+    other = n - sum(t.counts.get(c, 0) for c in COLUMNS)
+    failed = str(t.counts.get("failed", 0))
+    if t.reasons and t.counts.get("failed"):
+        failed += " (" + "; ".join(r.replace("|", "\\|")[:90] for r in t.reasons) + ")"
+    secs = (f"median {statistics.median(t.seconds):.2f} s, max {max(t.seconds):.2f} s"
+            if t.seconds else "")
+    size = f", {t.files} files, {t.bytes / 1e6:.1f} MB in all" if t.files else ""
+    size += f"; {t.note}" if t.note else ""
+    cells = [f"`{t.case}`", t.does, t.expect, str(n), str(t.counts.get("delivered once", 0)),
+             str(t.counts.get("kept for retry", 0)), failed,
+             str(t.counts.get("rejected", 0)), str(other), secs + size]
+    return "| " + " | ".join(c.replace("\n", " ") for c in cells) + " |"
+
+
+def write() -> Path:
+    """Rewrite docs/reliability.md from every kept tally of this mode."""
+    tables = load_all()
+    seconds_by_table = {p.name.removesuffix(".seconds"): float(p.read_text())
+                        for p in STORE.glob("*.seconds")}
+    kind = "FULL run" if FULL else "REDUCED run (the counts `make test` uses; see each case)"
+    lines = [
+        "# Reliability: the proof campaign's figures",
+        "",
+        "GENERATED by `tests/campaign/report.py`: do not edit by hand. Regenerate with",
+        "`make campaign` (as root: `DITTOHEAD_CAMPAIGN=full pytest -m campaign "
+        "tests/test_campaign.py`); replay a run with `DITTOHEAD_CAMPAIGN_SEED=<seed>`.",
+        "",
+        f"- This is a {kind}, written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        f"- Machine: {platform.machine()}, kernel {platform.release()}, "
+        f"{_sh('/usr/lib/systemd/systemd', '--version')}, "
+        f"{_sh('nproc')} CPUs; hostile-input entries on `/var/tmp` "
+        f"({_sh('findmnt', '-no', 'FSTYPE', '-T', '/var/tmp')}), kills on a tmpfs in the "
+        "booted box.",
+        "- Columns: the trials, then how many ended each way. `other` is anything but the "
+        "four outcomes; every trial must have its case's expected outcome, or the campaign "
+        "fails naming the seed and the trial.",
+        "",
+    ]
+    for name, tallies in sorted(tables.items()):
+        seeds = sorted({t.seed for t in tallies})
+        took = seconds_by_table.get(name)
+        done = sum(sum(t.counts.values()) for t in tallies)
+        planned_path = STORE / f"{name}.planned"
+        planned = int(planned_path.read_text()) if planned_path.exists() else done
+        lines += [f"## {name}", "", INTRO.get(name, ""), "",
+                  f"{len(tallies)} cases, {done} trials"
+                  + (f" (INCOMPLETE: {planned} planned; the parts not run are missing)"
+                     if done < planned else "")
+                  + f", seed(s) {', '.join(map(str, seeds))}"
+                  + (f", {took:.0f} s in all." if took else "."), "",
+                  "| case | what it does | expected | trials | delivered once | kept for "
+                  "retry | failed (reason) | rejected | other | figures |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [_row(t) for t in tallies]
+        lines.append("")
+    REPORT.write_text("\n".join(lines))
+    return REPORT
