@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from . import __version__, config, log
+from . import DEFAULT_CONFIG_PATH, __version__, log
 from .errors import (
     EXIT_TEMPFAIL,
     EXIT_UNEXPECTED,
@@ -22,6 +22,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from . import config
     from .rsyncver import RsyncProbe
     from .upload import Before
 
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"dittohead {__version__}")
     p.add_argument("--config", metavar="PATH",
                    help="config file (default: $DITTOHEAD_CONFIG, else "
-                        f"{config.DEFAULT_CONFIG})")
+                        f"{DEFAULT_CONFIG_PATH})")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("process", help="drain a study's inbox once (what the service runs)")
@@ -219,6 +220,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "where":
         from .rsyncver import RsyncProbe
         probe = RsyncProbe()
+    from . import config  # not for `upload --host`: a lab machine's start-up
     cfg = config.load(config.config_path(args.config))
     if not getattr(args, "mine", False):  # status --mine is for anyone
         from .access import require
@@ -333,6 +335,7 @@ def _upload(args: argparse.Namespace) -> int:
                              args.wait, args.timeout)
     if args.ssh_config is not None:
         raise UsageError("--ssh-config goes with --host")
+    from . import config  # not for `upload --host`: a lab machine's start-up
     from .upload import before, upload
     cfg = config.load(config.config_path(args.config))
     study = cfg.study(args.study)

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from . import DEFAULT_CONFIG_PATH
 from .configops import forecast_days, percentages, retention
 from .errors import ConfigError
 from .log import printable
@@ -32,7 +33,7 @@ from .settings import (
 __all__ = ["DEFAULT_CONFIG", "DEFAULT_QUIET_PERIOD", "NOTIFY_EVENTS", "Config", "NotifyConfig",
            "SmtpConfig", "StudyConfig", "StudyNotify", "config_path", "load", "parse"]
 
-DEFAULT_CONFIG = Path("/etc/dittohead/config.yaml")
+DEFAULT_CONFIG = Path(DEFAULT_CONFIG_PATH)
 # Every pattern here is used with fullmatch: "$" would accept a trailing newline.
 STUDY_RE = re.compile(r"[a-z0-9][a-z0-9_]{0,63}")
 # Debian's adduser default NAME_REGEX, plus what groups and sysusers accept.
