@@ -96,7 +96,11 @@ W=$1 CONSOLE=$2 MACHINE_ID=$3
 shift 3
 R=$W/root S=$W/state
 
-mount -t tmpfs -o mode=0755,size=512m sysbox-state "$S"
+# The overlay's upper layer: what the box installs (Samba, OpenSSH from
+# .cache/debs) and writes (uploaders' homes hold test trees of 48 MiB each). 512m
+# was measured too tight once every test module's box added its own; a tmpfs
+# takes only the memory it holds.
+mount -t tmpfs -o mode=0755,size=1g sysbox-state "$S"
 mkdir "$S/upper" "$S/work"
 mount -t overlay -o "lowerdir=/,upperdir=$S/upper,workdir=$S/work" sysbox-root "$R"
 mountpoint -q "$R"
