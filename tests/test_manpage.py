@@ -129,6 +129,13 @@ def test_every_message_id_is_in_the_contract() -> None:
     assert not missing, f"message ids missing from docs/contract.md: {missing}"
 
 
+def test_every_message_id_is_in_the_man_pages_journal_section() -> None:
+    journal = _section(MANPAGE.read_text().replace("\\-", "-"), "\n.SH JOURNAL", ".SH")
+    missing = [kind for kind, mid in MESSAGE_IDS.items()
+               if f"{kind} \" ({mid})\"" not in journal]
+    assert not missing, f"events missing from the man page's JOURNAL section: {missing}"
+
+
 def test_see_also_names_only_installed_documents(tmp_path: Path) -> None:
     r = subprocess.run(["make", "-s", "-f", "packaging/install.mk", "install-files",
                         f"DESTDIR={tmp_path}", "PREFIX=/usr"],
