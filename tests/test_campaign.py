@@ -83,6 +83,8 @@ def test_storage_fault_loses_nothing_and_the_entry_is_delivered_once_after(
                 raise CampaignFailure(f"{case.name} trial {i} (seed {SEED}): expected "
                                       f"{case.expect()}, got {seen.reason}")
     finally:
+        if tally.reasons:
+            tally.note = "; ".join(tally.reasons[:2]).replace("|", "/")
         report.save(tally)
         report.add_time("storage", time.monotonic() - started)
 

@@ -159,7 +159,11 @@ def judge_first(case: Case, env: Env, m: Mounted, r: subprocess.CompletedProcess
     assert env.done_receipts() == [] and env.failed_receipts() == [], "an entry was filed"
     nothing_partial(dest, before, files)
     line = [x for x in r.stderr.splitlines() if re.search(case.message, x)][:1]
-    return Observed(KEPT, line[0][-200:] if line else "")
+    said = line[0].partition(" [DITTOHEAD_")[0][-160:] if line else ""
+    shown = [k for k in tree(dest) if k in files and not k.startswith(".")]
+    if shown:  # published before the storage failed, not removable until it is back
+        said += f"; {len(shown)} of its {len(files)} files visible (whole) until the next run"
+    return Observed(KEPT, said)
 
 
 def delivered_once(env: Env, before: dict[str, bytes], files: dict[str, bytes]) -> None:
