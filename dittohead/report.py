@@ -68,7 +68,9 @@ def filing_no_space(config: Config, study: StudyConfig, c: Claim, uploader: str,
 
 def storage_failed(study: StudyConfig, c: Claim, uploader: str, error: OSError) -> None:
     """The storage failed under the entry (EIO, read-only); it stays claimed, the run exits 74."""
-    where = log.printable(str(error.filename)) if error.filename else "a file of the entry"
+    # Without a name (a write, a statfs on a descriptor) it is one of the two filesystems.
+    where = (log.printable(str(error.filename)) if error.filename else
+             f"under {study.destination} or {study.root}")
     why = (f"the storage failed ({error.strerror}: {where}); "
            "the entry stays claimed and the next run takes it up again; see the kernel log")
     log.event(Outcome.RETRY_LATER, f"{study.name}: {log.printable(c.entry)}: {why}",
