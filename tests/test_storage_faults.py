@@ -38,3 +38,8 @@ def test_dropbox_gone_read_only_before_filing_exits_74_not_1(
 def test_eio_renaming_into_the_destination_is_a_storage_failure_exit_74(
         svc: ThrowawayUser, ra: ThrowawayUser) -> None:
     _one("dest-publish-eio", svc, ra)  # was exit 75, "the destination went away"
+
+
+def test_eio_without_a_file_name_names_the_two_filesystems_not_an_entry_file(
+        svc: ThrowawayUser, ra: ThrowawayUser) -> None:
+    _one("dest-statfs-eio", svc, ra)  # said "a file of the entry" for the destination's statfs
