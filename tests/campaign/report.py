@@ -163,7 +163,8 @@ def write() -> Path:
         f"{_sh('/usr/lib/systemd/systemd', '--version')}, "
         f"{_sh('nproc')} CPUs; hostile-input entries on `/var/tmp` "
         f"({_sh('findmnt', '-no', 'FSTYPE', '-T', '/var/tmp')}), kills on a tmpfs in the "
-        "booted box.",
+        "booted box, storage faults on the filesystem each case names, mounted under "
+        "`/var/tmp`. Each table names its seed: tables may come from separate runs.",
         "- Columns: the trials, then how many ended each way. `other` is anything but the "
         "four outcomes; every trial must have its case's expected outcome, or the campaign "
         "fails naming the seed and the trial.",
