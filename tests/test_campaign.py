@@ -72,6 +72,8 @@ def test_storage_fault_loses_nothing_and_the_entry_is_delivered_once_after(
     if case.fs == "faultfs" and (why := fuse_available()):
         pytest.skip(f"faultfs cannot run: {why}")
     if case.fs == "tmpfs-quota" and (why := quota_available()):
+        report.save(Tally("storage", case.name, case.does, case.expect(), SEED,
+                          note=f"NOT RUN: {why}"))
         pytest.skip(f"NOT RUN: {why}")
     started = time.monotonic()
     tally = Tally("storage", case.name, case.does, case.expect(), SEED)
