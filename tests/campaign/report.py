@@ -138,8 +138,9 @@ def _row(t: Tally) -> str:
     secs = (f"median {statistics.median(t.seconds):.2f} s, max {max(t.seconds):.2f} s"
             if t.seconds else "")
     size = f", {t.files} files, {t.bytes / 1e6:.1f} MB in all" if t.files else ""
-    size += f"; {t.note}" if t.note else ""
-    cells = [f"`{t.case}`", t.does, t.expect, str(n), str(t.counts.get("delivered once", 0)),
+    size += ("; " if secs or size else "") + t.note if t.note else ""
+    cells = [f"`{t.case}`", t.does, t.expect.replace("|", "\\|"), str(n),
+             str(t.counts.get("delivered once", 0)),
              str(t.counts.get("kept for retry", 0)), failed,
              str(t.counts.get("rejected", 0)), str(other), secs + size]
     return "| " + " | ".join(c.replace("\n", " ") for c in cells) + " |"
