@@ -48,6 +48,9 @@ typecheck: venv
 # lintian checks the .deb that tests/test_deb.py builds: without it that
 # test is skipped, so CI (a clean root machine) gets it here.
 TEST_APT_PACKAGES := lintian
+# The storage campaign's fault filesystem (tests/campaign/faultfs.py) runs on
+# Debian's python3 with pyfuse3 (it passes rename flags; fusepy does not).
+TEST_APT_PACKAGES += python3-pyfuse3 fuse3
 
 pytest: venv
 	$(call apt_ensure,$(TEST_APT_PACKAGES))

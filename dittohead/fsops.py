@@ -12,6 +12,8 @@ import errno
 import hashlib
 import os
 import pwd
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 CHUNK = 1 << 20  # bytes per read and write of file data
@@ -83,6 +85,20 @@ def used_percent(st: os.statvfs_result) -> float:
 def is_enospc(e: OSError) -> bool:
     """True for the errors that mean 'the filesystem is full'."""
     return e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+# Errors of the storage itself, not of an entry: kept claimed, exit 74.
+STORAGE_ERRNOS = frozenset({errno.EIO, errno.EROFS, errno.EUCLEAN})
+
+
+@contextmanager
+def storage_errors_ignored() -> Iterator[None]:
+    """For tidying after a failed storage was reported: its error is not raised again."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in STORAGE_ERRNOS:
+            raise
 
 
 def join(rel: str, name: str) -> str:

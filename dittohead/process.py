@@ -6,12 +6,11 @@ claim (claim.py) -> examine (examine.py) -> compare with the destination
 (conflicts.py) -> stage (stage.py, copier.py) -> publish (publish.py) ->
 file in done/ or failed/ (record.py) -> journal event and mail (report.py).
 
-With `--linger N` the run keeps watching the inbox until it has held no
-ready entry for N seconds: a systemd .path unit does not see entries that
-arrive while its service runs (docs/field-notes.md), so the service picks
-them up itself. It also waits for entries that are not quiet yet
-(readiness.py), which the path unit's glob matches too: ending would only
-have the path unit start the next run at once, again and again.
+With `--linger N` the run keeps watching the inbox until it has held no ready entry
+for N seconds: a systemd .path unit does not see entries that arrive while its service
+runs (docs/field-notes.md), so the service picks them up itself. It also waits for
+entries that are not quiet yet (readiness.py), which the path unit's glob matches too:
+ending would only have the path unit start the next run at once, again and again.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from . import bound, log, notify, report
+from . import bound, fsops, log, notify, report
 from .claim import (
     Claim,
     ClaimRefused,
@@ -80,8 +79,6 @@ BUSY_LIMIT = 3600
 # anything is copied: an open, a lease and a close a file (about 5 us) against
 # copying 64 MiB or more (tens of ms at least) and rolling it all back.
 PRECHECK_BYTES = 64 << 20
-# Errors of the storage itself, not of an entry: kept claimed, exit 74.
-STORAGE_ERRNOS = frozenset({errno.EIO, errno.EROFS, errno.EUCLEAN})
 
 
 @dataclass(frozen=True)
@@ -244,10 +241,8 @@ def _tell_waiting(study: StudyConfig, watch: Watch, linger: float) -> None:
 def handle(config: Config, study: StudyConfig, c: Claim, owner: Ownership) -> Outcome:
     """Deliver one claimed entry, file it and tell of it; return how it ended.
 
-    An unexpected error (EIO, a bug) keeps only this entry back, claimed for
-    the next run; the others are still drained, so no ready entry is left to
-    re-trigger the path unit.
-    """
+    An error (a bug, the storage) keeps only this entry back, claimed for the next run;
+    the others are still drained, so no ready entry is left to re-trigger the path unit."""
     uploader = _uploader(study, c)
     try:
         # Each attempt spools its plan and manifest anew; a killed one's plan
@@ -271,7 +266,10 @@ def handle(config: Config, study: StudyConfig, c: Claim, owner: Ownership) -> Ou
             raise ConfigError(f"{e.strerror}: {where}: the service user must be able to "
                               f"write every directory of {study.destination}; "
                               f"{log.printable(c.entry)} stays claimed") from None
-        if e.errno not in STORAGE_ERRNOS:
+        if is_enospc(e):  # the dropbox filled up while the entry was filed
+            report.filing_no_space(config, study, c, uploader, e)
+            return Outcome.RETRY_LATER
+        if e.errno not in fsops.STORAGE_ERRNOS:
             report.unexpected(study, c, uploader, e)
             return Outcome.ERROR
         report.storage_failed(study, c, uploader, e)  # the run exits 74
@@ -279,8 +277,9 @@ def handle(config: Config, study: StudyConfig, c: Claim, owner: Ownership) -> Ou
     except Exception as e:  # reported; the run exits 1
         report.unexpected(study, c, uploader, e)
         return Outcome.ERROR
-    finally:
-        remove_spool(study.processing, c.id)
+    finally:  # after a storage error, a later attempt keeps what is left (keep_killed)
+        with fsops.storage_errors_ignored():
+            remove_spool(study.processing, c.id)
     report.filed(config, study, receipt, c)
     return receipt.outcome
 

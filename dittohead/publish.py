@@ -273,7 +273,8 @@ def _classify(e: OSError, doing: str) -> DittoheadError | None:
     if is_enospc(e):
         return NoSpace(f"the destination filled up while {doing}; rolled back, "
                               "will retry")
-    if e.errno in (errno.ENOENT, errno.ESTALE, errno.EIO, errno.ENOTCONN, errno.ENODEV):
+    # Not EIO: that is the storage failing (exit 74, an admin is told), not going away.
+    if e.errno in (errno.ENOENT, errno.ESTALE, errno.ENOTCONN, errno.ENODEV):
         return TemporaryError(f"the destination went away while {doing} ({e.strerror}); "
                               "rolled back, will retry")
     if e.errno in (errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ):

@@ -58,9 +58,19 @@ def unexpected(study: StudyConfig, c: Claim, uploader: str, error: Exception) ->
               reason=why, **fields(study, c, uploader))
 
 
+def filing_no_space(config: Config, study: StudyConfig, c: Claim, uploader: str,
+                    error: OSError) -> None:
+    """The dropbox filled up while the entry was filed: kept for a later run (exit 75)."""
+    where = log.printable(str(error.filename)) if error.filename else study.processing
+    kept(config, study, c, uploader, f"the dropbox is full ({error.strerror}: {where}); "
+         "the entry stays claimed and the next run files it")
+
+
 def storage_failed(study: StudyConfig, c: Claim, uploader: str, error: OSError) -> None:
     """The storage failed under the entry (EIO, read-only); it stays claimed, the run exits 74."""
-    where = log.printable(str(error.filename)) if error.filename else "a file of the entry"
+    # Without a name (a write, a statfs on a descriptor) it is one of the two filesystems.
+    where = (log.printable(str(error.filename)) if error.filename else
+             f"under {study.destination} or {study.root}")
     why = (f"the storage failed ({error.strerror}: {where}); "
            "the entry stays claimed and the next run takes it up again; see the kernel log")
     log.event(Outcome.RETRY_LATER, f"{study.name}: {log.printable(c.entry)}: {why}",

@@ -29,6 +29,20 @@ INTRO = {
                "outcome, the destination holds exactly what was delivered and nothing else "
                "changed, a failed entry's reason names the file, nothing left in the inbox "
                "or processing.",
+    "storage": "The storage failing under `dittohead process` (run as the service user "
+               "with the unit's capabilities): a filesystem mounted over the destination or "
+               "the dropbox root. `faultfs` is a FUSE passthrough (tests/campaign/faultfs.py, "
+               "pyfuse3) failing the chosen operation on the chosen paths after a seeded "
+               "number of calls; `tmpfs-full` a real tmpfs filled to the last byte; `ext4` a "
+               "real ext4 on a loop device remounted read-only (before the run, or while the "
+               "run is held at a fault point). Checked after each: the exit code (75 kept "
+               "for retry, 74 the storage failed), the message, the entry whole in the inbox "
+               "or processing, no receipt, no file visible in the destination that is not "
+               "whole; then the fault is lifted and the next run must deliver it exactly "
+               "once (one receipt, manifest verifying, nothing left). The figures column "
+               "quotes the message. A destination on sshfs is not run yet: it needs the "
+               "booted box's sshd; faultfs's `dest-no-rename-noreplace` stands in for its "
+               "missing RENAME_NOREPLACE.",
     "kills": "SIGKILL of `dittohead@s1.service` (`systemctl kill -s KILL`) on a booted "
              "systemd with the checkout installed, held at a fault point "
              "(`DITTOHEAD_TEST_FAULT=<point>=wait:<file>`) or after a random delay. Then "
@@ -124,8 +138,9 @@ def _row(t: Tally) -> str:
     secs = (f"median {statistics.median(t.seconds):.2f} s, max {max(t.seconds):.2f} s"
             if t.seconds else "")
     size = f", {t.files} files, {t.bytes / 1e6:.1f} MB in all" if t.files else ""
-    size += f"; {t.note}" if t.note else ""
-    cells = [f"`{t.case}`", t.does, t.expect, str(n), str(t.counts.get("delivered once", 0)),
+    size += ("; " if secs or size else "") + t.note if t.note else ""
+    cells = [f"`{t.case}`", t.does, t.expect.replace("|", "\\|"), str(n),
+             str(t.counts.get("delivered once", 0)),
              str(t.counts.get("kept for retry", 0)), failed,
              str(t.counts.get("rejected", 0)), str(other), secs + size]
     return "| " + " | ".join(c.replace("\n", " ") for c in cells) + " |"
@@ -149,7 +164,8 @@ def write() -> Path:
         f"{_sh('/usr/lib/systemd/systemd', '--version')}, "
         f"{_sh('nproc')} CPUs; hostile-input entries on `/var/tmp` "
         f"({_sh('findmnt', '-no', 'FSTYPE', '-T', '/var/tmp')}), kills on a tmpfs in the "
-        "booted box.",
+        "booted box, storage faults on the filesystem each case names, mounted under "
+        "`/var/tmp`. Each table names its seed: tables may come from separate runs.",
         "- Columns: the trials, then how many ended each way. `other` is anything but the "
         "four outcomes; every trial must have its case's expected outcome, or the campaign "
         "fails naming the seed and the trial.",
