@@ -97,10 +97,9 @@ def _purge(args: argparse.Namespace, cfg: config.Config) -> int:
     """Purge each study (all of them, or one); exit 1 when something was kept by error."""
     from .retention import purge_study, start
     run = start(cfg, args.dry_run, args.abandoned)
-    names = [args.study] if args.study else sorted(cfg.studies)
     ok = True
-    for n in names:
-        lines, study_ok = purge_study(run, cfg.study(n))
+    for study in _studies(args, cfg):
+        lines, study_ok = purge_study(run, study)
         for line in lines:
             _say(line)
         ok = ok and study_ok
@@ -125,8 +124,7 @@ def _build_metrics(sub: argparse._SubParsersAction[_Parser]) -> None:
 def _metrics(args: argparse.Namespace, cfg: config.Config) -> int:
     from .metrics import samples
     from .textfile import render, write_metrics
-    studies = [cfg.study(args.study)] if args.study else [cfg.studies[n]
-                                                          for n in sorted(cfg.studies)]
+    studies = _studies(args, cfg)
     if args.stdout:
         import itertools
         now = time.time()
@@ -225,6 +223,16 @@ def _run(args: argparse.Namespace) -> int:
     if not getattr(args, "mine", False):  # status --mine is for anyone
         from .access import require
         require(args.command, cfg.service_user)
+    return _dispatch(args, cfg, probe)
+
+
+def _studies(args: argparse.Namespace, cfg: config.Config) -> list[config.StudyConfig]:
+    """The study the command names, else every study, by name."""
+    return [cfg.study(n) for n in ([args.study] if args.study else sorted(cfg.studies))]
+
+
+def _dispatch(args: argparse.Namespace, cfg: config.Config, probe: RsyncProbe | None) -> int:
+    """Run a command that reads the config, once the caller may."""
     if args.command == "process":
         from .process import process
         if args.linger < 0:
@@ -269,8 +277,7 @@ def _run(args: argparse.Namespace) -> int:
         return _metrics(args, cfg)
     if args.command == "check":
         from .health import check
-        names = [args.study] if args.study else sorted(cfg.studies)
-        found = check(cfg, [cfg.study(n) for n in names])
+        found = check(cfg, _studies(args, cfg))
         for line in found or ["no problems found"]:
             _say(line)
         return 1 if found else 0
@@ -281,8 +288,7 @@ def _status(args: argparse.Namespace, cfg: config.Config) -> int:
     """`status [STUDY] [--json]`: one table of the studies (glance.py); details for one."""
     from .glance import status_text, use_colour
     from .health import status
-    names = [args.study] if args.study else sorted(cfg.studies)
-    data = [status(cfg, cfg.study(n)) for n in names]
+    data = [status(cfg, s) for s in _studies(args, cfg)]
     if args.json:  # JSON escapes every control and non-ASCII character itself
         _say(json.dumps(data, indent=2))
     elif use_colour():  # status_text escapes every piece itself; _say would its colours
@@ -320,8 +326,7 @@ def _uploaders_view(args: argparse.Namespace, cfg: config.Config,
         return 0
     if args.last < 0:
         raise UsageError("--last must not be negative")
-    names = [args.study] if args.study else sorted(cfg.studies)
-    found = [mine(cfg.study(n), args.last) for n in names]
+    found = [mine(s, args.last) for s in _studies(args, cfg)]
     _say(json.dumps(found, indent=2) if args.json else mine_text(found))
     return 0
 
