@@ -25,7 +25,7 @@ from dittohead.errors import EXIT_CONFIG
 
 from .boxes import CONFIG, ROOT, Box, boot_installed
 from .conftest import Env, ThrowawayUser, as_service, wait_for
-from .test_units import SEES, SEES_PY, sees_in_unit
+from .test_units import SEES, SEES_PY, probe_in_unit, sees_in_unit
 
 REPO = Path(__file__).resolve().parent.parent
 PROMTOOL = REPO / ".cache" / "prometheus" / "usr" / "bin" / "promtool"
@@ -347,18 +347,7 @@ def writes_in_unit(box: Box, unit: str, paths: list[str]) -> dict[str, bool]:
     """Start unit with its ExecStart= replaced by WRITES_PY: which paths it can create."""
     script = "/usr/local/lib/dittohead-test-writes.py"  # under /usr: bound into every unit
     box.box.write_file(script, WRITES_PY)
-    box.dropin(unit, "90-writes", "[Service]\nExecStart=\n"
-               f"ExecStart=/usr/bin/python3 {script} {' '.join(paths)}\n")
-    try:
-        since = box.now()
-        box.box.run("systemctl", "start", unit, check=False)
-        lines = [str(e.get("MESSAGE")) for e in box.journal("-u", unit, f"--since=@{since}")]
-    finally:
-        box.dropin(unit, "90-writes", None)
-    found = [line for line in lines if line.startswith("WRITES ")]
-    assert len(found) == 1, lines
-    seen: dict[str, bool] = json.loads(found[0][7:])
-    return seen
+    return probe_in_unit(box, unit, script, "WRITES", paths)
 
 
 def test_check_names_a_metrics_dir_the_service_user_cannot_use(env: Env, tmp_path: Path) -> None:

@@ -271,17 +271,24 @@ chmod 0640 {ROOT}/study/s2/secret.txt {ROOT}/dropbox/s2/done/secret.json
 
 def sees_in_unit(box: Box, unit: str, paths: list[str]) -> dict[str, bool]:
     """Start unit with its ExecStart= replaced by SEES_PY: which paths exist in its sandbox."""
-    box.dropin(unit, "90-sees", "[Service]\nExecStart=\n"
-               f"ExecStart=/usr/bin/python3 {SEES} {' '.join(paths)}\n")
+    return probe_in_unit(box, unit, SEES, "SEES", paths)
+
+
+def probe_in_unit(box: Box, unit: str, script: str, tag: str,
+                  paths: list[str]) -> dict[str, bool]:
+    """Start unit with its ExecStart= replaced by a Python script (already in the box,
+    under /usr) that prints `TAG {path: bool}`; what it printed."""
+    box.dropin(unit, "90-probe", "[Service]\nExecStart=\n"
+               f"ExecStart=/usr/bin/python3 {script} {' '.join(paths)}\n")
     try:
         since = box.now()
         box.box.run("systemctl", "start", unit, check=False)
         lines = [str(e.get("MESSAGE")) for e in box.journal("-u", unit, f"--since=@{since}")]
     finally:
-        box.dropin(unit, "90-sees", None)
-    found = [line for line in lines if line.startswith("SEES ")]
+        box.dropin(unit, "90-probe", None)
+    found = [line for line in lines if line.startswith(tag + " ")]
     assert len(found) == 1, lines
-    seen: dict[str, bool] = json.loads(found[0][5:])
+    seen: dict[str, bool] = json.loads(found[0][len(tag) + 1:])
     return seen
 
 
