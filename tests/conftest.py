@@ -187,6 +187,13 @@ def make_env(base: Path, study_keys: Mapping[str, object] | None = None,
     return Env(base=base, config_path=path, cfg=cfg, study=study)
 
 
+def mount_tmpfs(path: Path | str, options: str) -> None:
+    """A small tmpfs of its own on path (mode 0755, more -o options given): a
+    filesystem that fills. shared_base's end unmounts one on its `dest`."""
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"{options},mode=0755", "dittohead-test",
+                    str(path)], check=True)
+
+
 @pytest.fixture
 def shared_base() -> Iterator[Path]:
     """A directory other users can reach (pytest's tmp_path is 0700 root's)."""

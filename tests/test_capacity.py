@@ -15,7 +15,7 @@ import pytest
 from dittohead import capacity
 from dittohead.errors import EXIT_OK, EXIT_TEMPFAIL
 
-from .conftest import Env, Inbox, mail_env, tree
+from .conftest import Env, Inbox, mail_env, mount_tmpfs, tree
 from .test_notify import body
 
 DAY = 86400.0
@@ -150,11 +150,6 @@ def test_status_colours_only_on_a_terminal_without_no_color(env: Env) -> None:
 
 # --- a destination and a dropbox that fill: small filesystems of their own (root) ----------
 
-def _mount(path: Path, size: str) -> None:
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "dittohead-test",
-                    str(path)], check=True)
-
-
 def _fill(path: Path, leave: int = 0) -> Path:
     """Fill the filesystem of path, leaving about `leave` bytes free; the hog file."""
     hog = path / "hog"
@@ -171,7 +166,7 @@ def small_destination(shared_base: Path, smtp: tuple[Inbox, int]) -> Iterator[
         tuple[Env, Inbox]]:
     inbox, port = smtp
     env = mail_env(shared_base, port, on=["failed", "disk"])
-    _mount(env.study.destination, "4m")
+    mount_tmpfs(env.study.destination, "size=4m")
     try:
         yield env, inbox
     finally:
@@ -225,7 +220,7 @@ def small_dropbox(shared_base: Path, smtp: tuple[Inbox, int]) -> Iterator[tuple[
     inbox, port = smtp
     box = shared_base / "box"
     box.mkdir()
-    _mount(box, "4m")
+    mount_tmpfs(box, "size=4m")
     try:
         yield mail_env(shared_base, port, on=["disk"]), inbox
     finally:

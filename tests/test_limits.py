@@ -18,7 +18,7 @@ from dittohead.errors import EXIT_IOERR, EXIT_OK, EXIT_TEMPFAIL, ConfigError
 from dittohead.examine import MAX_DEPTH
 from dittohead.stage import remove_staging
 
-from .conftest import REPO, Env, make_env, no_leftovers, tree, wait_for
+from .conftest import REPO, Env, make_env, mount_tmpfs, no_leftovers, tree, wait_for
 
 
 def _chain(top: Path, name: str, levels: int) -> None:
@@ -96,8 +96,7 @@ def dropbox_mount(shared_base: Path) -> Iterator[tuple[Env, Path]]:
     """A study whose dropbox is a small filesystem of its own (tmpfs, 2 MiB)."""
     box = shared_base / "box"
     box.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "dittohead-test",
-                    str(box)], check=True)
+    mount_tmpfs(box, "size=2m")
     try:
         yield make_env(shared_base), box
     finally:
@@ -141,8 +140,7 @@ def test_read_only_destination_is_a_storage_error_74_and_the_entry_stays_claimed
         shared_base: Path) -> None:
     env = make_env(shared_base)
     dest = str(env.study.destination)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "dittohead-test", dest],
-                   check=True)
+    mount_tmpfs(dest, "size=2m")
     env.drop("e", {"a.txt": b"a"})
     subprocess.run(["mount", "-o", "remount,ro", dest], check=True)
     r = env.process()
@@ -247,8 +245,7 @@ def test_a_killed_attempts_staging_in_a_setgid_destination_is_removed(env: Env) 
 @pytest.mark.root
 def test_many_empty_files_fit_a_small_destination(shared_base: Path) -> None:
     env = make_env(shared_base)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,nr_inodes=20000,mode=0755",
-                    "dittohead-test", str(env.study.destination)], check=True)
+    mount_tmpfs(env.study.destination, "size=4m,nr_inodes=20000")
     env.drop("empties", {f"d{i // 1000}/f{i}": b"" for i in range(3000)})
     r = env.process()
     assert r.returncode == EXIT_OK, r.stderr

@@ -29,6 +29,7 @@ from .conftest import (
     as_service,
     make_env,
     manifest_verifies,
+    mount_tmpfs,
     no_leftovers,
     service_argv,
     tree,
@@ -174,8 +175,7 @@ def start_held(env: Env, fault: str,
 @pytest.fixture
 def tiny_dest(shared_base: Path) -> Env:
     env = make_env(shared_base)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "dittohead-test",
-                    str(env.study.destination)], check=True)
+    mount_tmpfs(env.study.destination, "size=8m")
     return env
 
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from random import Random
 
-from ..conftest import Env, ThrowawayUser, add_user
+from ..conftest import Env, ThrowawayUser, add_user, mount_tmpfs
 from . import DELIVERED, FAILED, KEPT, REJECTED, Expect, trials
 
 
@@ -253,8 +252,7 @@ def entry_of_a_non_uploader(ctx: Ctx) -> Built:
 
 def small_destination(ctx: Ctx, mib: int = 16) -> None:
     dest = ctx.env.study.destination
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m,mode=0755", "dh-campaign",
-                    str(dest)], check=True)
+    mount_tmpfs(dest, f"size={mib}m")
     os.chown(dest, ctx.svc.uid, ctx.svc.gid)
 
 
