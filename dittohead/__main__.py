@@ -1,5 +1,5 @@
 """`python3 -m dittohead` runs the command line."""
 
-from .cli import entry_point
+from .early import entry_point
 
 entry_point()

@@ -82,12 +82,21 @@ class Ssh:
 
     def start(self, remote: Sequence[str], first: bool = False) -> subprocess.Popen[bytes]:
         """Start a remote command that reads what we write to its stdin (a pipe);
-        first: it logs in and becomes the master, as in run()."""
-        argv = self.ssh_argv(remote, stdin=True)
+        first: it logs in and becomes the master, as in run(), or is the same login
+        begun before start-up (early.py)."""
+        argv = self.master_argv(remote) if first else self.ssh_argv(remote, stdin=True)
         if first:
-            argv[1:1] = self.master_options()
+            from .early import adopt
+            if (started := adopt(argv)) is not None:
+                return started.process
         return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
+
+    def master_argv(self, remote: Sequence[str]) -> list[str]:
+        """ssh logging in as the master, running remote with its stdin a pipe."""
+        argv = self.ssh_argv(remote, stdin=True)
+        argv[1:1] = self.master_options()
+        return argv
 
     @staticmethod
     def master_options() -> list[str]:
@@ -152,8 +161,10 @@ class Connection:
                 raise RemoteError(f"`{tool}` is not installed here (OpenSSH's client)")
         # A short path: a socket's path is limited to about 100 bytes (macOS's
         # TMPDIR alone is 50), and ssh expands '%' in ControlPath.
+        from .early import control_dir
         base = "/tmp" if os.path.isdir("/tmp") else None
-        self._dir = tempfile.mkdtemp(prefix="dh-ssh-", dir=base)
+        # The directory of a login begun early (early.py) if it is this one's.
+        self._dir = control_dir(dest, config) or tempfile.mkdtemp(prefix="dh-ssh-", dir=base)
         self.ssh = Ssh(dest, config, os.path.join(self._dir, "cm"))
 
     def __enter__(self) -> Ssh:

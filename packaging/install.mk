@@ -60,7 +60,7 @@ sys.path.insert(0, "$(LIBDIR)")
 from $(1) import $(2)
 sys.exit($(2)())
 endef
-export dittohead_cli_launcher := $(call dittohead_launcher,dittohead.cli,main)
+export dittohead_cli_launcher := $(call dittohead_launcher,dittohead.early,main)
 export dittohead_generator_launcher := $(call dittohead_launcher,dittohead.generator,main)
 
 .PHONY: install install-deps install-files uninstall

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dittohead import early
 from dittohead.remote import check_paths
 from dittohead.remotewait import report
 from dittohead.sftpsend import State, Upload, quote, walk
@@ -195,3 +196,49 @@ def test_where_then_ready_answers_on_one_line_then_renames_each_name_asked(env: 
     assert json.loads(answers[1])["waits"] is True
     assert (env.study.inbox / "x y").read_bytes() == b"data"
     assert (env.study.inbox / ".taken").read_bytes() == b"new"
+
+
+def test_early_login_is_exactly_the_one_the_session_would_start(tmp_path: Path) -> None:
+    (tmp_path / "run 1").mkdir()
+    (tmp_path / "it's.txt").write_text("x")
+    argv = ["--config=/x", "upload", "s1", str(tmp_path / "run 1") + "/", "--wait",
+            "--host", "ra@lab", str(tmp_path / "it's.txt"), "--ssh-config=/cfg", "--timeout", "9"]
+    found = early._scan(argv)
+    assert found == ("ra@lab", "/cfg", "s1", [str(tmp_path / "run 1") + "/",
+                                             str(tmp_path / "it's.txt")])
+    host, config, study, paths = found
+    names = [early._name(p) for p in paths]
+    assert names == check_paths([Path(p) for p in paths]) == ["run 1", "it's.txt"]
+    ssh = Ssh(host, config, "/tmp/dh-ssh-x/cm")
+    session = ["dittohead", "where", "--json", "--then-ready", study, *names]
+    assert early.ssh_argv(host, config, "/tmp/dh-ssh-x/cm", study, names) == \
+        ssh.master_argv(session)
+
+
+def test_early_login_only_for_plain_upload_host_command_lines(tmp_path: Path) -> None:
+    p = str(tmp_path)
+    for argv in (["upload", "s1", p], ["status"], ["upload", "--host", "h", "s1"],
+                 ["upload", "--ho", "h", "s1", p], ["upload", "-h"],
+                 ["--configx", "upload", "--host", "h", "s1", p], ["upload", "s1", p, "--host"]):
+        assert early._scan(argv) is None, argv
+    assert early._scan(["upload", "--host=h", "--", "s1", "-p"]) == ("h", None, "s1", ["-p"])
+    # Names the upload refuses get no early login: the command says why.
+    (tmp_path / ".dot").mkdir()
+    assert early._name(str(tmp_path / ".dot")) is None
+    assert early._name(str(tmp_path / "missing")) is None
+    assert early._name(str(tmp_path / "sub" / "..")) is None
+
+
+def test_early_login_the_command_does_not_adopt_is_ended(tmp_path: Path) -> None:
+    """A symlink inside is refused after the login began: ssh ends, its directory goes."""
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "link").symlink_to("/etc/passwd")
+    port = free_port()  # nothing listens: ssh fails, or is ended first
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text(f"Host lab\n  HostName 127.0.0.1\n  Port {port}\n  BatchMode yes\n")
+    before = set(os.listdir("/tmp"))
+    r = subprocess.run([sys.executable, "-m", "dittohead", "upload", "--host", "lab",
+                        "--ssh-config", str(cfg), "s1", str(tmp_path / "e")],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "symlinks or special files" in r.stderr, r.stderr
+    assert not {n for n in set(os.listdir("/tmp")) - before if n.startswith("dh-ssh-")}
