@@ -207,7 +207,7 @@ def test_early_login_is_exactly_the_one_the_session_would_start(tmp_path: Path) 
     assert found == ("ra@lab", "/cfg", "s1", [str(tmp_path / "run 1") + "/",
                                              str(tmp_path / "it's.txt")])
     host, config, study, paths = found
-    names = [early._name(p) for p in paths]
+    names = [n for n in (early._name(p) for p in paths) if n is not None]
     assert names == check_paths([Path(p) for p in paths]) == ["run 1", "it's.txt"]
     ssh = Ssh(host, config, "/tmp/dh-ssh-x/cm")
     session = ["dittohead", "where", "--json", "--then-ready", study, *names]
