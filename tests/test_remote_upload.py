@@ -102,6 +102,23 @@ def test_shell_account_sends_with_rsync(box: Box, shell_user: Uploader) -> None:
     assert "rsync" in r.stdout.splitlines()[-1]
 
 
+def test_one_login_begun_before_start_up_carries_the_whole_upload(
+        box: Box, shell_user: Uploader) -> None:
+    """early.py's login is adopted: one ssh logs in (the master), the rest go through it."""
+    tree(box, shell_user, "one-login")
+    r = as_user(box, shell_user, "mkdir -p /tmp/sshspy; printf '#!/bin/sh\\necho \"$*\" "
+                ">> /tmp/sshspy/log\\nexec /usr/bin/ssh \"$@\"\\n' > /tmp/sshspy/ssh; "
+                "chmod +x /tmp/sshspy/ssh; rm -f /tmp/sshspy/log; PATH=/tmp/sshspy:$PATH "
+                f"{UPLOAD} one-login --wait --timeout 60; sleep 1; cat /tmp/sshspy/log",
+                check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    calls = [line for line in r.stdout.splitlines() if "ControlPath=" in line]
+    masters = [c for c in calls if "ControlMaster=yes" in c]
+    assert len(masters) == 1 and "where --json --then-ready s1 one-login" in masters[0], calls
+    assert calls[0] == masters[0]  # the login came first
+    assert any("-O exit" in c for c in calls)  # and the master was ended
+
+
 def test_name_already_waiting_is_refused(box: Box, account: Account) -> None:
     who, u = account
     name = f"taken-{who}"
