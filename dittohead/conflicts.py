@@ -17,6 +17,7 @@ from .errors import ConfigError, EntryFailed, NoSpace, TemporaryError
 from .examine import kind_of
 from .findings import Findings
 from .fsops import DIR_FLAGS, DirCache, Source, hash_at, join
+from .log import printable
 from .plan import EXISTS, PRESENT, DirPlan, FilePlan, Plan, State
 
 
@@ -51,6 +52,7 @@ def check_destination(study: StudyConfig, plan: Plan, dest_fd: int) -> None:
     block = os.fstatvfs(dest_fd).f_frsize or 4096
     need = 0  # bytes, each new file rounded up to whole blocks
     new_inodes = 0
+    biggest = (0, "")  # the largest new file: named when the entry can never fit
     with plan.state() as state, plan.source() as src, DirCache(dest_fd) as dest:
         d: DirPlan | None = None
         dfd = -1  # the destination directory of d; -1: it does not exist yet
@@ -68,6 +70,8 @@ def check_destination(study: StudyConfig, plan: Plan, dest_fd: int) -> None:
                     closed.check(d.rel, dfd)
                 need += -(-r.size // block) * block
                 new_inodes += 1
+                if r.size > biggest[0]:
+                    biggest = (r.size, join(d.rel, r.name))
             elif isinstance(r, DirPlan):
                 d = r
                 dfd = _dest_dir(dest, state, r, conflicts)
@@ -90,7 +94,7 @@ def check_destination(study: StudyConfig, plan: Plan, dest_fd: int) -> None:
                           f"that this entry adds to: {closed.found.text('w')}. An admin must "
                           "make them writable by the service user (chown them to it), then "
                           "retry the entry. Nothing of this entry was delivered.")
-    _check_space(study, dest_fd, need, new_inodes)
+    _check_space(study, dest_fd, need, new_inodes, biggest)
 
 
 _NOT_A_DIR = -2
@@ -167,7 +171,8 @@ def _compare(plan: Plan, src: Source, state: State, d: DirPlan, f: FilePlan,
     return None
 
 
-def _check_space(study: StudyConfig, dest_fd: int, wanted: int, inodes: int) -> None:
+def _check_space(study: StudyConfig, dest_fd: int, wanted: int, inodes: int,
+                 biggest: tuple[int, str]) -> None:
     # `wanted` counts each file's data in whole blocks and a block per new
     # directory; inodes are counted apart. Not a block per file's inode too:
     # inode tables are allocated with the filesystem (ext4, XFS), and counting
@@ -175,10 +180,15 @@ def _check_space(study: StudyConfig, dest_fd: int, wanted: int, inodes: int) -> 
     st = os.fstatvfs(dest_fd)
     size = st.f_blocks * st.f_frsize
     if wanted > size or (st.f_files and inodes > st.f_files):
-        # No amount of waiting helps: tell the uploader now (docs/contract.md).
+        # No amount of waiting helps: tell the uploader now (docs/contract.md),
+        # naming the file that most likely is the mistake.
+        from .capacity import size as text
+        largest = (f"; its largest file, {printable(biggest[1])}, is {text(biggest[0])} "
+                   f"alone" if biggest[1] else "")
         raise EntryFailed(f"the entry can never fit in {study.destination}: it needs "
-                          f"{wanted} bytes and {inodes} inodes, the whole filesystem has "
-                          f"{size} bytes and {st.f_files or 'unlimited'} inodes. "
+                          f"{text(wanted)} ({wanted} bytes) and {inodes} inodes, the whole "
+                          f"filesystem has {text(size)} ({size} bytes) and "
+                          f"{st.f_files or 'unlimited'} inodes{largest}. "
                           "Nothing of this entry was delivered.")
     free = st.f_bavail * st.f_frsize
     if wanted > free:

@@ -198,7 +198,8 @@ def test_entry_larger_than_the_whole_destination_fails_at_once(tiny_dest: Env) -
     r = env.process()
     assert r.returncode == 0, r.stderr
     (rc,) = env.failed_receipts()
-    assert "can never fit" in json.loads(rc.read_text())["reason"]
+    reason = json.loads(rc.read_text())["reason"]
+    assert "can never fit" in reason and "its largest file, a.bin, is 10.5 MB alone" in reason
     assert os.listdir(env.study.destination) == []
     no_leftovers(env)
 
