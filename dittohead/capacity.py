@@ -67,7 +67,7 @@ def size(n: float) -> str:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _iso_seconds(text: object) -> float | None:
+def iso_seconds(text: object) -> float | None:
     """Seconds since the epoch of "2026-11-30T18:17:16Z" (the receipts' form), else None;
     by hand, as strptime costs more than reading a receipt."""
     t = str(text)
@@ -83,7 +83,7 @@ def _iso_seconds(text: object) -> float | None:
 def _id_seconds(name: str) -> float | None:
     """When a delivery id (claim.new_id: 20261130T181716Z-...) was claimed."""
     t = name[:16]
-    return _iso_seconds(f"{t[:4]}-{t[4:6]}-{t[6:8]}T{t[9:11]}:{t[11:13]}:{t[13:15]}Z")
+    return iso_seconds(f"{t[:4]}-{t[4:6]}-{t[6:8]}T{t[9:11]}:{t[11:13]}:{t[13:15]}Z")
 
 
 def recent_deliveries(done: Path, now: float) -> tuple[list[tuple[float, int]], float | None]:
@@ -115,7 +115,7 @@ def _read_recent(dir_fd: int, now: float) -> tuple[list[tuple[float, int]], floa
             continue
         try:
             data = json.loads(_read_at(dir_fd, name))
-            finished, nbytes = _iso_seconds(data["finished"]), int(data["bytes"])
+            finished, nbytes = iso_seconds(data["finished"]), int(data["bytes"])
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not a receipt; `check` and `status` say so elsewhere
         if finished is not None and start <= finished <= now:

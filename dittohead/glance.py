@@ -8,11 +8,12 @@ never with NO_COLOR set (https://no-color.org).
 
 from __future__ import annotations
 
-import calendar
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from . import capacity, purge
@@ -27,42 +28,62 @@ RED, YELLOW, RESET = "\033[31m", "\033[33m", "\033[0m"
 COLUMNS = ("STUDY", "PENDING", "OLDEST", "FAILED", "LAST DELIVERY", "FILL", "FULL IN", "UNITS")
 
 
-def _seconds(iso: object, fmt: str = "%Y-%m-%dT%H:%M:%SZ") -> float | None:
-    try:
-        return float(calendar.timegm(time.strptime(str(iso), fmt)))
-    except ValueError:
-        return None
+@dataclass(frozen=True)
+class Pending:
+    """Entries not filed yet."""
+
+    inbox: int  # names in the inbox and the own inboxes, not dot names
+    processing: int  # claimed, in processing/
+    uploading: int  # dot names in the inboxes
+    oldest: float | None  # when the oldest pending entry arrived (see pending)
 
 
-def oldest_pending(study: StudyConfig) -> float | None:
-    """When the oldest entry not yet delivered arrived: inbox entries (their ctime, the
-    rename into the inbox) and claims kept in processing/ (their claim time)."""
+def pending(study: StudyConfig, unreadable_ok: bool = False) -> Pending:
+    """Entries in the inboxes and claims in processing/, and since when the oldest waits.
+
+    An inbox entry's time is its ctime (a rename into the inbox sets it, and
+    so does every change to its top directory: an upload still being written
+    is not old); a claim's is its record's `started`. unreadable_ok: a folder
+    the caller may not list counts as empty (`status` by an admin of the
+    group, who cannot list a 1733 inbox), else its error is raised.
+    """
+    inbox = uploading = processing = 0
     times: list[float] = []
     for folder in [study.inbox, *(study.root / f for f in drop_folders(study))]:
-        try:
-            names = os.listdir(folder)
-        except OSError:
-            continue
-        for name in names:
+        for name in _names(folder, unreadable_ok):
             if name.startswith("."):
-                continue  # still being uploaded
+                uploading += 1
+                continue
+            inbox += 1
             try:
                 times.append(os.lstat(folder / name).st_ctime)
             except OSError:
-                continue
-    try:
-        records = [n for n in os.listdir(study.processing) if n.endswith(".json")
-                   and not n.startswith(".")]
-    except OSError:
-        records = []
-    for name in records:
+                continue  # claimed meanwhile
+    for name in _names(study.processing, unreadable_ok):
+        if name.startswith("."):
+            continue
+        if not name.endswith(".json"):
+            processing += 1
+            continue
         try:
-            started = _seconds(json.loads((study.processing / name).read_bytes())["started"])
+            started = capacity.iso_seconds(
+                json.loads((study.processing / name).read_bytes())["started"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if started is not None:
             times.append(started)
-    return min(times, default=None)
+    return Pending(inbox + processing, processing, uploading, min(times, default=None))
+
+
+def _names(path: Path, unreadable_ok: bool) -> list[str]:
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
+    except PermissionError:
+        if unreadable_ok:
+            return []
+        raise
 
 
 def unit_state(units: dict[str, str]) -> str:
@@ -82,9 +103,9 @@ def more(cfg: Config, study: StudyConfig, data: dict[str, Any]) -> dict[str, Any
     fill, the forecast and one word for the units."""
     from .health import disk_use
     now = time.time()
-    oldest = oldest_pending(study)
+    oldest = pending(study, unreadable_ok=True).oldest
     last = data.get("last_delivery") or {}
-    finished = _seconds(last.get("finished")) if last else None
+    finished = capacity.iso_seconds(last.get("finished")) if last else None
     fc = capacity.study_forecast(study, now)
     return {
         "oldest_pending": (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(oldest))

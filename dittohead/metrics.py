@@ -10,19 +10,18 @@ any moment, even when the writer has stopped (which
 
 from __future__ import annotations
 
-import calendar
 import json
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import glance
+from .capacity import iso_seconds
 from .config import StudyConfig
 from .errors import EXIT_NOPERM, DittoheadError
 from .log import printable
-from .readiness import drop_folders
 
 OUTCOMES = ("delivered", "failed", "rejected")
 class NotAllowed(DittoheadError):
@@ -41,16 +40,6 @@ class Totals:
     last_delivery: str | None  # the newest delivered receipt's `finished`
     unreadable: int  # receipt files that could not be read or parsed
     failed_now: int  # entries in failed/ now (not retried)
-
-
-@dataclass(frozen=True)
-class Pending:
-    """Entries not filed yet."""
-
-    inbox: int  # names in the inbox and the own inboxes, not dot names
-    processing: int  # claimed, in processing/
-    uploading: int  # dot names in the inboxes
-    oldest: float | None  # the oldest pending entry's time (see _pending)
 
 
 def receipt_totals(study: StudyConfig, cache_dir: Path | None = None) -> Totals:
@@ -133,55 +122,6 @@ def _receipts(study: StudyConfig) -> Iterator[tuple[str, str, int]]:
                     yield f"{d.name}/{e.name}", e.path, e.inode()
 
 
-def _ts(iso: str) -> float | None:
-    try:
-        return float(calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ")))
-    except ValueError:
-        return None
-
-
-def _pending(study: StudyConfig) -> Pending:
-    """Entries in the inboxes and claims in processing/, and since when the oldest waits.
-
-    An inbox entry's time is its ctime (a rename into the inbox sets it, and
-    so does every change to its top directory: an upload still being written
-    is not old); a claim's is its record's `started`.
-    """
-    inbox = uploading = processing = 0
-    oldest: float | None = None
-    for folder in [study.inbox, *(study.root / f for f in drop_folders(study))]:
-        for name in _names(folder):
-            if name.startswith("."):
-                uploading += 1
-                continue
-            inbox += 1
-            try:
-                t = os.lstat(folder / name).st_ctime
-            except OSError:
-                continue  # claimed meanwhile
-            oldest = t if oldest is None else min(oldest, t)
-    for name in _names(study.processing):
-        if name.startswith("."):
-            continue
-        if not name.endswith(".json"):
-            processing += 1
-            continue
-        try:
-            started = _ts(json.loads((study.processing / name).read_bytes())["started"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if started is not None:
-            oldest = started if oldest is None else min(oldest, started)
-    return Pending(inbox + processing, processing, uploading, oldest)
-
-
-def _names(path: Path) -> list[str]:
-    try:
-        return os.listdir(path)
-    except FileNotFoundError:
-        return []
-
-
 def _fs(path: Path) -> tuple[int, int] | None:
     """Size and bytes available to ordinary users of the filesystem holding path."""
     try:
@@ -239,10 +179,10 @@ def samples(study: StudyConfig, now: float,
             totals.deliveries[outcome]
     yield "dittohead_undone_total", s, totals.undone
     yield "dittohead_delivered_bytes_total", s, totals.delivered_bytes
-    last = _ts(totals.last_delivery) if totals.last_delivery else None
+    last = iso_seconds(totals.last_delivery) if totals.last_delivery else None
     if last is not None:
         yield "dittohead_last_delivery_timestamp_seconds", s, last
-    pending = _pending(study)
+    pending = glance.pending(study)
     yield "dittohead_pending_entries", s, pending.inbox
     yield "dittohead_processing_entries", s, pending.processing
     yield "dittohead_uploading_entries", s, pending.uploading
