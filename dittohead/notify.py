@@ -32,7 +32,7 @@ from .config import Config, StudyConfig
 from .fsops import write_atomic
 
 SMTP_TIMEOUT = 20  # seconds; a hung MTA must not hold up the inbox for long
-UPLOADER_EVENTS = ("delivered", "failed", "rejected", "out-of-space")
+UPLOADER_EVENTS = ("delivered", "failed", "rejected", "out-of-space", "undone")
 # Mail kinds that are told to the contacts under another notify.on event.
 ON_EVENT = {"out-of-space": "disk"}
 
@@ -57,26 +57,35 @@ def queue_dir(study: StudyConfig) -> Path:
 
 
 def send(cfg: Config, study: StudyConfig, kind: str, subject: str, body: str,
-         uploader: str | None = None, contacts: bool = False) -> None:
-    """Queue one event's mail for whoever should hear of it (nothing if nobody).
+         uploader: str | None = None, contacts: bool = False,
+         owner: tuple[int, int] | None = None) -> bool:
+    """Queue one event's mail for whoever should hear of it; whether one was queued.
 
     Never raises: the event it tells of has happened already, so a mail that
     cannot be made or queued is a warning naming why, and nothing else.
+    owner: (uid, gid) the queue and the mail are given to (root's `undo`
+    queues for the service user, whose mail unit sends the queue).
     """
     try:
         to = recipients(cfg, study, kind, uploader, contacts)
         data = message(cfg, study, to, subject, body) if to else None
     except ValueError as e:  # a header the email policy refuses
         _warn(study, f"could not make the mail about {kind}: {e}")
-        return
+        return False
     if data is None:
-        return
+        return False
     try:
         q = queue_dir(study)
         q.mkdir(mode=0o700, exist_ok=True)
-        write_atomic(q / f"{time.time_ns()}-{os.urandom(4).hex()}.eml", data, 0o600)
+        path = q / f"{time.time_ns()}-{os.urandom(4).hex()}.eml"
+        write_atomic(path, data, 0o600)
+        if owner is not None:
+            os.chown(q, *owner, follow_symlinks=False)
+            os.chown(path, *owner, follow_symlinks=False)
     except OSError as e:
         _warn(study, f"could not queue mail about {kind}: {e}")
+        return False
+    return True
 
 
 def message(cfg: Config, study: StudyConfig, to: list[str], subject: str,

@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import pwd
+import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import log, outcomes
+from . import log, notify, outcomes
 from .claim import now_iso
 from .config import Config, StudyConfig
 from .conflicts import open_destination
@@ -72,7 +73,7 @@ def undo(cfg: Config, study: StudyConfig, delivery: str, dry_run: bool) -> list[
                 return [f"an undo of {delivery} was interrupted: running undo again files "
                         "it in failed/; nothing more would be removed"]
             lines = ["finishing an undo that was interrupted: nothing more is removed"]
-            return lines + _file(study, delivery, data, svc)
+            return lines + _file(cfg, study, delivery, data, svc)
         if str(data.get("destination")) != str(study.destination):
             raise DittoheadError(
                 f"{delivery} was delivered into {data.get('destination')}, but the study's "
@@ -86,7 +87,7 @@ def undo(cfg: Config, study: StudyConfig, delivery: str, dry_run: bool) -> list[
                     reason=_reason(res))
         write_atomic(study.done / f"{delivery}.json", _json(data))
         point("undo-recorded")
-        return lines + _file(study, delivery, data, svc)
+        return lines + _file(cfg, study, delivery, data, svc)
 
 
 @contextmanager
@@ -216,20 +217,47 @@ def _json(data: dict[str, Any]) -> bytes:
     return json.dumps(data, indent=2, ensure_ascii=False).encode() + b"\n"
 
 
-def _file(study: StudyConfig, delivery: str, data: dict[str, Any],
+def _file(cfg: Config, study: StudyConfig, delivery: str, data: dict[str, Any],
           svc: Service) -> list[str]:
-    """Steps 3 to 5: move everything to failed/, tell, move the receipt last."""
+    """Steps 3 to 5: move everything to failed/, tell, move the receipt last; then mail."""
     entry_there = _move(study, delivery)
     point("undo-moved")
     _tell(study, delivery, data, svc)
     os.rename(study.done / f"{delivery}.json", study.failed / f"{delivery}.json")
     _sync(study.failed)
     _sync(study.done)
-    if entry_there:
-        return [f"the upload is in {study.failed / delivery}: `dittohead retry {study.name} "
-                f"{delivery}` delivers it again"]
-    return [f"the upload itself is no longer in {study.done} (purged): to deliver it again, "
-            "its uploader uploads it again"]
+    again = (f"the upload is in {study.failed / delivery}: `dittohead retry {study.name} "
+             f"{delivery}` delivers it again" if entry_there else
+             f"the upload itself is no longer in {study.done} (purged): to deliver it again, "
+             "its uploader uploads it again")
+    return [again, *_mail(cfg, study, delivery, data, svc, again)]
+
+
+def _mail(cfg: Config, study: StudyConfig, delivery: str, data: dict[str, Any],
+          svc: Service, again: str) -> list[str]:
+    """Tell the study's contacts and the uploader by mail (they heard of the delivery);
+    the line to print. Sent by the mail unit, or at once where no systemd runs."""
+    entry, undone = printable(_entry(data)), data["undone"]
+    body = "\n".join([
+        f"The delivery {delivery} of {entry} was undone: its files were removed from the "
+        "destination again.", "",
+        f"Study:       {study.name}", f"Entry:       {entry}", f"Delivery:    {delivery}",
+        f"Destination: {data.get('destination')}", f"Undone by:   {undone['by']}",
+        f"Removed:     {undone['removed']} files", f"Kept:        {undone['kept_count']} "
+        "(changed since delivery, or delivered by another upload too)", "",
+        again[0].upper() + again[1:] + "."])
+    owner = (svc.uid, svc.gid) if os.geteuid() == 0 else None
+    if not notify.send(cfg, study, "undone", f"undone: {entry} ({delivery})", body,
+                       str(data.get("uploader") or "") or None, contacts=True, owner=owner):
+        return []
+    unit = f"dittohead-mail@{study.name}.service"
+    if not os.path.isdir("/run/systemd/system"):
+        left = notify.send_queued(cfg, study)
+        return [f"mail about it {'queued: it goes with the next run' if left else 'sent'}"]
+    r = subprocess.run(["systemctl", "start", "--no-block", unit], capture_output=True,
+                       text=True, check=False)
+    return [f"mail about it queued; {unit} sends it" if r.returncode == 0 else
+            "mail about it queued: it goes with the study's next run"]
 
 
 def _move(study: StudyConfig, delivery: str) -> bool:

@@ -99,3 +99,24 @@ def test_queued_mail_waits_for_the_mta_then_goes(shared_base: Path) -> None:
     finally:
         controller.stop()
     assert len(inbox.messages) == 1
+
+
+def test_undo_mails_the_contacts_and_the_uploader_once(shared_base: Path,
+                                                        smtp: tuple[Inbox, int]) -> None:
+    inbox, port = smtp
+    env = mail_env(shared_base, port, on=["failed"])  # contacts hear of an undo regardless
+    env.drop("e", {"a.txt": b"1"})
+    assert env.process().returncode == 0
+    inbox.messages.clear()  # the delivery's own mail (to the uploader)
+    [receipt] = env.done_receipts()
+    delivery = receipt.name.removesuffix(".json")
+    r = env.run("undo", "s1", delivery)
+    assert r.returncode == 0, r.stderr
+    assert "mail about it sent" in r.stdout
+    [(rcpt, m)] = inbox.messages
+    assert rcpt[0] == "pi@example.edu" and len(rcpt) == 2  # and the uploader
+    assert m["Subject"] == f"[dittohead s1] undone: e ({delivery})"
+    text = body(m)
+    assert "Removed:     1 files" in text and f"dittohead retry s1 {delivery}" in text
+    assert env.run("undo", "s1", delivery).returncode == 0  # already undone: no mail again
+    assert len(inbox.messages) == 1
