@@ -15,12 +15,26 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from ..boxes import ROOT, UPLOADER, Box
 from ..conftest import wait_for
 from . import DELIVERED, CampaignFailure, Observed, trial_rng
 from .kills import CHECK_PY, UPLOAD_PY, concrete, entry_files, held, main_pid
+
+
+@dataclass(frozen=True)
+class Release:
+    """A package to install: its Debian version, what `dittohead --version` says, the
+    DITTOHEAD_VERSION its events carry (None: before the field), and whether its runs end
+    once the program is replaced (before that, a run went on with the old code)."""
+
+    package: str
+    program: str
+    logs: str | None
+    ends_on_upgrade: bool = True
+
 
 UNIT = "dittohead@s1.service"
 BOX = f"{ROOT}/dropbox/s1"
@@ -159,14 +173,14 @@ def _end_stream(b: Box) -> list[str]:
     return names
 
 
-def _versions(b: Box, since: str) -> dict[str, str]:
+def _versions(b: Box, since: str) -> dict[str, str | None]:
     """The version each entry was delivered by, from its `delivered` event."""
-    return {str(e.get("DITTOHEAD_ENTRY")): str(e.get("DITTOHEAD_VERSION"))
+    return {str(e.get("DITTOHEAD_ENTRY")): e.get("DITTOHEAD_VERSION")
             for e in b.journal(f"MESSAGE_ID={DELIVERED_ID}", "DITTOHEAD_STUDY=s1",
                                f"--since=@{since}")}
 
 
-def upgrade_trial(b: Box, index: int, point: str, frm: str, to: str,
+def upgrade_trial(b: Box, index: int, point: str, frm: Release, to: Release,
                   debs: dict[str, str]) -> tuple[Observed, str]:
     """One trial: dpkg -i of version `to` over `frm` at `point`; (observed, the point)."""
     rnd = trial_rng("upgrade", index)
@@ -191,7 +205,7 @@ def upgrade_trial(b: Box, index: int, point: str, frm: str, to: str,
                                         for k in range(3)}, rnd.random())
     before = _state(b)
     started = time.monotonic()
-    r = b.box.run("dpkg", "-i", debs[to], check=False, timeout=600)
+    r = b.box.run("dpkg", "-i", debs[to.package], check=False, timeout=600)
     took = time.monotonic() - started
     if r.returncode != 0:
         problems.append(f"dpkg -i exited {r.returncode}: {r.stdout[-800:]} {r.stderr[-800:]}")
@@ -217,18 +231,19 @@ def upgrade_trial(b: Box, index: int, point: str, frm: str, to: str,
     problems += _check_delivered(b, name, waiting, digests, got, stream)
     problems += _check_after(b, since, name, waiting, frm, to, stream)
     if problems:
-        raise CampaignFailure(f"upgrade trial {index} ({at}, {frm} -> {to}): {problems}\n"
+        raise CampaignFailure(f"upgrade trial {index} ({at}, {frm.package} -> {to.package}): "
+                              f"{problems}\n"
                               + b.debug("s1"))
     count = len(waiting) + (0 if stream else 1)
     return Observed(DELIVERED, seconds=took, files=count), at
 
 
-def _installed_is(b: Box, version: str) -> list[str]:
+def _installed_is(b: Box, release: Release) -> list[str]:
     problems = []
-    if _installed(b) != version:
-        problems.append(f"dpkg says {_installed(b)}, not {version}")
+    if _installed(b) != release.package:
+        problems.append(f"dpkg says {_installed(b)}, not {release.package}")
     shown = b.box.run("dittohead", "--version").stdout.strip()
-    if shown != f"dittohead {version}":
+    if shown != f"dittohead {release.program}":
         problems.append(f"dittohead --version says {shown!r}")
     left = b.sh("ls /run/dittohead/upgrade-* 2>/dev/null; "
                 "find /run/systemd/system -maxdepth 1 -lname /dev/null -name 'dittohead*'",
@@ -265,19 +280,20 @@ def _check_delivered(b: Box, name: str, waiting: list[str], digests: dict[str, d
     return problems
 
 
-def _check_after(b: Box, since: str, name: str, waiting: list[str], frm: str, to: str,
-                 stream: bool) -> list[str]:
+def _check_after(b: Box, since: str, name: str, waiting: list[str], frm: Release,
+                 to: Release, stream: bool) -> list[str]:
     """The new version delivered what waited, reads every receipt, and nothing failed."""
     problems = []
     versions = _versions(b, since)
-    wrong = {n: versions.get(n) for n in waiting if versions.get(n) not in (frm, to)}
+    wrong = {n: versions.get(n) for n in waiting if versions.get(n) not in (frm.logs, to.logs)}
     if not stream:  # the held run finished its entry with the code it had loaded
-        wrong |= {n: versions.get(n) for n in waiting if versions.get(n) != to}
-        if versions.get(name) != frm:
+        if frm.ends_on_upgrade:
+            wrong |= {n: versions.get(n) for n in waiting if versions.get(n) != to.logs}
+        if versions.get(name) != frm.logs:
             wrong[name] = versions.get(name)
     if wrong:
-        problems.append(f"delivered by versions {wrong} (upgrade {frm} -> {to})")
-    if stream and versions.get(waiting[-1]) != to:
+        problems.append(f"delivered by versions {wrong} ({frm.package} -> {to.package})")
+    if stream and frm.ends_on_upgrade and versions.get(waiting[-1]) != to.logs:
         problems.append(f"the last entry was delivered by {versions.get(waiting[-1])}")
     r = b.box.run("/usr/bin/python3", "-I", "-c", READ_RECEIPTS_PY, BOX, check=False)
     receipts = json.loads(r.stdout) if r.returncode == 0 else {"ids": [], "version": r.stderr}
@@ -287,7 +303,7 @@ def _check_after(b: Box, since: str, name: str, waiting: list[str], frm: str, to
         shown = shown[0] if isinstance(shown, list) else shown
     except ValueError:
         shown = {}
-    if receipts["version"] != to or len(receipts["ids"]) != shown.get("delivered"):
+    if receipts["version"] != to.program or len(receipts["ids"]) != shown.get("delivered"):
         problems.append(f"receipts read by {receipts['version']}: {len(receipts['ids'])}; "
                         f"status --json (exit {status.returncode}) says "
                         f"{shown.get('delivered')} delivered: {status.stderr[-300:]}")
