@@ -11,14 +11,13 @@ events carry no version), a package `+up0`: a downgrade to it and an upgrade fro
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.campaign import DELIVERED, FULL, MODE, SEED, Tally, report
+from tests.campaign import DELIVERED, FULL, SEED, Tally, report
 from tests.campaign.upgrade import (
     FULL_POINTS,
     REDUCED_POINTS,
@@ -30,6 +29,9 @@ from tests.campaign.upgrade import (
 
 from .boxes import Box
 from .packages import REPO, VERSION, installed_box, run
+
+# The seed line, and docs/reliability.md rewritten at the module's end (DITTOHEAD_CAMPAIGN).
+from .test_campaign import _report  # noqa: F401
 
 pytestmark = [pytest.mark.campaign, pytest.mark.root, pytest.mark.systemd, pytest.mark.slow]
 
@@ -110,14 +112,6 @@ def case_of(point: str, frm: Release, to: Release) -> tuple[str, str]:
     ways = {"up" if t == NEW else "down" for p, _, t in schedule(False) if p == point}
     return point, (DOES[point.partition(":")[0]] + "; `dpkg -i` " + " and ".join(
         f"{w} (to {(NEW if w == 'up' else OLD).package})" for w in sorted(ways, reverse=True)))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report() -> Iterator[None]:
-    print(f"\ncampaign seed {SEED} ({MODE}); replay with DITTOHEAD_CAMPAIGN_SEED={SEED}")
-    yield
-    if "DITTOHEAD_CAMPAIGN" in os.environ:
-        print(f"wrote {report.write()}")
 
 
 def test_upgrade_and_downgrade_under_a_held_delivery_lose_nothing(
