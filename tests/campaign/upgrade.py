@@ -212,7 +212,7 @@ def upgrade_trial(b: Box, index: int, point: str, frm: Release, to: Release,
     after = _state(b)
     if not stream:
         # Still held: never stopped, killed or restarted by the package's scripts.
-        if main_pid(b) != pid or not held(b):
+        if not _still_held(b, pid):
             problems.append(f"the held run (pid {pid}) is gone: now {main_pid(b)}")
         if after != before:
             problems.append(f"the upgrade changed {before} into {after}")
@@ -236,6 +236,17 @@ def upgrade_trial(b: Box, index: int, point: str, frm: Release, to: Release,
                               + b.debug("s1"))
     count = len(waiting) + (0 if stream else 1)
     return Observed(DELIVERED, seconds=took, files=count), at
+
+
+def _still_held(b: Box, pid: int) -> bool:
+    """The same run, still at its fault point (held() samples the syscall a process is in:
+    the point's poll is mostly, not always, asleep)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and main_pid(b) == pid:
+        if held(b):
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def _installed_is(b: Box, release: Release) -> list[str]:
