@@ -102,16 +102,19 @@ def schedule(base: bool) -> list[tuple[str, Release, Release]]:
     return trials
 
 
-def case_of(point: str, frm: Release, to: Release) -> tuple[str, str]:
-    """The report's case (a point, or the base's trials) and what its trials do."""
+def case_of(point: str, frm: Release, to: Release) -> tuple[str, str, str]:
+    """The report's case (a point, or the base's trials), what its trials do and expect."""
     if BASE in (frm, to):
         return (f"{point} {BASE.package}", DOES[point.partition(":")[0]] + "; `dpkg -i` "
                 f"down to {BASE.package} (the code before upgrades were handled, commit "
-                f"{BASE_COMMIT[:7]}), and up from it to {NEW.package}: its run goes on with "
-                "the old code, so what waited may be delivered by either")
+                f"{BASE_COMMIT[:7]}), and up from it to {NEW.package}",
+                f"{DELIVERED}, nothing lost; what waited by the new version after the "
+                f"downgrade, by either after the upgrade (a run of {BASE.package} goes on "
+                "with its code)")
     ways = {"up" if t == NEW else "down" for p, _, t in schedule(False) if p == point}
     return point, (DOES[point.partition(":")[0]] + "; `dpkg -i` " + " and ".join(
-        f"{w} (to {(NEW if w == 'up' else OLD).package})" for w in sorted(ways, reverse=True)))
+        f"{w} (to {(NEW if w == 'up' else OLD).package})" for w in sorted(ways, reverse=True))
+    ), f"{DELIVERED}, nothing lost, what waited by the new version"
 
 
 def test_upgrade_and_downgrade_under_a_held_delivery_lose_nothing(
@@ -130,10 +133,8 @@ def test_upgrade_and_downgrade_under_a_held_delivery_lose_nothing(
                            ).stdout != frm.package:
                 box.box.run("dpkg", "-i", debs[frm.package], timeout=600)  # a part's first
             seen, at = upgrade_trial(box, i, point, frm, to, debs)
-            case, does = case_of(point, frm, to)
-            tally = tallies.setdefault(case, Tally(
-                "upgrade", case, does, f"{DELIVERED}, nothing lost, what waited by the new "
-                "version", SEED))
+            case, does, expect = case_of(point, frm, to)
+            tally = tallies.setdefault(case, Tally("upgrade", case, does, expect, SEED))
             tally.add(seen)
             entries[case] = entries.get(case, 0) + seen.files
             print(f"upgrade trial {i}: {at} {frm.package} -> {to.package}: dpkg -i "

@@ -60,7 +60,11 @@ INTRO = {
                "every receipt (of both versions) read by the installed version and counted "
                "by `dittohead status --json`; no unit failed and no failure told; s1's path "
                "unit and timer active and enabled, s2's still stopped. At the end s2, "
-               "resumed, delivers its entry. The figures: how long `dpkg -i` took.",
+               "resumed, delivers its entry. The `+up0` row: the package built from the "
+               "commit before upgrades were handled (its scripts pause nothing, its runs "
+               "go on with the code they started with, its events carry no version), "
+               "downgraded to and upgraded from: nothing lost either way. The figures: how "
+               "long `dpkg -i` took.",
     "kills": "SIGKILL of `dittohead@s1.service` (`systemctl kill -s KILL`) on a booted "
              "systemd with the checkout installed, held at a fault point "
              "(`DITTOHEAD_TEST_FAULT=<point>=wait:<file>`) or after a random delay. Then "
