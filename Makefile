@@ -136,4 +136,4 @@ clean:
 .PHONY: campaign
 campaign: venv
 	rm -rf .cache/campaign/full
-	DITTOHEAD_CAMPAIGN=full $(VENV)/bin/pytest -v -s -m campaign tests/test_campaign.py
+	DITTOHEAD_CAMPAIGN=full $(VENV)/bin/pytest -v -s -m campaign tests/test_campaign*.py

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import __version__
+
 CHUNK = 1 << 20  # bytes per read and write of file data
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO swapped in for a checked file cannot hang the open.
@@ -125,6 +127,38 @@ def user_database_replaced() -> bool:
         except OSError:
             continue
     return False
+
+
+# The installed program as this process loaded it. Every upgrade (dpkg, rpm,
+# `make install`) puts a new __init__.py in place, a new inode with a new mtime;
+# the unit binds the program's directory, so a run sees it change.
+_PROGRAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__init__.py")
+
+
+def _program_key() -> tuple[int, ...]:
+    try:
+        st = os.stat(_PROGRAM)
+    except OSError:  # removed: changed too
+        return ()
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+_PROGRAM_LOADED = _program_key()
+
+
+def program_replaced() -> bool:
+    """Whether the installed program was upgraded (or removed) since this process started."""
+    return _program_key() != _PROGRAM_LOADED
+
+
+def outdated_run() -> str:
+    """Why this run must claim nothing more, if it must: it runs with the users,
+    groups and program it started with, and the next run gets the current ones."""
+    if user_database_replaced():
+        return "the user database changed (a user or group was added or changed)"
+    if program_replaced():
+        return f"dittohead {__version__} was upgraded or reinstalled"
+    return ""
 
 
 def user_name(uid: int) -> str:

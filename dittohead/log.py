@@ -22,6 +22,8 @@ import syslog
 from collections.abc import Mapping
 from typing import Any
 
+from . import __version__
+
 SYSLOG_IDENTIFIER = "dittohead"
 
 # Fixed for ever: changing one breaks admins' saved journalctl queries.
@@ -125,6 +127,8 @@ def event(kind: str, message: str, **fields: Any) -> None:
     journal_fields = {f"DITTOHEAD_{k.upper()}": _text(v, k in NAME_FIELDS)
                       for k, v in fields.items() if v is not None}
     journal_fields["MESSAGE_ID"] = MESSAGE_IDS[kind]
+    # Which program did it: across an upgrade, runs of two versions log side by side.
+    journal_fields["DITTOHEAD_VERSION"] = __version__
     _emit(message, _PRIORITY[kind], journal_fields, tell_person=False)
 
 

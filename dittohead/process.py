@@ -57,7 +57,7 @@ from .errors import (
 from .examine import examine, new_plan, uploader_uid
 from .faults import point
 from .findings import LIST_MAX
-from .fsops import is_enospc, user_database_replaced, user_name
+from .fsops import is_enospc, user_name
 from .ownership import Ownership
 from .plan import Plan, keep_killed, remove_killed, remove_spool
 from .publish import publish, undo_killed
@@ -163,12 +163,11 @@ def _drain(config: Config, study: StudyConfig, owner: Ownership, linger: float,
     watch = Watch(study)
     started = quiet_since = time.monotonic()
     while True:
-        if user_database_replaced():
+        if why := fsops.outdated_run():
             # Entries wait in the inbox: the path unit starts the next run at
-            # once, in a sandbox with the current users and groups.
-            log.send("the user database changed since this run started (a user or group "
-                     "was added or changed): this run ends, and the next one takes the "
-                     "entries left", priority=6, DITTOHEAD_STUDY=study.name)
+            # once, in a sandbox with the current users and groups, or the new program.
+            log.send(f"{why} since this run started: this run ends, and the next one "
+                     "takes the entries left", priority=6, DITTOHEAD_STUDY=study.name)
             counts[Outcome.RETRY_LATER] += len(later)
             return len(refused)
         scanned = time.monotonic()  # a verdict is as old as the scan's start
@@ -177,6 +176,8 @@ def _drain(config: Config, study: StudyConfig, owner: Ownership, linger: float,
         names = [n for n in seen.ready
                  if n not in refused and later.get(n, 0.0) <= time.monotonic()]
         for name in names:
+            if fsops.outdated_run():
+                break  # said at the top of the loop
             if time.monotonic() - scanned > POLL and not watch.still_ready(name):
                 continue  # changed since the scan: waiting again
             _claim_and_handle(config, study, owner, name, counts, refused, later)

@@ -4,6 +4,15 @@
 #   make deb          builds dist/dittohead_<version>_all.deb (version from
 #                     pyproject.toml); as root, or with sudo for the build
 #                     dependencies it installs when missing
+#   make deb DEB_VERSION=0.1.0+local2
+#                     the same, as another version: the package's version and
+#                     the installed program's (`dittohead --version`,
+#                     dittohead/__init__.py's __version__, pyproject.toml's
+#                     version in the staged tree) become DEB_VERSION; the
+#                     checkout is not changed. For a site's own rebuilds, and
+#                     what tests/campaign/upgrade.py upgrades and downgrades
+#                     between (a Debian version: digits first, then letters,
+#                     digits, + . ~ -)
 #   make deb-lintian  runs lintian on it, when lintian is installed
 #   make deb-clean    removes build/deb and the .deb
 #   then:  apt install ./dist/dittohead_<version>_all.deb   (or dpkg -i)
@@ -54,6 +63,7 @@
 # (a native package: no separate Debian revision), the Maintainer of
 # debian/control and the date of the last commit.
 
+# `make deb DEB_VERSION=...` overrides it (a command-line variable wins).
 DEB_VERSION = $(shell sed -n 's/^version *= *"\([^"]*\)".*/\1/p' pyproject.toml | head -n 1)
 DEB_BUILDDIR := build/deb
 DEB_SRCDIR = $(DEB_BUILDDIR)/dittohead-$(DEB_VERSION)
@@ -69,8 +79,11 @@ deb: deb-deps
 	rm -rf $(DEB_BUILDDIR)
 	mkdir -p $(DEB_SRCDIR)/dittohead $(DEB_SRCDIR)/units $(DEB_SRCDIR)/packaging
 	cp -p dittohead/*.py $(DEB_SRCDIR)/dittohead/
+	sed -i 's/^__version__ = .*/__version__ = "$(DEB_VERSION)"/' \
+	    $(DEB_SRCDIR)/dittohead/__init__.py
 	cp -p units/* $(DEB_SRCDIR)/units/
 	cp -p config.yaml pyproject.toml README.md $(DEB_SRCDIR)/
+	sed -i 's/^version *= *"[^"]*"/version = "$(DEB_VERSION)"/' $(DEB_SRCDIR)/pyproject.toml
 	mkdir -p $(DEB_SRCDIR)/docs && cp -p docs/admin.md docs/contract.md docs/design.md \
 	    docs/upload.md docs/dittohead-alerts.yml $(DEB_SRCDIR)/docs/
 	cp -p packaging/install.mk packaging/dittohead.8 packaging/config.yaml \

@@ -112,9 +112,12 @@ def test_contents(deb: Path) -> None:
                  "--create dittohead.conf", "journalctl --update-catalog",
                  "[ -d /run/systemd/system ]", "daemon-reload", "py3compile"):
         assert step in postinst, step
+    code = [line for line in postinst.splitlines() if not line.lstrip().startswith("#")]
     for word in ("enable", "deb-systemd-invoke start", "systemctl start", "--now"):
-        code = [line for line in postinst.splitlines() if not line.lstrip().startswith("#")]
         assert not [line for line in code if word in line], word
+    # The one start: after an upgrade, exactly the units the old prerm paused for it.
+    assert [line.strip() for line in code if " start" in line] == [
+        'systemctl --system start $(sort -u "$PAUSED") || true'], code
     assert "userdel" not in info(deb, "postrm")
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dittohead import log
+from dittohead import __version__, log
 
 
 def parse_native(data: bytes) -> dict[str, str]:
@@ -62,6 +62,7 @@ def test_event_without_systemd_python_reaches_the_journal_with_its_fields(
         "DITTOHEAD_STUDY": "s1",
         "DITTOHEAD_ENTRY": "visit\u00e91",
         "DITTOHEAD_FILES": "3",
+        "DITTOHEAD_VERSION": __version__,
     }
     assert capsys.readouterr().err == ""  # the journal has it: nothing on stderr
 
