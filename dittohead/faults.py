@@ -4,8 +4,9 @@
 point; `<point>=wait:<file>` instead waits until <file> exists (so a test can
 fill a disk at a chosen moment). Points are named where `point()` is called:
 chowned, claimed, taking:REL (a directory of the entry, between its fstat and its
-takeover), checked, staged:N, synced, published:N, verified, receipt, filed; and
-in `undo`: unpublished:N, undo-recorded, undo-moved.
+takeover), checked, staged:N, synced, published:N, verified, receipt, filed,
+mailing and mail-queued (notify.py, around queueing a mail); and in `undo`:
+unpublished:N, undo-recorded, undo-moved.
 `DITTOHEAD_TEST_FAULT=no-lease` makes the copy act as on a filesystem
 without leases (NFS), so the timestamp checks alone can be tested.
 """

@@ -29,6 +29,7 @@ from typing import Any
 
 from . import log
 from .config import Config, StudyConfig
+from .faults import point
 from .fsops import write_atomic
 
 SMTP_TIMEOUT = 20  # seconds; a hung MTA must not hold up the inbox for long
@@ -57,10 +58,12 @@ def queue_dir(study: StudyConfig) -> Path:
 
 
 def send(cfg: Config, study: StudyConfig, kind: str, subject: str, body: str,
-         uploader: str | None = None, contacts: bool = False,
+         uploader: str | None = None, contacts: bool = False, name: str = "",
          owner: tuple[int, int] | None = None) -> bool:
     """Queue one event's mail for whoever should hear of it; whether one was queued.
 
+    `name`: the queue file's name (without .eml) for a mail that a resumed run may queue
+    again (a filed entry's): queued again, it replaces itself instead of going out twice.
     Never raises: the event it tells of has happened already, so a mail that
     cannot be made or queued is a warning naming why, and nothing else.
     owner: (uid, gid) the queue and the mail are given to (root's `undo`
@@ -77,11 +80,13 @@ def send(cfg: Config, study: StudyConfig, kind: str, subject: str, body: str,
     try:
         q = queue_dir(study)
         q.mkdir(mode=0o700, exist_ok=True)
-        path = q / f"{time.time_ns()}-{os.urandom(4).hex()}.eml"
+        point("mailing")
+        path = q / f"{name or f'{time.time_ns()}-{os.urandom(4).hex()}'}.eml"
         write_atomic(path, data, 0o600)
         if owner is not None:
             os.chown(q, *owner, follow_symlinks=False)
             os.chown(path, *owner, follow_symlinks=False)
+        point("mail-queued")
     except OSError as e:
         _warn(study, f"could not queue mail about {kind}: {e}")
         return False

@@ -281,7 +281,7 @@ def handle(config: Config, study: StudyConfig, c: Claim, owner: Ownership) -> Ou
     finally:  # after a storage error, a later attempt keeps what is left (keep_killed)
         with fsops.storage_errors_ignored():
             remove_spool(study.processing, c.id)
-    report.filed(config, study, receipt, c)
+    report.filed_and_released(config, study, receipt, c)
     return receipt.outcome
 
 
@@ -364,10 +364,10 @@ def _destination(study: StudyConfig) -> Iterator[int]:
 
 def _report_filed(config: Config, study: StudyConfig, c: Claim) -> None:
     """A killed run filed the entry but did not tell of it: tell now, then drop the claim."""
-    r = filed_receipt(study, c)
-    if r is not None:
-        report.filed(config, study, r, c)
-    release(study, c)
+    if (r := filed_receipt(study, c)) is None:
+        release(study, c)
+    else:
+        report.filed_and_released(config, study, r, c)
 
 
 def _uploader(study: StudyConfig, c: Claim) -> str:

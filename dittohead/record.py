@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .claim import Claim, now_iso, release
+from .claim import Claim, now_iso
 from .config import StudyConfig
 from .errors import Outcome
 from .faults import point
@@ -125,7 +125,8 @@ def receipt_dir(study: StudyConfig, outcome: Outcome) -> Path:
 
 def file_entry(study: StudyConfig, claim: Claim, plan: Plan | None, outcome: Outcome,
                uploader: str, reason: str | None = None) -> Receipt:
-    """Write the receipt (and manifest), move the entry to done/ or failed/, drop the claim."""
+    """Write the receipt (and manifest), move the entry to done/ or failed/. The claim
+    stays until the entry has been told of (process.py), so a killed run's is told."""
     target = receipt_dir(study, outcome)
     skipped: tuple[str, ...] = ()
     if plan is not None and plan.path.exists():
@@ -155,7 +156,6 @@ def file_entry(study: StudyConfig, claim: Claim, plan: Plan | None, outcome: Out
     finally:
         os.close(dfd)
     point("filed")
-    release(study, claim)
     return r
 
 

@@ -7,6 +7,7 @@ be measured) is logged as a warning and nothing else.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import sys
 import syslog
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from . import capacity, log, notify, outcomes
-from .claim import Claim
+from .claim import Claim, release
 from .config import Config, StudyConfig
 from .errors import Outcome
 from .record import Receipt, receipt_dir
@@ -77,11 +78,26 @@ def storage_failed(study: StudyConfig, c: Claim, uploader: str, error: OSError) 
               reason=why, **fields(study, c, uploader))
 
 
-def filed(config: Config, study: StudyConfig, r: Receipt, c: Claim) -> None:
-    """The journal event and mail of a filed entry; after a delivery, the disk check.
+def filed_and_released(config: Config, study: StudyConfig, r: Receipt, c: Claim) -> None:
+    """Tell of a filed entry, then drop its claim: until then the next run of a killed
+    one tells of it again (docs/contract.md, "Mail": at least once). Never raises."""
+    filed(config, study, r, c)
+    try:
+        release(study, c)
+    except OSError as e:  # the claim stays: the next run tells of the entry once more
+        _warn(study, f"{log.printable(r.entry)} is filed, but its claim record could not "
+                     f"be removed: {e}")
+    after_filed(config, study, r)
 
-    Never raises: the entry is filed whatever happens here, so a failure to
-    tell of it is a warning that says so, never "kept" or "unexpected".
+
+def filed(config: Config, study: StudyConfig, r: Receipt, c: Claim) -> None:
+    """The uploader's note, the mail and the journal event of a filed entry.
+
+    Run again by the next run when a run is killed before its claim is released, so each
+    step may repeat: the note and the queued mail (named for the filing) replace
+    themselves; the event comes last, so that only a kill in the instant between it and
+    the release repeats it. Never raises: the entry is filed whatever happens here, so a
+    failure to tell of it is a warning that says so, never "kept" or "unexpected".
     """
     name = log.printable(r.entry)
     if r.outcome is Outcome.DELIVERED:
@@ -90,9 +106,6 @@ def filed(config: Config, study: StudyConfig, r: Receipt, c: Claim) -> None:
     else:
         msg = f"{study.name}: {r.outcome} {name} from {log.printable(r.uploader)}: {r.reason}"
     filed = f"{name} is filed in {receipt_dir(study, r.outcome) / r.id}, but"
-    with _warned(study, f"{filed} its journal event could not be written"):
-        log.event(r.outcome, msg, files=r.files, bytes=r.nbytes, reason=r.reason,
-                  **fields(study, c, r.uploader))
     with _warned(study, f"{filed} its uploader's note could not be written"):
         outcomes.tell(study, outcomes.filed_note(r), _service())
     with _warned(study, f"{filed} its mail could not be made"):
@@ -100,13 +113,29 @@ def filed(config: Config, study: StudyConfig, r: Receipt, c: Claim) -> None:
         # Contacts told it waited for space hear it is resolved, whatever `on` says.
         notify.send(config, study, r.outcome, subject, body, r.uploader,
                     contacts=bool(c.space_told) and r.outcome is Outcome.DELIVERED
-                    and "disk" in study.notify.on)
-    if r.outcome is Outcome.DELIVERED:
-        with _warned(study, f"{filed} the destination's fill could not be measured"):
-            try:
-                check_disk(config, study)
-            except OSError as e:
-                _warn(study, f"could not measure the fill of {study.destination}: {e}")
+                    and "disk" in study.notify.on, name=mail_name(r))
+    with _warned(study, f"{filed} its journal event could not be written"):
+        log.event(r.outcome, msg, files=r.files, bytes=r.nbytes, reason=r.reason,
+                  **fields(study, c, r.uploader))
+
+
+def mail_name(r: Receipt) -> str:
+    """The queue name of a filed entry's mail: the filing's time (oldest first, as the
+    others) and its id, the same each time the entry is told of."""
+    at = dt.datetime.strptime(r.finished, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    return f"{int(at.timestamp()) * 10**9}-{r.id}"
+
+
+def after_filed(config: Config, study: StudyConfig, r: Receipt) -> None:
+    """After a delivery, the destination's fill (a warning if it cannot be measured)."""
+    if r.outcome is not Outcome.DELIVERED:
+        return
+    filed = f"{log.printable(r.entry)} is filed in {receipt_dir(study, r.outcome) / r.id}, but"
+    with _warned(study, f"{filed} the destination's fill could not be measured"):
+        try:
+            check_disk(config, study)
+        except OSError as e:
+            _warn(study, f"could not measure the fill of {study.destination}: {e}")
 
 
 @contextmanager

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 from email.message import Message
 from pathlib import Path
 
+import pytest
 from aiosmtpd.controller import Controller
 
 from .conftest import Inbox, free_port, mail_env
@@ -120,3 +122,25 @@ def test_undo_mails_the_contacts_and_the_uploader_once(shared_base: Path,
     assert "Removed:     1 files" in text and f"dittohead retry s1 {delivery}" in text
     assert env.run("undo", "s1", delivery).returncode == 0  # already undone: no mail again
     assert len(inbox.messages) == 1
+
+
+@pytest.mark.parametrize("point", ["filed", "mailing", "mail-queued"])
+def test_a_run_killed_while_telling_of_an_entry_mails_it_once_and_logs_it_once(
+        shared_base: Path, smtp: tuple[Inbox, int], point: str) -> None:
+    # The claim is released only once the note, the mail and the event are done: the next
+    # run tells of the entry again, and its mail, queued under the same name, replaces
+    # the killed run's instead of going out twice.
+    inbox, port = smtp
+    env = mail_env(shared_base, port)
+    env.drop("e1", {"a.txt": b"1"})
+    queue = {"DITTOHEAD_MAIL": "queue"}
+    r = env.process(env={**queue, "DITTOHEAD_TEST_FAULT": point})
+    assert r.returncode == -signal.SIGKILL, (point, r.returncode, r.stderr)
+    assert "delivered e1" not in r.stderr
+    r = env.process(env=queue)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("s1: delivered e1") == 1, r.stderr
+    assert len(env.done_receipts()) == 1 and list(env.study.processing.glob("[!.]*.json")) == []
+    assert env.run("mail", "s1").returncode == 0
+    assert [str(m["Subject"]) for _, m in inbox.messages] == [
+        "[dittohead s1] delivered e1 (1 files)"]

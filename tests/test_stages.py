@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from dittohead import claim as claimmod
+from dittohead import report
 from dittohead.conflicts import check_destination
 from dittohead.errors import EntryFailed, Outcome
 from dittohead.examine import examine, new_plan
@@ -206,7 +207,12 @@ def test_filing_writes_the_receipt_and_manifest_then_moves_the_entry(env: Env) -
     assert (r.outcome, r.files, r.nbytes, r.entry) == (Outcome.DELIVERED, 1, 1, "e")
     assert (env.study.done / c.id / "a.txt").exists()
     assert Path(env.study.done / f"{c.id}.sha256").read_text().endswith("  a.txt\n")
-    assert os.listdir(env.study.processing) == []
+    # The claim stays until the entry is told of (a killed run's next run tells it)...
+    assert f"{c.id}.json" in os.listdir(env.study.processing)
+    report.filed_and_released(env.cfg, env.study, r, c)
+    # ...then it goes with everything else of the entry: left, the fill the disk check
+    # measured.
+    assert os.listdir(env.study.processing) == [".disk-usage.json"]
 
 
 def test_a_failed_entry_is_filed_with_its_reason_and_no_manifest(env: Env) -> None:

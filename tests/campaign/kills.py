@@ -1,24 +1,25 @@
-"""The kill campaign: SIGKILL of dittohead@s1.service at seeded moments on a booted systemd.
+"""The kill campaign: SIGKILL of dittohead@STUDY.service at seeded moments on a booted systemd.
 
 Each trial uploads one entry (files into a directory the destination has, each its own
-rename, and a new directory), stops the run at a fault point (or waits a random delay),
-kills it with `systemctl kill -s KILL`, lets the next run finish and checks the result.
+rename, and a new directory; or a single file), stops the run at a fault point (or waits
+a random delay), kills it with `systemctl kill -s KILL`, lets the next run finish and
+checks the result: in s1 (destination on the box's tmpfs), in s4 (which sends mail: the
+mail must go out exactly once) or in a study whose destination is an ext4 on a loop
+device (tests/test_campaign_sandbox.py).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from random import Random
 
-from ..boxes import ROOT, UPLOADER, Box
+from ..boxes import ROOT, SMTP_PORT, UPLOADER, Box
 from ..conftest import wait_for
 from . import DELIVERED, CampaignFailure, Observed, trial_rng
 
 UNIT = "dittohead@s1.service"
-GO = f"{ROOT}/dropbox/s1/.test-go"  # never made: a held run waits until killed
-DEST = f"{ROOT}/study/s1"
-BOX = f"{ROOT}/dropbox/s1"
 # Every stage of a delivery (dittohead/faults.py), and plain delays between them.
 POINTS = ("chowned", "taking:shared", "claimed", "checked", "staged:1", "staged:N", "synced",
           "published:1", "published:N", "verified", "receipt", "filed", "random")
@@ -31,7 +32,8 @@ rnd = random.Random(spec["seed"])
 tmp = os.path.join(spec["inbox"], "." + spec["name"])
 digests = {}
 for rel, size in spec["files"].items():
-    p = os.path.join(tmp, rel)
+    # A single-file entry: its one file is named as the entry, and is the entry.
+    p = tmp if rel == spec["name"] else os.path.join(tmp, rel)
     os.makedirs(os.path.dirname(p), exist_ok=True)
     data = rnd.randbytes(size)
     with open(p, "wb") as f:
@@ -84,12 +86,41 @@ print(json.dumps(out))
 """
 
 
-def entry_files(rnd: Random, name: str, point: str) -> dict[str, int]:
-    """Files in the existing shared/ (one rename each) and in a new directory d1/."""
+@dataclass(frozen=True)
+class Where:
+    """The study a trial runs in, where its destination is, and the kind of entry."""
+
+    study: str = "s1"
+    dest: str = f"{ROOT}/study/s1"
+    single: bool = False  # the entry is one file, not a directory
+    mail: bool = False  # the study mails its contacts: count what the SMTP sink got
+
+    @property
+    def unit(self) -> str:
+        return f"dittohead@{self.study}.service"
+
+    @property
+    def box(self) -> str:
+        return f"{ROOT}/dropbox/{self.study}"
+
+    @property
+    def go(self) -> str:  # never made: a held run waits until killed
+        return f"{self.box}/.test-go"
+
+
+S1 = Where()
+
+
+def entry_files(rnd: Random, name: str, point: str, single: bool = False) -> dict[str, int]:
+    """Files in the existing shared/ (one rename each) and in a new directory d1/; or, for a
+    single-file entry, the one file."""
+    if single:
+        big = point == "random"  # long enough that delays land in every stage
+        return {name: rnd.randint(8 << 20, 40 << 20) if big else rnd.randint(0, 4 << 20)}
     files = {f"shared/{name}-{j:02d}.bin": rnd.randint(0, 256 << 10)
              for j in range(rnd.randint(3, 12))}
     files.update({f"{name}/d1/f{j}.bin": rnd.randint(1, 64 << 10) for j in range(3)})
-    if point == "random":  # long enough that delays land in every stage
+    if point == "random":
         files[f"{name}/big.bin"] = rnd.randint(8 << 20, 40 << 20)
     return files
 
@@ -104,63 +135,101 @@ def concrete(point: str, rnd: Random, files: dict[str, int]) -> str:
     return point
 
 
-def main_pid(box: Box) -> int:
-    return int(box.prop(UNIT, "MainPID") or 0)
+def main_pid(box: Box, unit: str = UNIT) -> int:
+    return int(box.prop(unit, "MainPID") or 0)
 
 
-def held(box: Box) -> bool:
+def held(box: Box, unit: str = UNIT) -> bool:
     """A process of the run sleeps in faults.point's poll (clock_nanosleep, x86-64 syscall
     230): the run itself, or a walker it forked (the lockdown walks top directories in
     parallel, faults or not)."""
-    if not main_pid(box):
+    if not main_pid(box, unit):
         return False
-    group = box.prop(UNIT, "ControlGroup")
+    group = box.prop(unit, "ControlGroup")
     r = box.sh(f'for p in $(cat "/sys/fs/cgroup{group}/cgroup.procs"); do '
                'cut -d" " -f1 /proc/$p/syscall; done', check=False)
     return "230" in r.stdout.split()
 
 
-def kill_trial(box: Box, index: int, point: str) -> tuple[Observed, str, bool]:
+def kill_trial(box: Box, index: int, point: str,
+               where: Where = S1) -> tuple[Observed, str, bool]:
     """One trial; (what it observed, the concrete point, whether the kill hit a run)."""
     rnd = trial_rng("kills", index)
     name = f"k{index:04d}"
-    files = entry_files(rnd, name, point)
+    files = entry_files(rnd, name, point, where.single)
     at = concrete(point, rnd, files)
+    unit = where.unit
     if at != "random":
-        box.dropin(UNIT, "90-campaign",
-                   f"[Service]\nEnvironment=DITTOHEAD_TEST_FAULT={at}=wait:{GO}\n")
+        box.dropin(unit, "90-campaign",
+                   f"[Service]\nEnvironment=DITTOHEAD_TEST_FAULT={at}=wait:{where.go}\n")
     started = time.monotonic()
     try:
-        spec = {"inbox": f"{BOX}/inbox", "name": name, "files": files, "seed": rnd.random()}
+        spec = {"inbox": f"{where.box}/inbox", "name": name, "files": files,
+                "seed": rnd.random()}
         up = box.box.run("/usr/bin/python3", "-c", UPLOAD_PY, user=UPLOADER,
                          input=json.dumps(spec).encode(), timeout=300)
         digests = up.stdout
         if at == "random":
-            wait_for(lambda: main_pid(box) > 0, 60, "the service to start")
+            wait_for(lambda: main_pid(box, unit) > 0, 60, "the service to start")
             time.sleep(rnd.uniform(0.0, 1.5))
         else:
-            wait_for(lambda: held(box), 60, f"the run to stop at {at}")
+            wait_for(lambda: held(box, unit), 60, f"the run to stop at {at}")
     finally:
-        box.dropin(UNIT, "90-campaign", None)  # before the kill: the next run runs clean
+        box.dropin(unit, "90-campaign", None)  # before the kill: the next run runs clean
     since = box.now()
-    box.box.run("systemctl", "kill", "-s", "KILL", UNIT, check=False)
-    box.wait_inactive(UNIT)
+    box.box.run("systemctl", "kill", "-s", "KILL", unit, check=False)
+    box.wait_inactive(unit)
     # From the journal: the path unit may have started the next run already.
     hit = any("status=9/KILL" in str(e.get("MESSAGE"))
-              for e in box.journal("-u", UNIT, f"--since=@{since}"))
-    box.box.run("systemctl", "start", UNIT, check=False, timeout=600)
-    box.wait_inactive(UNIT, timeout=600)
-    r = box.box.run("/usr/bin/python3", "-c", CHECK_PY, name, DEST, BOX,
+              for e in box.journal("-u", unit, f"--since=@{since}"))
+    box.box.run("systemctl", "start", unit, check=False, timeout=600)
+    box.wait_inactive(unit, timeout=600)
+    r = box.box.run("/usr/bin/python3", "-c", CHECK_PY, name, where.dest, where.box,
                     input=digests.encode(), check=False)
     seen = json.loads(r.stdout or '{"problems": ["' + r.stderr[-300:] + '"]}')
+    if where.mail and not seen["problems"]:
+        seen["problems"] = mails_once(box, where.study, name)
     if seen["problems"]:
-        raise CampaignFailure(f"kills trial {index} ({at}): {seen['problems']}\n"
-                              + box.debug("s1"))
-    box.sh(f'rm -rf "{DEST}/{name}" "{DEST}"/shared/{name}-* "{BOX}/done/{seen["id"]}"')
+        raise CampaignFailure(f"kills trial {index} ({at}, {where}): {seen['problems']}\n"
+                              + box.debug(where.study))
+    box.sh(f'rm -rf "{where.dest}/{name}" "{where.dest}"/shared/{name}-* '
+           f'"{where.box}/done/{seen["id"]}"')
     return (Observed(DELIVERED, seconds=time.monotonic() - started, bytes=int(seen["bytes"]),
                      files=len(files)), at, hit)
 
 
-def prepare(box: Box) -> None:
+def prepare(box: Box, where: Where = S1) -> None:
     """The destination's shared/ directory, as the service would have made it."""
-    box.sh(f"install -d -o dittohead -g sbxs1 -m 2750 {DEST}/shared && rm -f {GO}")
+    box.sh(f'install -d -o dittohead -g "$(stat -c %G {where.dest})" -m 2750 '
+           f"{where.dest}/shared && rm -f {where.go}")
+
+
+SINK = "sbx-smtp"  # the SMTP sink's unit in the box: it prints every message it gets
+
+
+def start_smtp_sink(box: Box) -> None:
+    """A debugging SMTP server on the box's 127.0.0.1:SMTP_PORT (Python 3.11's smtpd)."""
+    box.sh(f"systemctl is-active -q {SINK} || systemd-run -q --unit={SINK} "
+           f"-p Environment=PYTHONWARNINGS=ignore /usr/bin/python3 -u -m smtpd -n -c "
+           f"DebuggingServer 127.0.0.1:{SMTP_PORT}")
+    probe = f"import socket; socket.create_connection(('127.0.0.1', {SMTP_PORT}))"
+    wait_for(lambda: box.box.run("/usr/bin/python3", "-c", probe,
+                                 check=False).returncode == 0, 30, "the SMTP sink")
+
+
+def mails_once(box: Box, study: str, name: str) -> list[str]:
+    """Problems, if the sink did not get the entry's mail exactly once (waiting for the
+    mailer that the successful run started)."""
+    subject = f"Subject: [dittohead {study}] delivered {name} ("
+
+    def count() -> int:
+        return box.sh(f"journalctl -u {SINK} -o cat --no-pager", check=False).stdout.count(
+            subject)
+    mailer = f"dittohead-mail@{study}.service"
+    try:
+        wait_for(lambda: count() >= 1, 60, f"the mail about {name}")
+    except AssertionError:
+        return [f"no mail about {name}: {box.prop(mailer, 'Result')}"]
+    box.wait_inactive(mailer)
+    got = count()
+    return [] if got == 1 else [f"the mail about {name} went out {got} times"]

@@ -71,7 +71,24 @@ INTRO = {
              "the next run (`systemctl start`) finishes. Checked after each: the entry "
              "delivered exactly once with one receipt, byte-identical to what the uploader "
              "wrote, the manifest verifies (`sha256sum -c` in the destination), no "
-             "`.incoming-*` left, nothing in the inbox or processing.",
+             "`.incoming-*` left, nothing in the inbox or processing. Cases named `mail: …` "
+             "kill `dittohead@s4.service`, which mails its contacts, at the mail's fault "
+             "points (`mailing`, `mail-queued`) and at `filed`, and also check that the "
+             "SMTP sink in the box got the entry's mail exactly once; `single file: …` "
+             "upload an entry that is one file; `ext4: …` deliver into a destination on "
+             "an ext4 on a loop device mounted in the box (the others: a tmpfs).",
+    "sandbox": "What the services' sandboxes leave open, on a booted systemd with the "
+               "checkout installed. `security UNIT` rows: `systemd-analyze security` of "
+               "every service dittohead ships; its checks are the trials, `rejected` "
+               "counts those the unit passes, `failed` those it still flags (the figures "
+               "column names each, its exposure and why it stays); the test fails if a "
+               "score rises above the one measured. `write: …` rows: from inside "
+               "`dittohead@s1.service` (a probe as its `ExecStart=`, with its user, "
+               "capabilities and namespace), each attempt to change a place outside "
+               "study s1 is a trial and must be refused (`rejected`; the figures give "
+               "each errno); the `(control)` rows try the same in s1's own paths, where "
+               "each must work (`delivered once`). `other` counts attempts that did "
+               "what they must not.",
 }
 
 
