@@ -51,6 +51,8 @@ TEST_APT_PACKAGES := lintian
 # The storage campaign's fault filesystem (tests/campaign/faultfs.py) runs on
 # Debian's python3 with pyfuse3 (it passes rename flags; fusepy does not).
 TEST_APT_PACKAGES += python3-pyfuse3 fuse3
+# A destination on sshfs is refused (tests/test_fstype.py, tests/test_campaign_sshfs.py).
+TEST_APT_PACKAGES += sshfs
 
 pytest: venv
 	$(call apt_ensure,$(TEST_APT_PACKAGES))

@@ -11,6 +11,7 @@ import errno
 import os
 import stat
 
+from . import fstype
 from .config import StudyConfig
 from .copier import hash_source
 from .errors import ConfigError, EntryFailed, NoSpace, TemporaryError
@@ -23,6 +24,7 @@ from .plan import EXISTS, PRESENT, DirPlan, FilePlan, Plan, State
 
 def open_destination(study: StudyConfig) -> int:
     """An fd on the destination; a missing one is a temporary problem (not mounted?)."""
+    fstype.check(study)  # mounted there since the run started
     try:
         return os.open(study.destination, DIR_FLAGS)
     except OSError as e:

@@ -159,6 +159,10 @@ def check(cfg: Config, studies: list[StudyConfig]) -> list[str]:
         if os.path.islink(study.destination):
             found.append(p + symlinked_destination(study))
             continue
+        from . import fstype
+        if (why := fstype.refused(study)) is not None:  # a stat of a dead one: ENOTCONN
+            found.append(p + why)
+            continue
         try:
             st = os.stat(study.destination)
         except OSError as e:

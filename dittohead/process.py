@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from . import bound, fsops, log, notify, report
+from . import bound, fsops, fstype, log, notify, report
 from .claim import (
     Claim,
     ClaimRefused,
@@ -57,7 +57,6 @@ from .errors import (
 from .examine import examine, new_plan, uploader_uid
 from .faults import point
 from .findings import LIST_MAX
-from .fsops import is_enospc, user_name
 from .ownership import Ownership
 from .plan import Plan, keep_killed, remove_killed, remove_spool
 from .publish import publish, undo_killed
@@ -115,6 +114,7 @@ def process(config: Config, study_name: str, linger: float = 0.0) -> RunResult:
     """Resume pending claims, then claim and deliver every ready entry."""
     study = config.study(study_name)
     bound.check(study)  # a config edited without daemon-reload: say so, touch nothing
+    fstype.check(study)  # a destination deliveries refuse (sshfs): claim nothing
     owner = _ownership(config, study)
     # The copy holds a read lease on each file it reads (copier.py); should a
     # writer (root: nobody else may) open one meanwhile, the kernel signals
@@ -267,7 +267,7 @@ def handle(config: Config, study: StudyConfig, c: Claim, owner: Ownership) -> Ou
             raise ConfigError(f"{e.strerror}: {where}: the service user must be able to "
                               f"write every directory of {study.destination}; "
                               f"{log.printable(c.entry)} stays claimed") from None
-        if is_enospc(e):  # the dropbox filled up while the entry was filed
+        if fsops.is_enospc(e):  # the dropbox filled up while the entry was filed
             report.filing_no_space(config, study, c, uploader, e)
             return Outcome.RETRY_LATER
         if e.errno not in fsops.STORAGE_ERRNOS:
@@ -317,7 +317,7 @@ def deliver(study: StudyConfig, c: Claim, owner: Ownership) -> Attempt:
     except EntryFailed as e:
         return Attempt(e.outcome, plan, e.reason)
     except OSError as e:
-        if not is_enospc(e):
+        if not fsops.is_enospc(e):
             raise
         return Attempt(Outcome.RETRY_LATER, plan,
                        f"the destination is full ({e.strerror}); rolled back, will retry",
@@ -372,7 +372,7 @@ def _report_filed(config: Config, study: StudyConfig, c: Claim) -> None:
 
 def _uploader(study: StudyConfig, c: Claim) -> str:
     try:
-        return user_name(uploader_uid(study, c))
+        return fsops.user_name(uploader_uid(study, c))
     except FileNotFoundError:
         return "unknown"
 

@@ -91,12 +91,6 @@ def test_storage_fault_loses_nothing_and_the_entry_is_delivered_once_after(
         report.add_time("storage", time.monotonic() - started)
 
 
-def test_destination_on_sshfs() -> None:
-    pytest.skip("NOT RUN: a destination on sshfs needs an sshd on 127.0.0.1, which only a "
-                "booted box has (tests/servers.py); this slice covers the missing "
-                "RENAME_NOREPLACE with faultfs (dest-no-rename-noreplace) instead")
-
-
 @pytest.mark.systemd
 @pytest.mark.slow
 def test_sigkill_of_the_service_at_any_stage_then_the_next_run_delivers_once(
