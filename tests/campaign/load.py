@@ -1,0 +1,295 @@
+"""The load campaign: many studies at once, and one big burst, on a booted systemd.
+
+One box with the checkout installed holds every study of the campaign, set up as an admin
+would (a group and a destination each, one config, one `systemctl daemon-reload`, the path
+and timer units enabled). A burst is built by one uploader as dot names in every inbox of
+the case, then renamed as fast as one process can, the studies interleaved; the campaign
+waits until every entry is filed and checks the units, the receipts, the manifests and
+the files. Entries are 3 small files (1-64 KiB): the load is on the per-entry and
+per-study machinery (path units, claim, lockdown, locks, generator, mail queue), not bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from dittohead.log import MESSAGE_IDS
+
+from ..boxes import CONFIG, ROOT, SMTP_PORT, UPLOADER, Box
+from ..conftest import wait_for
+from . import DELIVERED, FAILED, KEPT, OTHER, CampaignFailure, Observed
+
+MAIL_EVERY = 10  # every 10th study of a case mails its contact: the mail units run too
+UNIT_STARTING = "7d4958e842da4a758f6c1cdc7b36dcc5"  # PID 1: a unit's job started
+POLL = 1.0  # seconds between looks at the studies while a burst drains
+
+
+@dataclass(frozen=True)
+class Load:
+    """One case: `studies` studies named PREFIX00.., each given `entries` entries at once."""
+
+    name: str
+    does: str
+    prefix: str
+    studies: int
+    entries: int
+
+    def names(self) -> list[str]:
+        return [f"{self.prefix}{i:02d}" for i in range(self.studies)]
+
+    def mailed(self) -> list[str]:
+        return self.names()[::MAIL_EVERY]
+
+
+@dataclass(frozen=True)
+class Figures:
+    """What one burst measured."""
+
+    wall_s: float  # the first rename to the last `delivered` event
+    upload_s: float  # the first rename to the last
+    peak_rss_kib: int  # the largest DITTOHEAD_MAXRSS_KIB of the burst's events
+    starts: int  # dittohead@ service starts during the burst
+    entries: int
+
+    def note(self) -> str:
+        rate = self.entries / self.wall_s if self.wall_s else 0.0
+        return (f"{self.wall_s:.1f} s from the first rename to the last delivery "
+                f"({rate:.1f} entries/s; renames took {self.upload_s:.1f} s), "
+                f"{self.starts} service starts; peak memory of a run "
+                f"{self.peak_rss_kib / 1024:.0f} MiB (the largest DITTOHEAD_MAXRSS_KIB)")
+
+
+def study_config(load: Load) -> str:
+    """The config lines of a case's studies (appended to the box's `studies:`)."""
+    mailed = set(load.mailed())
+    return "".join(
+        f"  {s}:\n    destination: {ROOT}/study/{s}\n    group: {s}\n"
+        + ("    notify:\n      to: [pi@example.edu]\n" if s in mailed else "")
+        for s in load.names())
+
+
+def add_studies(box: Box, loads: list[Load]) -> None:
+    """Set every case's studies up as an admin would, and start watching them."""
+    box.box.write_file("/etc/dittohead/config.yaml",
+                       CONFIG + "".join(study_config(ld) for ld in loads))
+    names = " ".join(s for ld in loads for s in ld.names())
+    box.sh(f"""set -e
+for s in {names}; do groupadd "$s"; dittohead setup "$s" >/dev/null; done
+systemctl daemon-reload
+for s in {names}; do echo "dittohead@$s.path dittohead@$s.timer"; done \
+    | xargs systemctl enable --now
+systemctl is-active -q sbx-smtp || systemd-run -q --unit=sbx-smtp \
+    -p Environment=PYTHONWARNINGS=ignore /usr/bin/python3 -u -m smtpd -n -c \
+    DebuggingServer 127.0.0.1:{SMTP_PORT}
+""", timeout=600)
+    for ld in loads:
+        for s in ld.names():
+            box.wait_path_waiting(s)
+    probe = f"import socket; socket.create_connection(('127.0.0.1', {SMTP_PORT}))"
+    wait_for(lambda: box.box.run("/usr/bin/python3", "-c", probe,
+                                 check=False).returncode == 0, 30, "the SMTP sink")
+
+
+# As the uploader: build every entry as a dot name in every study's inbox, then rename
+# them all, the studies interleaved; print when each was renamed and the digests.
+UPLOAD_PY = r"""
+import hashlib, json, os, random, sys, time
+spec = json.load(sys.stdin)
+rnd = random.Random(spec["seed"])
+os.umask(0o022)
+digests = {s: {} for s in spec["studies"]}
+for s in spec["studies"]:
+    for i in range(spec["entries"]):
+        name = f"e{i:04d}"
+        tmp = os.path.join(spec["root"], s, "inbox", "." + name)
+        os.makedirs(os.path.join(tmp, name, "sub"))
+        for rel in (f"{name}/f0.dat", f"{name}/sub/f1.dat", f"{name}/f2.dat"):
+            data = rnd.randbytes(rnd.randint(1 << 10, 64 << 10))
+            with open(os.path.join(tmp, rel), "wb") as f:
+                f.write(data)
+            digests[s][rel] = hashlib.sha256(data).hexdigest()
+renamed = {s: {} for s in spec["studies"]}
+for i in range(spec["entries"]):
+    name = f"e{i:04d}"
+    for s in spec["studies"]:
+        inbox = os.path.join(spec["root"], s, "inbox")
+        os.rename(os.path.join(inbox, "." + name), os.path.join(inbox, name))
+        renamed[s][name] = time.time()
+print(json.dumps({"renamed": renamed, "digests": digests}))
+"""
+
+# As root: how many entries of the studies are filed, left, and mails still queued.
+STATE_PY = r"""
+import glob, json, os, sys
+root, studies = sys.argv[1], sys.argv[2:]
+out = {"filed": 0, "left": 0, "mails": 0}
+for s in studies:
+    for d in ("inbox", "processing", "done", "failed"):
+        names = [n for n in os.listdir(os.path.join(root, s, d)) if not n.startswith(".")]
+        if d in ("done", "failed"):
+            out["filed"] += sum(n.endswith(".json") for n in names)
+        else:
+            out["left"] += len(names)
+    out["mails"] += len(glob.glob(os.path.join(root, s, "processing", ".mail", "*.eml")))
+print(json.dumps(out))
+"""
+
+# As root: each entry's receipts, the manifests against the uploader's digests and
+# `sha256sum -c` in the destination, and anything left over, per study.
+CHECK_PY = r"""
+import glob, json, os, subprocess, sys
+root, dest = sys.argv[1], sys.argv[2]
+digests = json.load(sys.stdin)
+out = {}
+for s, want in digests.items():
+    box, problems, kinds, listed, nbytes = os.path.join(root, s), [], {}, {}, 0
+    for kind in ("done", "failed"):
+        for p in sorted(glob.glob(os.path.join(box, kind, "*.json"))):
+            r = json.load(open(p))
+            kinds.setdefault(r["entry"], []).append(kind)
+            nbytes += r["bytes"]
+            m = os.path.join(box, kind, r["id"] + ".sha256")
+            for line in (open(m).read().splitlines() if os.path.exists(m) else []):
+                digest, path = line.split("  ", 1)
+                listed[path] = digest
+    if listed != want:
+        differ = sorted(set(listed.items()) ^ set(want.items()))
+        problems.append(f"manifests differ from the upload in {len(differ)}: {differ[:2]}")
+    manifests = sorted(glob.glob(os.path.join(box, "done", "*.sha256")))
+    c = subprocess.run(["sha256sum", "--quiet", "--strict", "-c", *manifests],
+                       cwd=os.path.join(dest, s), capture_output=True, text=True)
+    if c.returncode or not manifests:
+        problems.append(f"sha256sum -c: {(c.stdout + c.stderr)[:300]}")
+    left = [f"{d}/{n}" for d in ("inbox", "processing")
+            for n in os.listdir(os.path.join(box, d)) if not n.startswith(".")]
+    left += glob.glob(os.path.join(box, "processing", ".mail", "*.eml"))
+    left += glob.glob(os.path.join(dest, s, ".incoming-*"))
+    if left:
+        problems.append(f"left over: {left[:5]}")
+    out[s] = {"kinds": kinds, "problems": problems, "bytes": nbytes}
+print(json.dumps(out))
+"""
+
+
+def drain(box: Box, load: Load, t0: float, timeout: float) -> None:
+    """Wait until every entry of the case is filed, nothing is left and its mail sent."""
+    want = load.studies * load.entries
+    while True:
+        r = box.box.run("/usr/bin/python3", "-c", STATE_PY, f"{ROOT}/dropbox", *load.names())
+        s: dict[str, int] = json.loads(r.stdout)
+        if s["filed"] >= want and s["left"] == s["mails"] == 0:
+            return
+        if time.time() - t0 > timeout:
+            raise CampaignFailure(f"{load.name}: not drained after {timeout:.0f} s: {s}\n"
+                                  + box.debug(load.names()[0]))
+        time.sleep(POLL)
+
+
+def burst(box: Box, load: Load, seed: float, timeout: float) -> tuple[
+        dict[str, dict[str, float]], dict[str, dict[str, str]], float]:
+    """Upload the case's burst and wait until it drained and every run ended: when each
+    entry was renamed, the digests and the first rename."""
+    spec = {"root": f"{ROOT}/dropbox", "studies": load.names(), "entries": load.entries,
+            "seed": seed}
+    up = json.loads(box.box.run("/usr/bin/python3", "-c", UPLOAD_PY, user=UPLOADER,
+                                input=json.dumps(spec).encode(), timeout=timeout).stdout)
+    t0 = min(t for times in up["renamed"].values() for t in times.values())
+    drain(box, load, t0, timeout)
+    for s in load.names():
+        box.wait_inactive(f"dittohead@{s}.service", timeout=120)
+    drain(box, load, t0, timeout)  # the last runs' mail was queued as they ended
+    for s in load.mailed():
+        box.wait_inactive(f"dittohead-mail@{s}.service", timeout=120)
+    return up["renamed"], up["digests"], t0
+
+
+def unit_problems(box: Box, load: Load, since: float) -> list[str]:
+    """Every way a unit can have failed during the burst."""
+    problems = []
+    failed = box.box.run("systemctl", "--failed", "--plain", "--no-legend").stdout.strip()
+    if failed:
+        problems.append(f"failed units: {failed[:500]}")
+    units = [f"dittohead@{s}.{k}" for s in load.names() for k in ("path", "service")]
+    units += [f"dittohead-mail@{s}.service" for s in load.mailed()]
+    shown = box.box.run("systemctl", "show", "-p", "Id,Result,SubState", *units).stdout
+    for block in shown.strip().split("\n\n"):
+        p = dict(line.split("=", 1) for line in block.splitlines())
+        if p["Result"] != "success" or (p["Id"].endswith(".path") and p["SubState"]
+                                        != "waiting"):
+            problems.append(f"{p['Id']}: Result={p['Result']}, {p['SubState']}")
+    log = box.sh(f"journalctl --since=@{since:.6f} -o cat --no-pager -u 'dittohead*' "
+                 "| grep -i limit; journalctl -u systemd-journald -o cat --no-pager "
+                 f"--since=@{since:.6f} | grep -i suppressed", check=False).stdout.strip()
+    if log:
+        problems.append(f"limits hit or messages dropped: {log.splitlines()[:3]}")
+    for kind in ("unit-failed", "retry-later", "failed", "rejected"):
+        if events := box.journal(f"--since=@{since:.6f}", f"MESSAGE_ID={MESSAGE_IDS[kind]}"):
+            problems.append(f"{len(events)} {kind} event(s): {events[0].get('MESSAGE')}")
+    return problems
+
+
+def outcome(kinds: list[str], delivered_events: int) -> str:
+    """One entry's outcome from its receipts and its `delivered` journal events."""
+    if kinds == ["done"] and delivered_events == 1:
+        return DELIVERED
+    if not kinds:
+        return KEPT
+    return FAILED if kinds == ["failed"] else OTHER
+
+
+@dataclass(frozen=True)
+class Result:
+    """A case's burst: each entry's observed outcome, the figures, what went wrong."""
+
+    seen: tuple[Observed, ...]
+    figures: Figures
+    nbytes: int
+    problems: tuple[str, ...]
+
+
+def delivered_events(box: Box, load: Load, since: float) -> list[dict[str, Any]]:
+    names = set(load.names())
+    return [e for e in box.journal(
+        f"--since=@{since:.6f}", f"MESSAGE_ID={MESSAGE_IDS['delivered']}",
+        "--output-fields=DITTOHEAD_STUDY,DITTOHEAD_ENTRY,DITTOHEAD_MAXRSS_KIB")
+        if e.get("DITTOHEAD_STUDY") in names]
+
+
+def run_load(box: Box, load: Load, seed: float, timeout: float) -> Result:
+    """One burst of the case, drained and checked."""
+    since = time.time()
+    renamed, digests, t0 = burst(box, load, seed, timeout)
+    events = delivered_events(box, load, since)
+    at: dict[tuple[str, str], list[float]] = {}
+    for e in events:
+        at.setdefault((e["DITTOHEAD_STUDY"], e["DITTOHEAD_ENTRY"]), []).append(
+            int(e["__REALTIME_TIMESTAMP"]) / 1e6)
+    starts = [e for e in box.journal(f"--since=@{since:.6f}", f"MESSAGE_ID={UNIT_STARTING}")
+              if str(e.get("UNIT", "")).removeprefix("dittohead@").removesuffix(".service")
+              in set(load.names())]
+    r = box.box.run("/usr/bin/python3", "-c", CHECK_PY, f"{ROOT}/dropbox", f"{ROOT}/study",
+                    input=json.dumps(digests).encode(), timeout=1800)
+    checked: dict[str, Any] = json.loads(r.stdout)
+    seen = []
+    for s, names in renamed.items():
+        for name, t in names.items():
+            times = at.get((s, name), [])
+            seen.append(Observed(outcome(checked[s]["kinds"].get(name, []), len(times)),
+                                 seconds=min(times) - t if times else 0.0, files=3))
+    problems = [f"{s}: {p}" for s, c in checked.items() for p in c["problems"]]
+    problems += unit_problems(box, load, since)
+    if len(events) != load.studies * load.entries:
+        problems.append(f"{len(events)} delivered events for "
+                        f"{load.studies * load.entries} entries")
+    last = max((t for ts in at.values() for t in ts), default=t0)
+    figures = Figures(wall_s=last - t0,
+                      upload_s=max(t for n in renamed.values() for t in n.values()) - t0,
+                      peak_rss_kib=max((int(e.get("DITTOHEAD_MAXRSS_KIB", 0)) for e in events),
+                                       default=0),
+                      starts=len(starts),
+                      entries=load.studies * load.entries)
+    return Result(tuple(seen), figures, sum(c["bytes"] for c in checked.values()),
+                  tuple(problems))

@@ -1,0 +1,65 @@
+"""The load campaign (tests/campaign/load.py): many studies at once, and a big burst.
+
+Reduced counts in `make test` (5 studies x 20 entries, one study x 100); with
+`DITTOHEAD_CAMPAIGN=full`, 50 studies x 100 and one study x 1,000, and the report's
+"load" table is rewritten from the tallies.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.campaign import DELIVERED, MODE, SEED, Tally, report, trial_rng, trials
+from tests.campaign.load import Load, add_studies, run_load
+
+from .boxes import Box, boot_installed
+
+pytestmark = [pytest.mark.campaign, pytest.mark.root, pytest.mark.systemd, pytest.mark.slow]
+
+STUDIES = Load("many-studies", f"{trials(5, 50)} studies enabled at once (every "
+               "10th mails its contact), a burst of "
+               f"{trials(20, 100)} entries of 3 files (1-64 KiB) into each, interleaved",
+               "ld", trials(5, 50), trials(20, 100))
+BIG = Load("one-big-burst", f"one study, a burst of {trials(100, 1000)} entries of 3 files "
+           "(1-64 KiB)", "big", 1, trials(100, 1000))
+LOADS = (STUDIES, BIG)
+TIMEOUT = 1800.0  # seconds for one burst to drain, even in the full run
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
+    print(f"\ncampaign seed {SEED} ({MODE}); replay with DITTOHEAD_CAMPAIGN_SEED={SEED}")
+    started = time.monotonic()
+    b = boot_installed(tmp_path_factory.mktemp("load-box", numbered=True))
+    try:
+        add_studies(b, list(LOADS))
+        report.add_time("load", time.monotonic() - started)
+        yield b
+    finally:
+        b.box.poweroff()
+    if "DITTOHEAD_CAMPAIGN" in os.environ:
+        print(f"wrote {report.write()}")
+
+
+@pytest.mark.parametrize("load", LOADS, ids=[ld.name for ld in LOADS])
+def test_burst_is_delivered_exactly_once_and_no_unit_fails(box: Box, load: Load) -> None:
+    started = time.monotonic()
+    tally = Tally("load", load.name, load.does,
+                  f"{DELIVERED}, manifests verify, no unit failed, nothing left", SEED)
+    try:
+        result = run_load(box, load, trial_rng("load", LOADS.index(load)).random(), TIMEOUT)
+        for seen in result.seen:
+            tally.add(seen)
+        tally.bytes = result.nbytes
+        tally.note = result.figures.note()
+        print(f"{load.name}: {tally.note}")
+    finally:
+        if tally.counts:
+            report.save(tally)
+        report.add_time("load", time.monotonic() - started)
+    assert not result.problems, "\n".join(result.problems)
+    assert tally.counts == {DELIVERED: load.studies * load.entries}, tally.counts
