@@ -24,6 +24,7 @@ from . import DELIVERED, FAILED, KEPT, OTHER, CampaignFailure, Observed
 
 MAIL_EVERY = 10  # every 10th study of a case mails its contact: the mail units run too
 UNIT_STARTING = "7d4958e842da4a758f6c1cdc7b36dcc5"  # PID 1: a unit's job started
+METRICS = "/var/lib/prometheus/node-exporter"  # every run's end refreshes the metrics
 POLL = 1.0  # seconds between looks at the studies while a burst drains
 
 
@@ -73,10 +74,11 @@ def study_config(load: Load) -> str:
 
 def add_studies(box: Box, loads: list[Load]) -> None:
     """Set every case's studies up as an admin would, and start watching them."""
-    box.box.write_file("/etc/dittohead/config.yaml",
-                       CONFIG + "".join(study_config(ld) for ld in loads))
+    box.box.write_file("/etc/dittohead/config.yaml", f"metrics_dir: {METRICS}\n" + CONFIG
+                       + "".join(study_config(ld) for ld in loads))
     names = " ".join(s for ld in loads for s in ld.names())
     box.sh(f"""set -e
+install -d -o dittohead -g dittohead -m 0755 {METRICS}
 for s in {names}; do groupadd "$s"; dittohead setup "$s" >/dev/null; done
 systemctl daemon-reload
 for s in {names}; do echo "dittohead@$s.path dittohead@$s.timer"; done \
