@@ -1,8 +1,8 @@
 """The load campaign (tests/campaign/load.py): many studies at once, and a big burst.
 
-Reduced counts in `make test` (5 studies x 20 entries, one study x 100); with
-`DITTOHEAD_CAMPAIGN=full`, 50 studies x 100 and one study x 1,000, and the report's
-"load" table is rewritten from the tallies.
+Reduced counts in `make test` (5 studies x 20 entries, one study x 100, a trickle of
+5 x 5); with `DITTOHEAD_CAMPAIGN=full`, 50 studies x 100, one study x 1,000 and a
+trickle of 50 x 20, and the report's "load" table is rewritten from the tallies.
 """
 
 from __future__ import annotations
@@ -26,7 +26,11 @@ STUDIES = Load("many-studies", f"{trials(5, 50)} studies enabled at once (every 
                "ld", trials(5, 50), trials(20, 100))
 BIG = Load("one-big-burst", f"one study, a burst of {trials(100, 1000)} entries of 3 files "
            "(1-64 KiB)", "big", 1, trials(100, 1000))
-LOADS = (STUDIES, BIG)
+TRICKLE = Load("trickle", f"the same {trials(5, 50)} studies, {trials(5, 20)} entries each "
+               "arriving one by one, 0-6 s apart (around the runs' 3 s linger), every "
+               "entry delivered within a minute (else its path unit missed it)",
+               "ld", trials(5, 50), trials(5, 20), gap=6.0)
+LOADS = (STUDIES, BIG, TRICKLE)
 TIMEOUT = 1800.0  # seconds for one burst to drain, even in the full run
 
 

@@ -25,6 +25,7 @@ from . import DELIVERED, FAILED, KEPT, OTHER, CampaignFailure, Observed
 MAIL_EVERY = 10  # every 10th study of a case mails its contact: the mail units run too
 UNIT_STARTING = "7d4958e842da4a758f6c1cdc7b36dcc5"  # PID 1: a unit's job started
 METRICS = "/var/lib/prometheus/node-exporter"  # every run's end refreshes the metrics
+LATE = 60.0  # s: an entry of a trickle delivered later was swept up by its timer
 POLL = 1.0  # seconds between looks at the studies while a burst drains
 
 
@@ -37,6 +38,10 @@ class Load:
     prefix: str
     studies: int
     entries: int
+    gap: float = 0.0  # >0: each study's entries come one by one, 0 to `gap` s apart
+
+    def entry(self, i: int) -> str:
+        return f"{self.name}-{i:04d}"
 
     def names(self) -> list[str]:
         return [f"{self.prefix}{i:02d}" for i in range(self.studies)]
@@ -52,31 +57,34 @@ class Figures:
     wall_s: float  # the first rename to the last `delivered` event
     upload_s: float  # the first rename to the last
     peak_rss_kib: int  # the largest DITTOHEAD_MAXRSS_KIB of the burst's events
-    starts: int  # dittohead@ service starts during the burst
+    starts: dict[str, int]  # unit starts during the burst: delivery, mail, metrics
     entries: int
 
     def note(self) -> str:
         rate = self.entries / self.wall_s if self.wall_s else 0.0
         return (f"{self.wall_s:.1f} s from the first rename to the last delivery "
                 f"({rate:.1f} entries/s; renames took {self.upload_s:.1f} s), "
-                f"{self.starts} service starts; peak memory of a run "
+                f"units started: {self.starts['delivery']} delivery runs, "
+                f"{self.starts['mail']} mail, {self.starts['metrics']} metrics; "
+                f"peak memory of a run "
                 f"{self.peak_rss_kib / 1024:.0f} MiB (the largest DITTOHEAD_MAXRSS_KIB)")
 
 
-def study_config(load: Load) -> str:
-    """The config lines of a case's studies (appended to the box's `studies:`)."""
-    mailed = set(load.mailed())
+def study_config(studies: list[str], mailed: set[str]) -> str:
+    """The config lines of the studies (appended to the box's `studies:`)."""
     return "".join(
         f"  {s}:\n    destination: {ROOT}/study/{s}\n    group: {s}\n"
         + ("    notify:\n      to: [pi@example.edu]\n" if s in mailed else "")
-        for s in load.names())
+        for s in studies)
 
 
 def add_studies(box: Box, loads: list[Load]) -> None:
     """Set every case's studies up as an admin would, and start watching them."""
+    studies = list(dict.fromkeys(s for ld in loads for s in ld.names()))  # cases may share
+    mailed = {s for ld in loads for s in ld.mailed()}
     box.box.write_file("/etc/dittohead/config.yaml", f"metrics_dir: {METRICS}\n" + CONFIG
-                       + "".join(study_config(ld) for ld in loads))
-    names = " ".join(s for ld in loads for s in ld.names())
+                       + study_config(studies, mailed))
+    names = " ".join(studies)
     box.sh(f"""set -e
 install -d -o dittohead -g dittohead -m 0755 {METRICS}
 for s in {names}; do groupadd "$s"; dittohead setup "$s" >/dev/null; done
@@ -87,25 +95,28 @@ systemctl is-active -q sbx-smtp || systemd-run -q --unit=sbx-smtp \
     -p Environment=PYTHONWARNINGS=ignore /usr/bin/python3 -u -m smtpd -n -c \
     DebuggingServer 127.0.0.1:{SMTP_PORT}
 """, timeout=600)
-    for ld in loads:
-        for s in ld.names():
-            box.wait_path_waiting(s)
+    for s in studies:
+        box.wait_path_waiting(s)
     probe = f"import socket; socket.create_connection(('127.0.0.1', {SMTP_PORT}))"
     wait_for(lambda: box.box.run("/usr/bin/python3", "-c", probe,
                                  check=False).returncode == 0, 30, "the SMTP sink")
 
 
 # As the uploader: build every entry as a dot name in every study's inbox, then rename
-# them all, the studies interleaved; print when each was renamed and the digests.
+# them all, the studies interleaved (with a gap: each study's one by one, at seeded
+# moments); print when each was renamed and the digests.
 UPLOAD_PY = r"""
 import hashlib, json, os, random, sys, time
 spec = json.load(sys.stdin)
 rnd = random.Random(spec["seed"])
 os.umask(0o022)
 digests = {s: {} for s in spec["studies"]}
+schedule = []
 for s in spec["studies"]:
-    for i in range(spec["entries"]):
-        name = f"e{i:04d}"
+    at = 0.0
+    for i, name in enumerate(spec["entries"]):
+        at += rnd.uniform(0, spec["gap"])
+        schedule.append((at, i, s, name))
         tmp = os.path.join(spec["root"], s, "inbox", "." + name)
         os.makedirs(os.path.join(tmp, name, "sub"))
         for rel in (f"{name}/f0.dat", f"{name}/sub/f1.dat", f"{name}/f2.dat"):
@@ -114,12 +125,12 @@ for s in spec["studies"]:
                 f.write(data)
             digests[s][rel] = hashlib.sha256(data).hexdigest()
 renamed = {s: {} for s in spec["studies"]}
-for i in range(spec["entries"]):
-    name = f"e{i:04d}"
-    for s in spec["studies"]:
-        inbox = os.path.join(spec["root"], s, "inbox")
-        os.rename(os.path.join(inbox, "." + name), os.path.join(inbox, name))
-        renamed[s][name] = time.time()
+start = time.monotonic()
+for at, _, s, name in sorted(schedule, key=lambda x: x[:2]):
+    time.sleep(max(0.0, start + at - time.monotonic()))
+    inbox = os.path.join(spec["root"], s, "inbox")
+    os.rename(os.path.join(inbox, "." + name), os.path.join(inbox, name))
+    renamed[s][name] = time.time()
 print(json.dumps({"renamed": renamed, "digests": digests}))
 """
 
@@ -139,28 +150,32 @@ for s in studies:
 print(json.dumps(out))
 """
 
-# As root: each entry's receipts, the manifests against the uploader's digests and
-# `sha256sum -c` in the destination, and anything left over, per study.
+# As root: the receipts of each entry of the case (entry names start with the case's
+# name), their manifests against the uploader's digests and `sha256sum -c` in the
+# destination, and anything left over, per study.
 CHECK_PY = r"""
 import glob, json, os, subprocess, sys
-root, dest = sys.argv[1], sys.argv[2]
+root, dest, case = sys.argv[1], sys.argv[2], sys.argv[3] + "-"
 digests = json.load(sys.stdin)
 out = {}
 for s, want in digests.items():
     box, problems, kinds, listed, nbytes = os.path.join(root, s), [], {}, {}, 0
+    manifests = []
     for kind in ("done", "failed"):
         for p in sorted(glob.glob(os.path.join(box, kind, "*.json"))):
             r = json.load(open(p))
+            if not r["entry"].startswith(case):
+                continue
             kinds.setdefault(r["entry"], []).append(kind)
             nbytes += r["bytes"]
             m = os.path.join(box, kind, r["id"] + ".sha256")
+            manifests += [m] if kind == "done" else []
             for line in (open(m).read().splitlines() if os.path.exists(m) else []):
                 digest, path = line.split("  ", 1)
                 listed[path] = digest
     if listed != want:
         differ = sorted(set(listed.items()) ^ set(want.items()))
         problems.append(f"manifests differ from the upload in {len(differ)}: {differ[:2]}")
-    manifests = sorted(glob.glob(os.path.join(box, "done", "*.sha256")))
     c = subprocess.run(["sha256sum", "--quiet", "--strict", "-c", *manifests],
                        cwd=os.path.join(dest, s), capture_output=True, text=True)
     if c.returncode or not manifests:
@@ -176,12 +191,16 @@ print(json.dumps(out))
 """
 
 
-def drain(box: Box, load: Load, t0: float, timeout: float) -> None:
-    """Wait until every entry of the case is filed, nothing is left and its mail sent."""
-    want = load.studies * load.entries
+def state(box: Box, load: Load) -> dict[str, int]:
+    r = box.box.run("/usr/bin/python3", "-c", STATE_PY, f"{ROOT}/dropbox", *load.names())
+    got: dict[str, int] = json.loads(r.stdout)
+    return got
+
+
+def drain(box: Box, load: Load, t0: float, want: int, timeout: float) -> None:
+    """Wait until `want` entries are filed, nothing is left and the mail is sent."""
     while True:
-        r = box.box.run("/usr/bin/python3", "-c", STATE_PY, f"{ROOT}/dropbox", *load.names())
-        s: dict[str, int] = json.loads(r.stdout)
+        s = state(box, load)
         if s["filed"] >= want and s["left"] == s["mails"] == 0:
             return
         if time.time() - t0 > timeout:
@@ -194,15 +213,16 @@ def burst(box: Box, load: Load, seed: float, timeout: float) -> tuple[
         dict[str, dict[str, float]], dict[str, dict[str, str]], float]:
     """Upload the case's burst and wait until it drained and every run ended: when each
     entry was renamed, the digests and the first rename."""
-    spec = {"root": f"{ROOT}/dropbox", "studies": load.names(), "entries": load.entries,
-            "seed": seed}
+    spec = {"root": f"{ROOT}/dropbox", "studies": load.names(), "seed": seed, "gap": load.gap,
+            "entries": [load.entry(i) for i in range(load.entries)]}
+    want = state(box, load)["filed"] + load.studies * load.entries  # earlier cases' too
     up = json.loads(box.box.run("/usr/bin/python3", "-c", UPLOAD_PY, user=UPLOADER,
                                 input=json.dumps(spec).encode(), timeout=timeout).stdout)
     t0 = min(t for times in up["renamed"].values() for t in times.values())
-    drain(box, load, t0, timeout)
+    drain(box, load, t0, want, timeout)
     for s in load.names():
         box.wait_inactive(f"dittohead@{s}.service", timeout=120)
-    drain(box, load, t0, timeout)  # the last runs' mail was queued as they ended
+    drain(box, load, t0, want, timeout)  # the last runs' mail was queued as they ended
     for s in load.mailed():
         box.wait_inactive(f"dittohead-mail@{s}.service", timeout=120)
     return up["renamed"], up["digests"], t0
@@ -257,7 +277,21 @@ def delivered_events(box: Box, load: Load, since: float) -> list[dict[str, Any]]
     return [e for e in box.journal(
         f"--since=@{since:.6f}", f"MESSAGE_ID={MESSAGE_IDS['delivered']}",
         "--output-fields=DITTOHEAD_STUDY,DITTOHEAD_ENTRY,DITTOHEAD_MAXRSS_KIB")
-        if e.get("DITTOHEAD_STUDY") in names]
+        if e.get("DITTOHEAD_STUDY") in names
+        and str(e.get("DITTOHEAD_ENTRY")).startswith(load.name + "-")]
+
+
+def unit_starts(box: Box, load: Load, since: float) -> dict[str, int]:
+    """How many times PID 1 started the case's units, by kind."""
+    kinds = {f"dittohead@{s}.service": "delivery" for s in load.names()}
+    kinds.update({f"dittohead-mail@{s}.service": "mail" for s in load.mailed()})
+    kinds["dittohead-metrics.service"] = "metrics"
+    counts = dict.fromkeys(("delivery", "mail", "metrics"), 0)
+    for e in box.journal(f"--since=@{since:.6f}", f"MESSAGE_ID={UNIT_STARTING}",
+                         "--output-fields=UNIT"):
+        if (kind := kinds.get(str(e.get("UNIT")))) is not None:
+            counts[kind] += 1
+    return counts
 
 
 def run_load(box: Box, load: Load, seed: float, timeout: float) -> Result:
@@ -269,19 +303,19 @@ def run_load(box: Box, load: Load, seed: float, timeout: float) -> Result:
     for e in events:
         at.setdefault((e["DITTOHEAD_STUDY"], e["DITTOHEAD_ENTRY"]), []).append(
             int(e["__REALTIME_TIMESTAMP"]) / 1e6)
-    starts = [e for e in box.journal(f"--since=@{since:.6f}", f"MESSAGE_ID={UNIT_STARTING}")
-              if str(e.get("UNIT", "")).removeprefix("dittohead@").removesuffix(".service")
-              in set(load.names())]
     r = box.box.run("/usr/bin/python3", "-c", CHECK_PY, f"{ROOT}/dropbox", f"{ROOT}/study",
-                    input=json.dumps(digests).encode(), timeout=1800)
+                    load.name, input=json.dumps(digests).encode(), timeout=1800)
     checked: dict[str, Any] = json.loads(r.stdout)
     seen = []
+    problems = [f"{s}: {p}" for s, c in checked.items() for p in c["problems"]]
     for s, names in renamed.items():
         for name, t in names.items():
             times = at.get((s, name), [])
             seen.append(Observed(outcome(checked[s]["kinds"].get(name, []), len(times)),
                                  seconds=min(times) - t if times else 0.0, files=3))
-    problems = [f"{s}: {p}" for s, c in checked.items() for p in c["problems"]]
+            if load.gap and seen[-1].seconds > LATE:
+                problems.append(f"{s}: {name} delivered {seen[-1].seconds:.0f} s after its "
+                                "rename: its path unit missed it (a timer's sweep took it)")
     problems += unit_problems(box, load, since)
     if len(events) != load.studies * load.entries:
         problems.append(f"{len(events)} delivered events for "
@@ -291,7 +325,7 @@ def run_load(box: Box, load: Load, seed: float, timeout: float) -> Result:
                       upload_s=max(t for n in renamed.values() for t in n.values()) - t0,
                       peak_rss_kib=max((int(e.get("DITTOHEAD_MAXRSS_KIB", 0)) for e in events),
                                        default=0),
-                      starts=len(starts),
+                      starts=unit_starts(box, load, since),
                       entries=load.studies * load.entries)
     return Result(tuple(seen), figures, sum(c["bytes"] for c in checked.values()),
                   tuple(problems))
