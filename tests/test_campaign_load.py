@@ -30,7 +30,18 @@ TRICKLE = Load("trickle", f"the same {trials(5, 50)} studies, {trials(5, 20)} en
                "arriving one by one, 0-6 s apart (around the runs' 3 s linger), every "
                "entry delivered within a minute (else its path unit missed it)",
                "ld", trials(5, 50), trials(5, 20), gap=6.0)
-LOADS = (STUDIES, BIG, TRICKLE)
+ACCOUNTS = Load("accounts-added", f"the same {trials(5, 50)} studies, a burst of "
+                f"{trials(20, 100)} entries each; as it drains, the admin adds "
+                f"{trials(10, 30)} uploader accounts (`useradd`), one every 0.5 s: each "
+                "replaces /etc/passwd, and every run then ends for the next to see it",
+                "ld", trials(5, 50), trials(20, 100),
+                admin=f"for i in $(seq {trials(10, 30)}); do useradd -M lx$i; sleep 0.5; done")
+LOADS = (STUDIES, BIG, TRICKLE, ACCOUNTS)
+# Found by this case, not fixed yet: a run started while useradd replaces /etc/passwd
+# can fail to set up its sandbox (exit 226/NAMESPACE, the unit bind-mounts the file):
+# the unit fails and notifies, the entries wait for the next run (delivered, late).
+KNOWN = {"accounts-added": "a run started while useradd replaces /etc/passwd can fail "
+                           "with 226/NAMESPACE (unit failed, entries delivered later)"}
 TIMEOUT = 1800.0  # seconds for one burst to drain, even in the full run
 
 
@@ -49,7 +60,9 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
         print(f"wrote {report.write()}")
 
 
-@pytest.mark.parametrize("load", LOADS, ids=[ld.name for ld in LOADS])
+@pytest.mark.parametrize("load", [
+    pytest.param(ld, marks=pytest.mark.xfail(reason=KNOWN[ld.name], strict=False))
+    if ld.name in KNOWN else ld for ld in LOADS], ids=[ld.name for ld in LOADS])
 def test_burst_is_delivered_exactly_once_and_no_unit_fails(box: Box, load: Load) -> None:
     started = time.monotonic()
     tally = Tally("load", load.name, load.does,
@@ -60,6 +73,8 @@ def test_burst_is_delivered_exactly_once_and_no_unit_fails(box: Box, load: Load)
             tally.add(seen)
         tally.bytes = result.nbytes
         tally.note = result.figures.note()
+        if result.problems:  # the report says what went wrong, not only the counts
+            tally.note += "; PROBLEMS: " + "; ".join(result.problems)[:300]
         print(f"{load.name}: {tally.note}")
     finally:
         if tally.counts:

@@ -39,6 +39,7 @@ class Load:
     studies: int
     entries: int
     gap: float = 0.0  # >0: each study's entries come one by one, 0 to `gap` s apart
+    admin: str = ""  # a shell script run as root in the box as the burst starts to drain
 
     def entry(self, i: int) -> str:
         return f"{self.name}-{i:04d}"
@@ -219,7 +220,12 @@ def burst(box: Box, load: Load, seed: float, timeout: float) -> tuple[
     up = json.loads(box.box.run("/usr/bin/python3", "-c", UPLOAD_PY, user=UPLOADER,
                                 input=json.dumps(spec).encode(), timeout=timeout).stdout)
     t0 = min(t for times in up["renamed"].values() for t in times.values())
+    if load.admin:
+        box.box.run("systemd-run", "-q", f"--unit=sbx-admin-{load.name}", "/bin/sh", "-c",
+                    load.admin)
     drain(box, load, t0, want, timeout)
+    if load.admin:
+        box.wait_inactive(f"sbx-admin-{load.name}.service", timeout=timeout)
     for s in load.names():
         box.wait_inactive(f"dittohead@{s}.service", timeout=120)
     drain(box, load, t0, want, timeout)  # the last runs' mail was queued as they ended
