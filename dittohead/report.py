@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import resource
 import sys
 import syslog
 from collections.abc import Iterator
@@ -27,6 +28,13 @@ def fields(study: StudyConfig, c: Claim, uploader: str) -> dict[str, str]:
     """The journal fields every event about one delivery carries."""
     return {"study": study.name, "entry": c.entry, "delivery": c.id,
             "destination": str(study.destination), "uploader": uploader}
+
+
+def peak_rss_kib() -> int:
+    """The run's peak resident memory so far, in KiB: the larger of its own and that of
+    the largest worker it has waited for (Linux ru_maxrss)."""
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+               resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 
 
 def kept(config: Config, study: StudyConfig, c: Claim, uploader: str, why: str,
@@ -116,7 +124,7 @@ def filed(config: Config, study: StudyConfig, r: Receipt, c: Claim) -> None:
                     and "disk" in study.notify.on, name=mail_name(r))
     with _warned(study, f"{filed} its journal event could not be written"):
         log.event(r.outcome, msg, files=r.files, bytes=r.nbytes, reason=r.reason,
-                  **fields(study, c, r.uploader))
+                  maxrss_kib=peak_rss_kib(), **fields(study, c, r.uploader))
 
 
 def mail_name(r: Receipt) -> str:
