@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from dittohead import config, settings
-from dittohead.cli import build_parser
+from dittohead.commands import build_parser
 from dittohead.log import MESSAGE_IDS
 
 from .conftest import REPO
