@@ -186,22 +186,29 @@ def check(cfg: Config, studies: list[StudyConfig]) -> list[str]:
         found += [p + x for x in purge.retention_problems(study)]
         found += [p + x for x in shared_filesystem(study)]
         if _systemd_booted():
-            for unit in (f"dittohead@{study.name}.path", f"dittohead@{study.name}.timer"):
-                r = subprocess.run(["systemctl", "is-enabled", unit], capture_output=True,
-                                   text=True, check=False)
-                if r.stdout.strip() != "enabled":
-                    found.append(p + f"{unit} is {r.stdout.strip() or 'not enabled'} "
-                                 f"(systemctl enable --now {unit})")
-                r = subprocess.run(["systemctl", "is-failed", unit], capture_output=True,
-                                   text=True, check=False)
-                if r.stdout.strip() == "failed":
-                    found.append(p + f"{unit} has failed (systemctl reset-failed {unit})")
+            found += [p + x for x in _unit_problems(study)]
     if _systemd_booted():
         from . import generator
         found += generator.problems(cfg) + generator.drift(cfg) + stray_units(cfg)
         found += purge.timer_problems(cfg)
     from . import textfile  # metrics
     found += textfile.findings(cfg)
+    return found
+
+
+def _unit_problems(study: StudyConfig) -> list[str]:
+    """The study's path unit and timer not enabled, or failed."""
+    found = []
+    for unit in (f"dittohead@{study.name}.path", f"dittohead@{study.name}.timer"):
+        r = subprocess.run(["systemctl", "is-enabled", unit], capture_output=True,
+                           text=True, check=False)
+        if r.stdout.strip() != "enabled":
+            found.append(f"{unit} is {r.stdout.strip() or 'not enabled'} "
+                         f"(systemctl enable --now {unit})")
+        r = subprocess.run(["systemctl", "is-failed", unit], capture_output=True,
+                           text=True, check=False)
+        if r.stdout.strip() == "failed":
+            found.append(f"{unit} has failed (systemctl reset-failed {unit})")
     return found
 
 

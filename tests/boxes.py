@@ -160,6 +160,19 @@ class Box:
                  f"{unit} to be waiting")
 
 
+SINK = "sbx-smtp"  # the SMTP sink's unit in a box: it prints every message it gets
+
+
+def start_smtp_sink(box: Box) -> None:
+    """A debugging SMTP server on the box's 127.0.0.1:SMTP_PORT (Python 3.11's smtpd)."""
+    box.sh(f"systemctl is-active -q {SINK} || systemd-run -q --unit={SINK} "
+           f"-p Environment=PYTHONWARNINGS=ignore /usr/bin/python3 -u -m smtpd -n -c "
+           f"DebuggingServer 127.0.0.1:{SMTP_PORT}")
+    probe = f"import socket; socket.create_connection(('127.0.0.1', {SMTP_PORT}))"
+    wait_for(lambda: box.box.run("/usr/bin/python3", "-c", probe,
+                                 check=False).returncode == 0, 30, "the SMTP sink")
+
+
 def boot_installed(workdir: Path) -> Box:
     """Boot a sysbox, `make install` this checkout in it, set up the studies."""
     b = Box(sysbox.Sysbox.boot(workdir, binds=[REPO]))

@@ -17,7 +17,7 @@ import pytest
 from tests.campaign import DELIVERED, MODE, OTHER, SEED, CampaignFailure, Tally, report, trials
 from tests.campaign.hostile import trial
 from tests.campaign.hostile_cases import CASES, Case
-from tests.campaign.kills import POINTS, kill_trial, prepare
+from tests.campaign.kills import POINTS, STAGES, kill_trial, prepare
 from tests.campaign.mounts import fuse_available, quota_available
 from tests.campaign.storage import CASES as STORAGE_CASES
 from tests.campaign.storage import Case as StorageCase
@@ -99,7 +99,7 @@ def test_sigkill_of_the_service_at_any_stage_then_the_next_run_delivers_once(
     n = trials(2, 20) * len(POINTS)
     schedule = [POINTS[i % len(POINTS)] for i in range(n)]
     random.Random(f"{SEED}:kills").shuffle(schedule)
-    tallies = {p: Tally("kills", f"kill at {p}", KILL_DOES[p.partition(":")[0]],
+    tallies = {p: Tally("kills", f"kill at {p}", STAGES[p.partition(":")[0]],
                         f"{DELIVERED}, byte-identical, nothing left", SEED) for p in POINTS}
     hits = dict.fromkeys(POINTS, 0)
     report.plan("kills", n)
@@ -121,18 +121,3 @@ def test_sigkill_of_the_service_at_any_stage_then_the_next_run_delivers_once(
             t.note = f"the kill hit a running delivery in {hits[p]} of {sum(t.counts.values())}"
             report.save(t)
         report.add_time("kills", time.monotonic() - started)
-
-
-KILL_DOES = {
-    "chowned": "claim: entry taken over, claim record written, not yet renamed",
-    "taking": "lockdown: the walk holds a directory between its fstat and its takeover",
-    "claimed": "claimed: destination open, a killed attempt's staging removed",
-    "checked": "check: examined and planned, nothing staged",
-    "staged": "stage: after the N-th file copied into the staging directory",
-    "synced": "sync: staged files synced, no final name yet",
-    "published": "publish: after the N-th rename into the destination",
-    "verified": "verify: published, checked and synced, nothing filed",
-    "receipt": "record: manifest and receipt written, entry still in processing",
-    "filed": "record: entry filed, claim record and journal event not yet",
-    "random": "a random delay (0-1.5 s) after the run started, entry of 8-40 MiB more",
-}

@@ -7,16 +7,18 @@ trickle of 50 x 20, and the report's "load" table is rewritten from the tallies.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.campaign import DELIVERED, MODE, SEED, Tally, report, trial_rng, trials
+from tests.campaign import DELIVERED, SEED, Tally, report, trial_rng, trials
 from tests.campaign.load import Load, add_studies, run_load
 
 from .boxes import Box, boot_installed
+
+# The seed line, and docs/reliability.md rewritten at the module's end (DITTOHEAD_CAMPAIGN).
+from .test_campaign import _report  # noqa: F401
 
 pytestmark = [pytest.mark.campaign, pytest.mark.root, pytest.mark.systemd, pytest.mark.slow]
 
@@ -42,7 +44,6 @@ TIMEOUT = 1800.0  # seconds for one burst to drain, even in the full run
 
 @pytest.fixture(scope="module")
 def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
-    print(f"\ncampaign seed {SEED} ({MODE}); replay with DITTOHEAD_CAMPAIGN_SEED={SEED}")
     started = time.monotonic()
     b = boot_installed(tmp_path_factory.mktemp("load-box", numbered=True))
     try:
@@ -51,8 +52,6 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
         yield b
     finally:
         b.box.poweroff()
-    if "DITTOHEAD_CAMPAIGN" in os.environ:
-        print(f"wrote {report.write()}")
 
 
 # accounts-added found a run started while useradd replaces /etc/passwd failing to set

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.campaign import DELIVERED, FULL, SEED, Tally, report
+from tests.campaign.kills import STAGES
 from tests.campaign.upgrade import (
     FULL_POINTS,
     REDUCED_POINTS,
@@ -41,19 +42,8 @@ OLD, NEW = Release(f"{VERSION}+up1", f"{VERSION}+up1", f"{VERSION}+up1"), \
 BASE_COMMIT = "8af2f3b16cb0a065de9fdf98892393e6e580e09c"
 BASE = Release(f"{VERSION}+up0", VERSION, None, ends_on_upgrade=False)
 BASE_POINT = "published:1"
-DOES = {
-    "chowned": "claim: entry taken over, not yet renamed out of the inbox",
-    "taking": "lockdown: the walk holds a directory between its fstat and its takeover",
-    "claimed": "claimed: destination open, nothing examined",
-    "checked": "check: examined and planned, nothing staged",
-    "staged": "stage: after the N-th file copied into the staging directory",
-    "synced": "sync: staged files synced, no final name yet",
-    "published": "publish: after the N-th rename into the destination",
-    "verified": "verify: published, checked and synced, nothing filed",
-    "receipt": "record: manifest and receipt written, entry still in processing",
-    "filed": "record: entry filed, claim record and journal event not yet",
-    "stream": "no run held: an uploader drops an entry every 0.1 s throughout",
-}
+DOES = {**STAGES,
+        "stream": "no run held: an uploader drops an entry every 0.1 s throughout"}
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from dittohead import generator
 from dittohead.config import parse
 from dittohead.log import MESSAGE_IDS
 
-from .boxes import CONFIG, ROOT, SMTP_PORT, UPLOADER, Box, boot_installed
+from .boxes import CONFIG, ROOT, SINK, UPLOADER, Box, boot_installed, start_smtp_sink
 from .conftest import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -299,18 +299,12 @@ class TestOnSystemd:
     pytestmark = booted
 
     def test_mail_is_sent_by_the_mailer_not_the_delivery_service(self, box: Box) -> None:
-        # Python 3.11's smtpd DebuggingServer prints each message it gets.
-        box.sh(f"systemctl is-active -q sbx-smtp || systemd-run -q --unit=sbx-smtp "
-               f"-p Environment=PYTHONWARNINGS=ignore /usr/bin/python3 -u -m smtpd -n -c "
-               f"DebuggingServer 127.0.0.1:{SMTP_PORT}")
-        probe = f"import socket; socket.create_connection(('127.0.0.1', {SMTP_PORT}))"
-        wait_for(lambda: box.box.run("/usr/bin/python3", "-c", probe,
-                                     check=False).returncode == 0, 30, "the SMTP sink")
+        start_smtp_sink(box)
         box.sh("systemctl enable --now dittohead@s4.path")
         box.upload("s4", [("mailed-1", {"a.txt": 10})])
         assert box.wait_delivered("s4", ["mailed-1"]).get("mailed-1") == 1, box.debug("s4")
         wait_for(lambda: "delivered mailed-1" in box.sh(
-            "journalctl -u sbx-smtp -o cat --no-pager", check=False).stdout, 60,
+            f"journalctl -u {SINK} -o cat --no-pager", check=False).stdout, 60,
             "the mail in the SMTP sink")
         wait_for(lambda: box.prop("dittohead-mail@s4.service", "Result") == "success", 30,
                  "the mailer to finish")

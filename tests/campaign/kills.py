@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from random import Random
 
-from ..boxes import ROOT, SMTP_PORT, UPLOADER, Box
+from ..boxes import ROOT, SINK, UPLOADER, Box
 from ..conftest import wait_for
 from . import DELIVERED, CampaignFailure, Observed, trial_rng
 
@@ -23,6 +23,23 @@ UNIT = "dittohead@s1.service"
 # Every stage of a delivery (dittohead/faults.py), and plain delays between them.
 POINTS = ("chowned", "taking:shared", "claimed", "checked", "staged:1", "staged:N", "synced",
           "published:1", "published:N", "verified", "receipt", "filed", "random")
+
+
+# What each fault point (dittohead/faults.py) stops a run after: the kill and upgrade
+# campaigns' row texts.
+STAGES = {
+    "chowned": "claim: entry taken over, claim record written, not yet renamed",
+    "taking": "lockdown: the walk holds a directory between its fstat and its takeover",
+    "claimed": "claimed: destination open, a killed attempt's staging removed",
+    "checked": "check: examined and planned, nothing staged",
+    "staged": "stage: after the N-th file copied into the staging directory",
+    "synced": "sync: staged files synced, no final name yet",
+    "published": "publish: after the N-th rename into the destination",
+    "verified": "verify: published, checked and synced, nothing filed",
+    "receipt": "record: manifest and receipt written, entry still in processing",
+    "filed": "record: entry filed, claim record and journal event not yet",
+    "random": "a random delay (0-1.5 s) after the run started, entry of 8-40 MiB more",
+}
 
 # As the uploader: write the entry's files with seeded bytes, rename it; print digests.
 UPLOAD_PY = r"""
@@ -202,19 +219,6 @@ def prepare(box: Box, where: Where = S1) -> None:
     """The destination's shared/ directory, as the service would have made it."""
     box.sh(f'install -d -o dittohead -g "$(stat -c %G {where.dest})" -m 2750 '
            f"{where.dest}/shared && rm -f {where.go}")
-
-
-SINK = "sbx-smtp"  # the SMTP sink's unit in the box: it prints every message it gets
-
-
-def start_smtp_sink(box: Box) -> None:
-    """A debugging SMTP server on the box's 127.0.0.1:SMTP_PORT (Python 3.11's smtpd)."""
-    box.sh(f"systemctl is-active -q {SINK} || systemd-run -q --unit={SINK} "
-           f"-p Environment=PYTHONWARNINGS=ignore /usr/bin/python3 -u -m smtpd -n -c "
-           f"DebuggingServer 127.0.0.1:{SMTP_PORT}")
-    probe = f"import socket; socket.create_connection(('127.0.0.1', {SMTP_PORT}))"
-    wait_for(lambda: box.box.run("/usr/bin/python3", "-c", probe,
-                                 check=False).returncode == 0, 30, "the SMTP sink")
 
 
 def mails_once(box: Box, study: str, name: str) -> list[str]:

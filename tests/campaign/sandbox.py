@@ -13,9 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, cast
 
-from ..boxes import ROOT, SMTP_PORT, Box
+from ..boxes import ROOT, SMTP_PORT, Box, start_smtp_sink
 from ..test_units import probe_in_unit
-from .kills import start_smtp_sink
 
 # Every .service in units/, as an instance where it is a template.
 SERVICES = ("dittohead@s1.service", "dittohead-purge.service", "dittohead-metrics.service",
